@@ -1,0 +1,22 @@
+"""CPU backend: the reference implementation of every op (quasar.ops.reference) and the
+definition the other backends are tested against. Prepared weights are the canonical formats
+themselves. Used by CI, and by anyone without an accelerator."""
+from __future__ import annotations
+
+import torch
+
+from quasar.backends import Backend
+from quasar.ops.reference import REFERENCE_OPS
+
+SCHEMES = ("bf16", "w8a8-int8", "w8a8-fp8", "w8a16", "w4a16", "w4a4")
+
+
+def _identity(w):
+    return w
+
+
+def make_backend(device: str = "cpu") -> Backend:
+    return Backend(
+        name="cpu", device=torch.device(device), ops=dict(REFERENCE_OPS),
+        prepare={s: _identity for s in SCHEMES}, schemes=SCHEMES,
+        dtypes=(torch.float32, torch.bfloat16, torch.float16))

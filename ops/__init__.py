@@ -1,0 +1,55 @@
+"""The op contract: every hardware-specific op, declared once.
+
+Each op has a name, a signature with tensor layouts, and reference semantics. The reference
+implementation (`quasar.ops.reference`, registered by the CPU backend) *is* the definition: every
+other backend is tested against it. Model and scheduler code call ops only through a backend
+(`quasar.backends.get(device)`), never a hardware API directly.
+
+Conventions
+- B batch, T tokens in the chunk (prefill: prompt length; decode: 1; verify: k+1), H query heads,
+  Hkv key/value heads, D head_dim, S the static cache length, M = B*T rows, K in-features,
+  N out-features.
+- `positions[B, T]` (int64) are absolute positions of the chunk's tokens; query i of sequence b
+  sees cache slots j <= positions[b, i] (plus an optional explicit mask for tree verification).
+- Quantized activations are per-token (per row) and symmetric: x ~= q * scale, scale[M, 1] fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    signature: str
+    semantics: str
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def _op(name: str, signature: str, semantics: str) -> None:
+    OPS[name] = OpSpec(name, signature, semantics)
+
+
+_op("rms_norm", "(x[..., K], weight[K], eps: float) -> y[..., K] (x.dtype)",
+    "y = weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)  (transformers' RMSNorm)")
+_op("rms_norm_quant", "(x[M, K], weight[K], eps, qtype) -> QActivation",
+    "quantize_per_token(rms_norm(x, weight, eps), qtype): the fused norm + activation quantization")
+_op("rope", "(x[B, T, H, D], cos[B, T, D], sin[B, T, D]) -> x'[B, T, H, D]",
+    "rotate-half RoPE: x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x[D/2:], x[:D/2])")
+_op("quantize_per_token", "(x[M, K], qtype: 'int8'|'int4'|'fp8') -> QActivation(q[M, K], scale[M, 1] f32)",
+    "symmetric per-row: scale = max|x| / qmax (qmax 127, 7, 448); q = clamp(round(x / scale)); "
+    "int4 codes are held one per int8 element in [-8, 7]; fp8 is float8_e4m3fn")
+_op("silu_mul", "(x[M, 2I]) -> y[M, I]", "silu(x[:, :I]) * x[:, I:]  (x = concatenated gate|up)")
+_op("silu_mul_quant", "(x[M, 2I], qtype) -> QActivation", "quantize_per_token(silu_mul(x), qtype)")
+for _s in ("bf16", "w8a8_int8", "w8a8_fp8", "w8a16", "w4a16", "w4a4"):
+    _op(f"gemm_{_s}", "(x[M, K] | QActivation, w: PreparedWeight, bias[N] | None) -> y[M, N] (out dtype)",
+        f"y = x @ dequant(w).T + bias for scheme {_s}; see quasar.quant.{_s} for the exact arithmetic")
+_op("kv_write", "(cache: KVCache, layer: int, k[B, T, Hkv, D], v[B, T, Hkv, D], positions[B, T]) -> None",
+    "cache slots positions[b, t] of sequence b take k[b, t], v[b, t]")
+_op("attention", "(q[B, T, H, D], cache: KVCache, layer: int, positions[B, T], kv_len: int, "
+    "mask[B, T, kv_len] bool | None) -> o[B, T, H, D]",
+    "softmax(q k^T * D^-0.5) v over cache slots [0, kv_len) where slot j is visible to query (b, i) "
+    "iff j <= positions[b, i] (and mask[b, i, j] when a mask is given: True = may attend); GQA maps "
+    "query head h to kv head h // (H / Hkv)")

@@ -1,0 +1,15 @@
+"""Quasar: speculative decoding with quantized verification.
+
+    import quasar
+    llm = quasar.LLM.from_config(quasar.config.DeployConfig(model="smollm2-135m-instruct"))
+"""
+from .errors import QuasarError, ConfigError, CheckpointError, UnsupportedError  # noqa: F401
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: `import quasar` stays cheap and never imports a backend
+    if name == "LLM":
+        from .engine import LLM
+        return LLM
+    raise AttributeError(name)

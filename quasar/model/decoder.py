@@ -1,0 +1,131 @@
+"""One dense decoder for Qwen3, OpenPangu-Embedded, Qwen2 and Llama, chosen by ModelArgs.
+
+`forward(input_ids[B, T], positions[B, T], kv_len)` serves prefill, one-token decode and a chunk
+of k+1 tokens verified against the static cache. Every hardware-specific op goes through the
+backend; linears are quasar.quant layers holding backend-prepared weights. QKV and gate/up are
+concatenated at load time.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from quasar.quant import QuantLinear
+from quasar.spec.kv_cache import KVCache
+from .args import ModelArgs
+
+
+def rope_table(args: ModelArgs, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [length, head_dim] in fp32, as transformers computes them for default RoPE."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float().to(device) / d))
+    freqs = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, qkv_proj: QuantLinear, o_proj: QuantLinear,
+                 q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor], backend):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.args = args
+        self.qkv_proj, self.o_proj = qkv_proj, o_proj
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.B = backend
+
+    def forward(self, h, cos, sin, positions, cache: KVCache, kv_len: int, mask):
+        a, B = self.args, self.B
+        bsz, t = positions.shape
+        qkv = self.qkv_proj(h).view(bsz, t, -1)
+        q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(bsz, t, a.num_heads, a.head_dim)
+        k = k.view(bsz, t, a.num_kv_heads, a.head_dim)
+        v = v.view(bsz, t, a.num_kv_heads, a.head_dim)
+        if self.q_norm is not None:
+            q = B.rms_norm(q, self.q_norm, a.rms_norm_eps)
+            k = B.rms_norm(k, self.k_norm, a.rms_norm_eps)
+        q = B.rope(q, cos, sin)
+        k = B.rope(k, cos, sin)
+        B.kv_write(cache, self.layer_idx, k, v, positions)
+        o = B.attention(q, cache, self.layer_idx, positions, kv_len, mask)
+        return self.o_proj(o.reshape(bsz * t, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, gate_up_proj: QuantLinear, down_proj: QuantLinear, backend):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.B = backend
+
+    def forward(self, h):
+        gu = self.gate_up_proj(h)
+        qtype = self.down_proj.fused_act_qtype
+        act = self.B.silu_mul_quant(gu, qtype) if qtype else self.B.silu_mul(gu)
+        return self.down_proj(act)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, attn: Attention, mlp: MLP, input_norm, post_norm, backend):
+        super().__init__()
+        self.attn, self.mlp = attn, mlp
+        self.input_norm, self.post_norm = input_norm, post_norm
+        self.eps = args.rms_norm_eps
+        self.B = backend
+
+    def _norm(self, x, w, consumer: QuantLinear):
+        qtype = consumer.fused_act_qtype
+        if qtype:
+            return self.B.rms_norm_quant(x, w, self.eps, qtype)
+        return self.B.rms_norm(x, w, self.eps)
+
+    def forward(self, x, cos, sin, positions, cache, kv_len, mask):
+        # x: [M, hidden] with M = B*T rows
+        x = x + self.attn(self._norm(x, self.input_norm, self.attn.qkv_proj), cos, sin, positions,
+                          cache, kv_len, mask)
+        return x + self.mlp(self._norm(x, self.post_norm, self.mlp.gate_up_proj))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor,
+                 lm_head: QuantLinear, backend, dtype: torch.dtype, max_seq_len: int):
+        super().__init__()
+        self.args = args
+        self.embed = embed
+        self.layers = nn.ModuleList(blocks)
+        self.norm = norm
+        self.lm_head = lm_head
+        self.B = backend
+        self.dtype = dtype
+        self.device = backend.device
+        self.max_seq_len = max_seq_len
+        self.cos, self.sin = rope_table(args, max_seq_len, backend.device)
+        self.cache: Optional[KVCache] = None
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        a = self.args
+        self.cache = KVCache(a.num_layers, batch, a.num_kv_heads, self.max_seq_len, a.head_dim,
+                             self.dtype, self.device)
+        return self.cache
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                mask: Optional[torch.Tensor] = None, last_only: bool = False,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """input_ids, positions: [B, T]. kv_len: cache slots to attend over (> max position).
+        Returns logits [B, T, vocab] (fp32), or [B, 1, vocab] with last_only (prefill)."""
+        cache = cache or self.cache
+        bsz, t = input_ids.shape
+        x = self.embed[input_ids].reshape(bsz * t, -1)
+        cos = self.cos[positions].to(self.dtype)
+        sin = self.sin[positions].to(self.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, positions, cache, kv_len, mask)
+        if last_only:
+            x = x.view(bsz, t, -1)[:, -1]
+            t = 1
+        x = self.B.rms_norm(x, self.norm, self.args.rms_norm_eps)
+        return self.lm_head(x).view(bsz, t, -1).float()

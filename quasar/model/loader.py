@@ -1,0 +1,221 @@
+"""Checkpoint loading: local HF directories (single or sharded safetensors), compressed-tensors
+checkpoints, GGUF files (converted once via transformers and cached), and the embedded models.
+
+Every problem names the file and the tensor: a missing file, a corrupt safetensors header, a
+missing or mis-shaped tensor, an unexpected tensor.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+from quasar.errors import CheckpointError, ConfigError
+from quasar.quant import SCHEMES, scheme_class
+from quasar.quant import compressed_tensors as ct
+from quasar.quant.format import QuantizedWeight
+from .args import ModelArgs, read_config
+from .decoder import MLP, Attention, Block, Transformer
+
+log = logging.getLogger("quasar")
+_SKIP = re.compile(r"(rotary_emb\.inv_freq|\.input_scale|\.output_scale)$")
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """An embedded model name, a local HF directory, or a .gguf file -> a local HF directory."""
+    from quasar import fetch
+    if name_or_path in fetch.MODELS:
+        return fetch.ensure(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"{p} has no config.json: not a Hugging Face model directory")
+        return p
+    if p.is_file() and p.suffix == ".gguf":
+        from .gguf import convert_cached
+        return convert_cached(p)
+    if p.exists():
+        raise CheckpointError(f"{p} is neither a model directory nor a .gguf file")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
+        return _from_hub(name_or_path)
+    raise CheckpointError(
+        f"model {name_or_path!r} not found: give an embedded model name ({', '.join(fetch.MODELS)}), "
+        "a local Hugging Face directory, a .gguf file, or a hub id (with network access)")
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                "*.txt", "*.jinja", "*.py"]))
+    except Exception as e:  # offline, gated, or missing
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "download it elsewhere and pass the local directory with --model PATH") from None
+
+
+class SafetensorsSource:
+    """name -> tensor over a single file or a sharded index, with file-naming errors."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                wmap = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+            self.files = {name: self.path / f for name, f in wmap.items()}
+            for f in sorted(set(self.files.values())):
+                if not f.is_file():
+                    raise CheckpointError(f"{f} is listed in {index.name} but does not exist")
+        else:
+            shards = sorted(self.path.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{self.path} contains no *.safetensors file")
+            self.files = {}
+            for f in shards:
+                for name in self._open(f).keys():
+                    self.files[name] = f
+        self._handles: dict[Path, object] = {}
+        self.used: set[str] = set()
+
+    def _open(self, f: Path):
+        if f not in getattr(self, "_handles", {}):
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot read safetensors ({e}); the file is corrupt or "
+                                      "truncated, fetch or convert it again") from None
+            if not hasattr(self, "_handles"):
+                return h
+            self._handles[f] = h
+        return self._handles[f]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
+        if name not in self.files:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        f = self.files[name]
+        try:
+            t = self._open(f).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e}); the file is corrupt") from None
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, the config "
+                                  f"implies {tuple(shape)}")
+        self.used.add(name)
+        return t
+
+    def unused(self) -> list[str]:
+        return sorted(n for n in self.files if n not in self.used and not _SKIP.search(n))
+
+
+def build_model(path: Path, backend, dtype: torch.dtype, max_seq_len: int, verifier,
+                draft_scheme: Optional[str] = None, skip_layers: tuple[int, ...] = ()) -> Transformer:
+    """Load a local HF directory onto `backend`, quantizing (RTN) or unpacking as configured.
+
+    verifier: quasar.config.VerifierConfig. draft_scheme: a second scheme each decoder linear can
+    run in draft mode over the same weights (QSpec). skip_layers: layer indices to drop (the
+    structurally pruned verifier of the fidelity study)."""
+    path = Path(path)
+    hf = read_config(path)
+    args = ModelArgs.from_hf(hf, str(path / "config.json"))
+    backend.check_dtype(dtype)
+    ckpt_scheme = ct.checkpoint_scheme(hf, path)
+    scheme = verifier.quant or ckpt_scheme or "bf16"
+    if ckpt_scheme and scheme != ckpt_scheme:
+        raise ConfigError(
+            f"{path} is a {ckpt_scheme} compressed-tensors checkpoint but verifier.quant asks for "
+            f"{scheme!r}; remove verifier.quant (or set it to {ckpt_scheme!r}), or load the bf16 "
+            "checkpoint to quantize it with RTN")
+    backend.check_scheme(scheme)
+    if draft_scheme:
+        backend.check_scheme(draft_scheme)
+    src = SafetensorsSource(path)
+    a = args
+    dev = backend.device
+    d = a.head_dim
+
+    def dense(name, shape):
+        return src.get(name, shape).to(device=dev, dtype=dtype)
+
+    def raw_linear(prefix: str, n: int, k: int):
+        if ckpt_scheme:
+            return ct.load_linear(src, prefix, n, k, hf).to(dev)
+        return src.get(prefix + ".weight", (n, k)).to(dev)
+
+    def bias(prefix: str, n: int, has: bool):
+        return dense(prefix + ".bias", (n,)) if has else None
+
+    def linear(prefixes: list[str], ns: list[int], k: int, has_bias: bool, sch: str, drafted: bool):
+        parts = [raw_linear(p, n, k) for p, n in zip(prefixes, ns)]
+        biases = [bias(p, n, has_bias) for p, n in zip(prefixes, ns)]
+        b = torch.cat(biases) if has_bias else None
+        cls = scheme_class(sch)
+        w_float = None
+        if isinstance(parts[0], QuantizedWeight):
+            qw = QuantizedWeight.cat(parts) if len(parts) > 1 else parts[0]
+        else:
+            w_float = torch.cat(parts) if len(parts) > 1 else parts[0]
+            qw = cls.quantize(w_float, verifier)
+        lin = cls(backend, qw, b, dtype)
+        if drafted and draft_scheme and draft_scheme != sch:
+            dcls = scheme_class(draft_scheme)
+            if dcls.accepts(qw):       # QSpec: the very same codes, run another way
+                lin.draft = dcls(backend, qw, b, dtype)
+            elif w_float is not None:  # the same weights, quantized a second time for drafting
+                lin.draft = dcls(backend, dcls.quantize(w_float, verifier), b, dtype)
+            else:
+                raise ConfigError(f"drafting with {draft_scheme!r} needs weights it can run; this "
+                                  f"{sch} checkpoint's weights cannot: load the bf16 checkpoint")
+        return lin
+
+    blocks = []
+    h, qd, kvd, inter = a.hidden_size, a.num_heads * d, a.num_kv_heads * d, a.intermediate_size
+    from tqdm.auto import tqdm
+    keep = [i for i in range(a.num_layers) if i not in set(skip_layers)]
+    for i in tqdm(keep, desc=f"loading {path.name} ({scheme})", leave=False, disable=len(keep) < 8):
+        p = f"model.layers.{i}."
+        at = p + "self_attn."
+        qkv = linear([at + "q_proj", at + "k_proj", at + "v_proj"], [qd, kvd, kvd], h, a.qkv_bias, scheme, True)
+        o = linear([at + "o_proj"], [h], qd, a.o_bias, scheme, True)
+        qn = dense(at + "q_norm.weight", (d,)) if a.qk_norm else None
+        kn = dense(at + "k_norm.weight", (d,)) if a.qk_norm else None
+        mp = p + "mlp."
+        gu = linear([mp + "gate_proj", mp + "up_proj"], [inter, inter], h, a.mlp_bias, scheme, True)
+        down = linear([mp + "down_proj"], [h], inter, a.mlp_bias, scheme, True)
+        attn = Attention(a, i, qkv, o, qn, kn, backend)
+        blocks.append(Block(a, attn, MLP(gu, down, backend), dense(p + "input_layernorm.weight", (h,)),
+                            dense(p + "post_attention_layernorm.weight", (h,)), backend))
+    embed = dense("model.embed_tokens.weight", (a.vocab_size, h))
+    norm = dense("model.norm.weight", (h,))
+    head_scheme = verifier.lm_head_quant
+    if a.tie_word_embeddings:
+        src.used.add("lm_head.weight")
+        head_w = embed
+    else:
+        head_w = src.get("lm_head.weight", (a.vocab_size, h)).to(dev)
+    hcls = scheme_class(head_scheme)
+    lm_head = hcls(backend, hcls.quantize(head_w, verifier), None, dtype)
+    if skip_layers:
+        src.used.update(n for n in src.files if n.startswith("model.layers."))
+    extra = src.unused()
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensors not used by a {a.family} model: "
+                              f"{', '.join(extra[:5])}{' …' if len(extra) > 5 else ''}")
+    model = Transformer(a, embed, blocks, norm, lm_head, backend, dtype, max_seq_len)
+    model.scheme, model.draft_scheme, model.path = scheme, draft_scheme, path
+    return model
+
+
+__all__ = ["resolve_model", "build_model", "SafetensorsSource", "SCHEMES"]

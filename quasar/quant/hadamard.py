@@ -1,0 +1,34 @@
+"""Block Hadamard rotation over the last (K) dimension.
+
+H is block-diagonal with normalized Sylvester Hadamard blocks of size b, the largest power of two
+that divides K (b = K when K is a power of two). H is orthogonal and symmetric, so
+x @ W.T == (x @ H) @ (W @ H).T: the rotation is folded into the weights once and applied to the
+activations online. It spreads outliers across channels, which is what keeps W4A4 usable.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def block_size(k: int) -> int:
+    return k & -k   # the largest power of two dividing k
+
+
+@functools.lru_cache(maxsize=16)
+def _sylvester(n: int, device: str) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n ** 0.5).to(device)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """x[..., K] @ H, computed in fp32 (fp64 for fp64 input), returned in x.dtype."""
+    k = x.shape[-1]
+    b = block_size(k)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = _sylvester(b, str(x.device)).to(ct)
+    y = (x.to(ct).reshape(*x.shape[:-1], k // b, b) @ h).reshape(x.shape)
+    return y.to(x.dtype)

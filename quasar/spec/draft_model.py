@@ -1,0 +1,52 @@
+"""A separate small draft model (same tokenizer) with its own KV cache, rolled back to the
+accepted length after every step."""
+from __future__ import annotations
+
+import torch
+
+from .drafter import Draft, Drafter
+from .sampling import SamplingParams, probs, sample
+
+
+class DraftModelDrafter(Drafter):
+    name = "draft_model"
+
+    def __init__(self, model, sp: SamplingParams, generator: torch.Generator | None = None):
+        self.model, self.sp = model, sp
+        self.generator = generator
+        self.cached = 0
+
+    def begin(self, prompt):
+        if self.model.cache is None:
+            self.model.new_cache(1)
+        self.cached = 0
+
+    def propose(self, ctx, last, k):
+        m = self.model
+        L = len(ctx)                       # positions 0 .. L-1; ctx[-1] = last
+        if L + k > m.max_seq_len:
+            k = m.max_seq_len - L
+        if k <= 0:
+            return Draft(last.new_empty(0))
+        # catch the draft cache up on the tokens it has not seen (at least `last`)
+        chunk = torch.tensor(ctx[self.cached:L - 1], dtype=torch.int64, device=m.device)
+        chunk = torch.cat([chunk, last.view(1)]).view(1, -1)
+        positions = torch.arange(self.cached, L, device=m.device).view(1, -1)
+        logits = m(chunk, positions, kv_len=L, last_only=True)[0, -1]
+        toks, dists = [], []
+        for i in range(k):
+            if self.sp.greedy:
+                nxt = logits.argmax(-1)
+            else:
+                p = probs(logits, self.sp)
+                dists.append(p)
+                nxt = sample(p, self.generator)
+            toks.append(nxt.view(1))
+            if i + 1 < k:
+                pos = torch.full((1, 1), L + i, dtype=torch.int64, device=m.device)
+                logits = m(nxt.view(1, 1), pos, kv_len=L + i + 1)[0, -1]
+        self.written = L + k - 1           # the draft cache now holds positions < L + k - 1
+        return Draft(torch.cat(toks), torch.stack(dists) if dists else None)
+
+    def commit(self, cached):
+        self.cached = min(cached, getattr(self, "written", cached))

@@ -1,0 +1,53 @@
+"""The drafter interface, the `none` drafter (plain autoregressive decoding) and the factory.
+
+A drafter proposes up to k tokens that follow the context. The scheduler keeps the context on
+the host (prompt + emitted tokens, the last of which is not yet in the verifier's KV cache) and
+the verifier's committed cache length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor                   # [d] int64, on the model's device (d may be 0)
+    probs: Optional[torch.Tensor] = None   # [d, V] the drafter's distribution (None = one-hot)
+
+
+class Drafter:
+    name = "none"
+
+    def begin(self, prompt: list[int]) -> None:
+        """A new sequence: the verifier has prefilled `prompt`."""
+
+    def propose(self, ctx: list[int], last: torch.Tensor, k: int) -> Draft:
+        """ctx: every token so far (ctx[-1] is `last`, at position len(ctx) - 1, not yet cached).
+        last: that token as a 0-dim device tensor (no host round trip needed)."""
+        return Draft(last.new_empty(0))
+
+    def commit(self, cached: int) -> None:
+        """After a step: the verifier's cache now holds `cached` valid positions."""
+
+
+NoneDrafter = Drafter
+
+
+def make_drafter(cfg, model, sampling, draft_model=None) -> Drafter:
+    """cfg: quasar.config.DrafterConfig."""
+    m = cfg.method
+    if m == "none":
+        return Drafter()
+    if m == "ngram":
+        from .ngram import NgramDrafter
+        return NgramDrafter(model.device, cfg.ngram.min, cfg.ngram.max)
+    if m == "quantized_self":
+        from .quantized_self import QuantizedSelfDrafter
+        return QuantizedSelfDrafter(model, sampling)
+    if m == "draft_model":
+        from .draft_model import DraftModelDrafter
+        return DraftModelDrafter(draft_model, sampling)
+    raise ValueError(m)

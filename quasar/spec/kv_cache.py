@@ -1,0 +1,26 @@
+"""The static KV cache: preallocated for max_seq_len, with a batch dimension from day one.
+
+Layout per layer is BNSD: k[layer] is [B, Hkv, S, D] (what both SDPA and Ascend's fused attention
+take). `attention` receives the cache object, not bare tensors, so that other representations
+(QuantSpec's hierarchical INT4 cache) can slot in behind the same op. The committed length is
+kept by the scheduler; rejected draft slots are simply overwritten by the next step.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    representation = "dense"
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_seq_len: int,
+                 head_dim: int, dtype: torch.dtype, device):
+        shape = (num_layers, batch, num_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.max_seq_len = max_seq_len
+        self.batch = batch
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2

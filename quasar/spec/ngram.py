@@ -1,0 +1,58 @@
+"""Prompt-lookup n-gram drafter (Quasar's drafter; vLLM's `ngram` speculative method).
+
+Find the most recent earlier occurrence of the context's last n tokens, trying n from `max`
+down to `min`, and propose the (up to) k tokens that followed it. No match: propose nothing,
+and the step is a plain decode. The drafts are one-hot (no draft distribution).
+
+`lookup` is the plain definition; `NgramDrafter` keeps an incremental index (n-gram -> most
+recent start) so that a step costs O(n_max) dictionary look-ups instead of a scan of the context.
+"""
+from __future__ import annotations
+
+import torch
+
+from .drafter import Draft, Drafter
+
+
+def lookup(ctx: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """The continuation (<= k tokens) after the most recent earlier match of the last n tokens."""
+    length = len(ctx)
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        tail = ctx[length - n:]
+        for start in range(length - n - 1, -1, -1):     # most recent first, tail itself excluded
+            if ctx[start:start + n] == tail:
+                return ctx[start + n:start + n + k]
+    return []
+
+
+class NgramDrafter(Drafter):
+    name = "ngram"
+
+    def __init__(self, device, n_min: int = 1, n_max: int = 3):
+        self.device = device
+        self.n_min, self.n_max = n_min, n_max
+        self.begin([])
+
+    def begin(self, prompt):
+        self.index = {n: {} for n in range(self.n_min, self.n_max + 1)}
+        self.indexed = {n: 0 for n in self.index}   # n-grams starting before this are indexed
+
+    def _catch_up(self, ctx: list[int]) -> None:
+        length = len(ctx)
+        for n, idx in self.index.items():
+            # index every n-gram that starts at or before length - n - 1 (all but the tail)
+            for start in range(self.indexed[n], length - n):
+                idx[tuple(ctx[start:start + n])] = start
+            self.indexed[n] = max(self.indexed[n], length - n)
+
+    def find(self, ctx: list[int], k: int) -> list[int]:
+        self._catch_up(ctx)
+        length = len(ctx)
+        for n in range(min(self.n_max, length - 1), self.n_min - 1, -1):
+            start = self.index[n].get(tuple(ctx[length - n:]))
+            if start is not None:
+                return ctx[start + n:start + n + k]
+        return []
+
+    def propose(self, ctx, last, k):
+        return Draft(torch.tensor(self.find(ctx, k), dtype=torch.int64, device=self.device))

@@ -1,0 +1,42 @@
+"""QSpec's drafter: k autoregressive steps of the *same* model with its linears switched to the
+draft scheme (w4a4 over the verifier's w4a16 codes by default). It shares the weights and the KV
+cache; the verification pass then overwrites the KV entries the draft wrote."""
+from __future__ import annotations
+
+import torch
+
+from quasar.quant import set_mode
+from .drafter import Draft, Drafter
+from .sampling import SamplingParams, probs, sample
+
+
+class QuantizedSelfDrafter(Drafter):
+    name = "quantized_self"
+
+    def __init__(self, model, sp: SamplingParams, generator: torch.Generator | None = None):
+        if getattr(model, "draft_scheme", None) is None:
+            raise ValueError("the model was loaded without a draft scheme")
+        self.model, self.sp = model, sp
+        self.generator = generator
+
+    def propose(self, ctx, last, k):
+        m = self.model
+        pos = len(ctx) - 1
+        toks, dists = [], []
+        cur = last.view(1, 1)
+        set_mode(m, "draft")
+        try:
+            for i in range(k):
+                positions = torch.full((1, 1), pos + i, dtype=torch.int64, device=m.device)
+                logits = m(cur, positions, kv_len=pos + i + 1)[0, -1]
+                if self.sp.greedy:
+                    nxt = logits.argmax(-1)
+                else:
+                    p = probs(logits, self.sp)
+                    dists.append(p)
+                    nxt = sample(p, self.generator)
+                toks.append(nxt.view(1))
+                cur = nxt.view(1, 1)
+        finally:
+            set_mode(m, "verify")
+        return Draft(torch.cat(toks), torch.stack(dists) if dists else None)
