@@ -184,7 +184,8 @@ def build_model(path: Path, backend, dtype: torch.dtype, max_seq_len: int, verif
     h, qd, kvd, inter = a.hidden_size, a.num_heads * d, a.num_kv_heads * d, a.intermediate_size
     from tqdm.auto import tqdm
     keep = [i for i in range(a.num_layers) if i not in set(skip_layers)]
-    for i in tqdm(keep, desc=f"loading {path.name} ({scheme})", leave=False, disable=len(keep) < 8):
+    label = f"loading {path.name} [{scheme}{', draft ' + draft_scheme if draft_scheme else ''}]"
+    for i in tqdm(keep, desc=label, leave=False, disable=len(keep) < 8):
         p = f"model.layers.{i}."
         at = p + "self_attn."
         qkv = linear([at + "q_proj", at + "k_proj", at + "v_proj"], [qd, kvd, kvd], h, a.qkv_bias, scheme, True)
