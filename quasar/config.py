@@ -55,7 +55,7 @@ class NgramConfig:
 @dataclass
 class DrafterConfig:
     method: Literal[DRAFTERS] = _c("none", doc="none | ngram | quantized_self | draft_model")
-    num_tokens: int = _c(5, min=1, max=64, doc="k: tokens drafted per step")
+    num_tokens: int = _c(5, min=1, doc="k: tokens drafted per step")
     ngram: NgramConfig = _c(NgramConfig)
     scheme: Optional[Literal[SCHEMES]] = _c(None, doc="quantized_self: scheme the draft runs (default w4a4)")
     model: Optional[str] = _c(None, doc="draft_model: path or name of the small draft model")
@@ -106,11 +106,13 @@ def _type_name(tp) -> str:
 
 def _check_value(path: str, tp, value, meta: dict):
     origin = typing.get_origin(tp)
+    nullable = ""
     if origin is typing.Union:
         if value is None:
             return None
         tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
         origin = typing.get_origin(tp)
+        nullable = " or null"
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -122,7 +124,7 @@ def _check_value(path: str, tp, value, meta: dict):
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{path} must be {_type_name(tp)}, got {value!r}{hint}")
+            raise ConfigError(f"{path} must be {_type_name(tp)}{nullable}, got {value!r}{hint}")
         return value
     bad = False
     if tp is bool:
@@ -145,7 +147,7 @@ def _check_value(path: str, tp, value, meta: dict):
     if not bad and tp in (int, float):
         bad = (lo is not None and value < lo) or (hi is not None and value > hi)
     if bad:
-        raise ConfigError(f"{path} must be {_type_name(tp)}{rng}, got {value!r}")
+        raise ConfigError(f"{path} must be {_type_name(tp)}{rng}{nullable}, got {value!r}")
     return value
 
 

@@ -42,7 +42,8 @@ MODELS = {
         description="SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), Q4_1 GGUF dequantized to fp32",
         # The GGUF's tokenizer metadata names <|im_start|> as EOS; the model (and its
         # generation_config) ends a turn with <|im_end|>, as the original tokenizer does.
-        tokenizer_overrides={"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"},
+        tokenizer_overrides={"eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                             "clean_up_tokenization_spaces": False},
     ),
 }
 

