@@ -1,0 +1,459 @@
+"""Ascend NPU backend: the op contract on torch_npu (Ascend Extension for PyTorch).
+
+``torch_npu`` is imported here only, inside ``make_backend`` (installing it next to a CPU or CUDA
+torch breaks ``import torch``, so nothing else in Quasar may import it). Without it,
+``make_backend`` raises ``UnsupportedError`` naming the torch / torch-npu / CANN versions to
+install, which ``python -m quasar.run --device npu`` prints before exiting with status 2.
+
+Kernels (argument conventions from the torch_npu API reference, Ascend/op-plugin
+``docs/context/torch_npu-<op>.md``; the emulation in ``tests/npu_emulation`` cites each section):
+
+| op | torch_npu | notes |
+|---|---|---|
+| rms_norm | ``npu_rms_norm(x, gamma, eps)[0]`` | returns (y, rstd) |
+| rope | ``npu_rotary_mul(x, cos, sin)`` | x BSND [B, T, H, D], cos/sin BS1D, rotate-half |
+| silu_mul | ``npu_swiglu(x, dim=-1)`` | swish(first half) * second half: gate first |
+| quantize_per_token int8 | ``npu_dynamic_quant(x)`` | (int8, fp32 per-row scale) |
+| gemm_w8a8_int8 | ``npu_quant_matmul(xq, w[K, N], scale_fp32[N], pertoken_scale=xs[M], bias=fp32, output_dtype=x.dtype)`` | |
+| gemm_w8a16 | ``npu_weight_quant_batchmatmul(x, w_int8[K, N], scale[N])`` | scale in x's dtype |
+| gemm_w4a16 | ``npu_weight_quant_batchmatmul(x, int4pack[K, N/8], scale[G, N], -zero[G, N], antiquant_group_size=g)`` | (w + offset) * scale |
+| attention | ``npu_fused_infer_attention_score(q, k, v, input_layout="BNSD", atten_mask=bool, ...)`` | True = masked |
+| kv_write | plain torch index_put on the static BNSD cache | |
+
+Weights are prepared once (``prepare_weight``): int8 codes transposed to [K, N]; int4 codes
+transposed to [K, N] int32 and packed with ``npu_convert_weight_to_int4pack`` (8 nibbles per
+int32, element e of a word at bits [4e, 4e+4)); per-channel scales as fp32 [N] (cast once per
+activation dtype where the kernel wants it), per-group scales as [ceil(K/g), N]; an asymmetric
+zero point z becomes ``antiquant_offset = -z`` (the kernel computes (w + offset) * scale).
+Out-features above the kernels' 65535 limit are tiled along N (exact: columns are independent);
+in-features above it are refused (no dense LLM has them). ``antiquant_group_size`` must be a
+multiple of 32 in [32, K-1]: a group size that is not is run per channel when that is exact (every
+group of a row has the same scale and zero point, logged), and refused otherwise.
+
+float32 is the validation dtype (tests compare it to transformers at 1e-4). The fused attention,
+dynamic-quant and quantized-GEMM kernels take float16/bfloat16 only, so in float32 those ops run
+as composed torch ops on the device from the same prepared weights and the same mask (logged once
+per op); rms_norm, rope and silu_mul keep their kernels. Speed runs use bfloat16 (``dtype: auto``).
+
+Not supported (``check_scheme`` says why and lists the alternatives): w8a8-fp8 (FP8 matmul exists
+only on Ascend 950, not on the A2/A3 parts torch_npu's quantized matmul targets) and w4a4 (see
+NOTES). Nothing here has run on Ascend hardware: it is verified against the emulation of the
+documented semantics only (docs/ascend.md).
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from quasar.backends import Backend
+from quasar.errors import UnsupportedError
+from quasar.ops import reference as ref
+from quasar.quant.format import QActivation, QuantizedWeight
+
+log = logging.getLogger("quasar")
+
+SCHEMES = ("bf16", "w8a8-int8", "w8a16", "w4a16")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)   # what the fused kernels accept for activations
+LAST_DIM_LIMIT = 65535     # npu_quant_matmul: last dims of x1, x2 <= 65535; WQBMM: K, N in [1, 65535]
+N_TILE = 65472             # largest multiple of 64 <= 65535: the N-tile when out-features exceed it
+
+NOTES = {
+    "w8a8-fp8": (
+        "unsupported on npu: torch_npu's quantized matmul takes FP8 operands only on Ascend 950; the "
+        "Atlas A2/A3 (910B/910C) NPUs have no FP8 matmul. Alternatives: w8a8-int8 (Quasar's W8A8, "
+        "npu_quant_matmul) or w8a16 on npu, or w8a8-fp8 on cuda (compute capability >= 8.9)"),
+    "w4a4": (
+        "unsupported on npu: npu_quant_matmul takes int4 operands only as int32-packed words, and its "
+        "documented dtype combinations pair a per-token activation scale with int4 x int4 only in the "
+        "per-group form (2-D weight scale + float16 offset); Quasar's w4a4 (per-channel int4 weights x "
+        "per-token int4 activations, QSpec's draft mode) has no documented mapping. Alternatives: "
+        "w4a16 (the same int4 weights, npu_weight_quant_batchmatmul) or w8a8-int8 on npu, or w4a4 on "
+        "cpu/cuda"),
+}
+
+INSTALL_HINT = (
+    "install Ascend's PyTorch adapter, matched exactly to torch and to the CANN toolkit, on an Ascend "
+    "host: CANN 9.1.x with torch==2.12.0 and torch-npu==2.12.0.post2 (recommended); or CANN 8.5.0 with "
+    "torch==2.9.0 and torch-npu==2.9.0; or CANN 8.3.RC1 with torch==2.7.1 and torch-npu==2.7.1 (the "
+    "vLLM-Ascend 0.11 stack). Source CANN's set_env.sh before starting Python, and never install "
+    "torch-npu into an environment whose CPU or CUDA torch you still need (it breaks `import torch` "
+    "there). See docs/ascend.md")
+
+
+def _import_torch_npu():
+    try:
+        import torch_npu  # noqa: F401  (the only import of torch_npu in Quasar)
+    except Exception as e:  # ImportError, or OSError / RuntimeError from a broken CANN setup
+        why = f"{type(e).__name__}: {e}"
+        raise UnsupportedError(
+            f"--device npu needs torch_npu, which could not be imported ({why}); "
+            f"this environment has torch {torch.__version__}. To run on an Ascend NPU, {INSTALL_HINT}. "
+            "Without an NPU use --device cpu or cuda") from None
+    return torch_npu
+
+
+def make_backend() -> Backend:
+    tnpu = _import_torch_npu()
+    emulated = bool(getattr(tnpu, "_quasar_emulation", False))
+    if emulated:
+        device = torch.device("cpu")          # the test emulation computes on the CPU
+    else:
+        try:
+            ok = bool(tnpu.npu.is_available())
+        except Exception:
+            ok = False
+        if not ok:
+            raise UnsupportedError(
+                "torch_npu imported but sees no Ascend NPU: check the driver (npu-smi info), that CANN's "
+                "set_env.sh was sourced, and ASCEND_RT_VISIBLE_DEVICES; without an NPU use --device cpu")
+        device = torch.device("npu")
+    k = _NpuOps(tnpu, device)
+    ops = {
+        "rms_norm": k.rms_norm, "rms_norm_quant": k.rms_norm_quant, "rope": k.rope,
+        "quantize_per_token": k.quantize_per_token, "silu_mul": k.silu_mul, "silu_mul_quant": k.silu_mul_quant,
+        "gemm_bf16": k.gemm_bf16, "gemm_w8a8_int8": k.gemm_w8a8_int8, "gemm_w8a16": k.gemm_w8a16,
+        "gemm_w4a16": k.gemm_w4a16, "kv_write": k.kv_write, "attention": k.attention,
+        "synchronize": k.synchronize,
+    }
+    prepare = {"bf16": _identity, "w8a8-int8": k.prepare_int8, "w8a16": k.prepare_int8,
+               "w4a16": k.prepare_w4a16}
+    be = Backend(name="npu", device=device, ops=ops, prepare=prepare, schemes=SCHEMES, dtypes=DTYPES,
+                 notes=dict(NOTES))
+    be.emulated = emulated
+    return be
+
+
+def _identity(w):
+    return w
+
+
+# ------------------------------------------------------------------------------ prepared weights
+
+@dataclass
+class _Part:
+    """Columns [n0, n1) of a prepared weight, in the kernel's layout."""
+    n0: int
+    n1: int
+    w: torch.Tensor                     # int8 [K, n] or int32 [K, n/8] (npu_convert_weight_to_int4pack)
+    scale: torch.Tensor                 # fp32 [n] (per channel) or [G, n] (per group)
+    offset: Optional[torch.Tensor]      # fp32 like scale: -zero_point (asymmetric int4), or None
+    _cast: dict = field(default_factory=dict)
+
+    def antiquant(self, dtype: torch.dtype):
+        """(antiquant_scale, antiquant_offset) in the activation dtype (WQBMM wants them equal)."""
+        if dtype not in self._cast:
+            self._cast[dtype] = (self.scale.to(dtype),
+                                 None if self.offset is None else self.offset.to(dtype))
+        return self._cast[dtype]
+
+    def bias(self, bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """This part's slice of `bias` in `dtype`, converted once per bias tensor."""
+        if bias is None:
+            return None
+        key = ("bias", id(bias), dtype)
+        hit = self._cast.get(key)
+        if hit is not None and hit[0]() is bias:
+            return hit[1]
+        b = bias[self.n0:self.n1].to(dtype).contiguous()
+        self._cast[key] = (weakref.ref(bias), b)
+        return b
+
+
+@dataclass
+class NpuWeight:
+    """A linear's weight prepared for the NPU kernels (see the module docstring)."""
+    scheme: str
+    n: int
+    k: int
+    bits: int
+    group_size: int                     # antiquant_group_size: 0 = per channel
+    hadamard: bool
+    parts: list
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+
+def _tiles(n: int, align: int = 1) -> list[tuple[int, int]]:
+    if n <= LAST_DIM_LIMIT:
+        return [(0, n)]
+    step = N_TILE - N_TILE % align
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of npu_convert_weight_to_int4pack along the last dim -> int8 codes in [-8, 7]
+    (element e of a word at bits [4e, 4e + 4), two's complement nibbles)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nib = (packed.unsqueeze(-1) >> shifts) & 0xF
+    nib = torch.where(nib >= 8, nib - 16, nib)
+    return nib.reshape(*packed.shape[:-1], packed.shape[-1] * 8).to(torch.int8)
+
+
+# ------------------------------------------------------------------------------------- the ops
+
+class _NpuOps:
+    def __init__(self, tnpu, device: torch.device):
+        self.t = tnpu
+        self.device = device
+        self._said: set = set()
+        self._mask_key: Optional[tuple] = None
+        self._mask_val: Optional[torch.Tensor] = None
+
+    def _once(self, key: str, msg: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.warning("npu: %s", msg)
+
+    def _fp32_note(self, op: str) -> None:
+        self._once("fp32-" + op, f"{op} in float32 runs as composed torch ops (the fused kernel takes "
+                                 "float16/bfloat16 only): a validation mode, not the fast path; use "
+                                 "dtype bfloat16 for speed")
+
+    def synchronize(self) -> None:
+        self.t.npu.synchronize()
+
+    # -------------------------------------------------------------- norms, rope, activations
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.contiguous() if x.dim() >= 2 else x.reshape(1, -1)
+        y, _ = self.t.npu_rms_norm(x2, weight.to(x.dtype), eps)
+        return y.view(shape)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [B, T, H, D] is BSND; cos/sin [B, T, D] -> BS1D
+        return self.t.npu_rotary_mul(x.contiguous(), cos.unsqueeze(2).to(x.dtype).contiguous(),
+                                     sin.unsqueeze(2).to(x.dtype).contiguous())
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.t.npu_swiglu(x.contiguous(), dim=-1)
+
+    def quantize_per_token(self, x: torch.Tensor, qtype: str) -> QActivation:
+        if qtype == "int8":
+            if x.dtype in KERNEL_DTYPES:
+                q, s = self.t.npu_dynamic_quant(x.contiguous())
+                return QActivation(q, s.reshape(-1, 1).float(), "int8", x.dtype)
+            self._fp32_note("quantize_per_token")
+            return ref.quantize_per_token(x, "int8")
+        if qtype == "int4":   # no int4-activation consumer on npu (w4a4 is unsupported); plain torch
+            return ref.quantize_per_token(x, "int4")
+        raise UnsupportedError(f"quantize_per_token to {qtype!r} is not supported by the npu backend "
+                               "(no FP8 on Atlas A2/A3); use int8, or the cuda backend for fp8")
+
+    def rms_norm_quant(self, x, weight, eps, qtype) -> QActivation:
+        return self.quantize_per_token(self.rms_norm(x, weight, eps), qtype)
+
+    def silu_mul_quant(self, x, qtype) -> QActivation:
+        return self.quantize_per_token(self.silu_mul(x), qtype)
+
+    # ----------------------------------------------------------------------- weight preparation
+    def _check_k(self, k: int, scheme: str) -> None:
+        if k > LAST_DIM_LIMIT:
+            raise UnsupportedError(
+                f"{scheme} on npu: in-features K={k} exceeds the 65535 limit of npu_quant_matmul / "
+                "npu_weight_quant_batchmatmul (torch_npu docs, 约束说明); tiling K would add a rounding "
+                "step per tile, so it is refused; use the cpu or cuda backend for this layer")
+
+    def prepare_int8(self, qw: QuantizedWeight) -> NpuWeight:
+        """w8a8-int8 and w8a16: int8 per-channel symmetric codes [N, K] -> [K, N], scale fp32 [N]."""
+        if not isinstance(qw, QuantizedWeight) or qw.bits != 8 or qw.is_fp8 or qw.zero is not None \
+                or qw.scale.shape[1] != 1:
+            raise UnsupportedError("w8a8-int8 / w8a16 on npu need int8 symmetric per-channel weights, got "
+                                   f"{getattr(qw, 'bits', type(qw).__name__)}-bit, group_size "
+                                   f"{getattr(qw, 'group_size', '?')}")
+        n, k = qw.shape
+        self._check_k(k, "int8 weights")
+        wkn = qw.codes.to(self.device).t()
+        scale = qw.scale.to(self.device).reshape(-1).float()
+        parts = [_Part(a, b, wkn[:, a:b].contiguous(), scale[a:b].contiguous(), None) for a, b in _tiles(n)]
+        if len(parts) > 1:
+            self._once(f"tile-{n}", f"out-features {n} > 65535: the GEMM runs in {len(parts)} N-tiles")
+        return NpuWeight("int8", n, k, 8, 0, qw.hadamard, parts)
+
+    def prepare_w4a16(self, qw: QuantizedWeight) -> NpuWeight:
+        """int4 codes [N, K] (+ scales [N, G], zero points [N, G]) -> int4pack [K, N/8],
+        antiquant_scale [G, N] (per group) or [N] (per channel), antiquant_offset = -zero."""
+        if not isinstance(qw, QuantizedWeight) or qw.bits != 4:
+            raise UnsupportedError("w4a16 on npu needs int4 weights")
+        n, k = qw.shape
+        self._check_k(k, "w4a16")
+        if n % 8:
+            raise UnsupportedError(f"w4a16 on npu: out-features {n} is not a multiple of 8, which "
+                                   "npu_convert_weight_to_int4pack needs (8 int4 per int32 along N)")
+        g_count = qw.scale.shape[1]
+        g = k if qw.group_size == -1 else qw.group_size
+        scale = qw.scale.to(self.device).float()
+        zero = None if qw.zero is None else qw.zero.to(self.device)
+        if g_count == 1:
+            gs = 0
+        elif g % 32 == 0 and 32 <= g <= k - 1:
+            gs = g
+        else:
+            uniform = bool(torch.all(scale == scale[:, :1])) and (zero is None or bool(torch.all(zero == zero[:, :1])))
+            if not uniform:
+                raise UnsupportedError(
+                    f"w4a16 group_size {g} (in-features {k}) is unsupported on npu: "
+                    "npu_weight_quant_batchmatmul's antiquant_group_size must be a multiple of 32 in "
+                    "[32, K-1] (torch_npu docs), and folding these groups into one scale per channel "
+                    "would change the weights. Re-quantize with verifier.group_size 32, 64 or 128 (or -1 "
+                    "for per channel), or run this checkpoint on the cpu or cuda backend")
+            log.warning("npu: w4a16 group_size %d is not a multiple of 32 in [32, K-1]; every group of "
+                        "each row has the same scale and zero point, so it runs per channel (exact)", g)
+            gs = 0
+        if gs == 0:
+            scale, zero = scale[:, :1], None if zero is None else zero[:, :1]
+        scale_t = scale.t()                                         # [G, N]
+        off_t = None if zero is None else (-zero.float()).t()       # (w + offset) * scale
+        codes_kn = qw.codes.to(self.device).t().to(torch.int32)     # [K, N]
+        parts = []
+        for a, b in _tiles(n, align=64):
+            s = scale_t[:, a:b].contiguous()
+            o = None if off_t is None else off_t[:, a:b].contiguous()
+            if gs == 0:
+                s, o = s.reshape(-1), None if o is None else o.reshape(-1)
+            packed = self.t.npu_convert_weight_to_int4pack(codes_kn[:, a:b].contiguous())
+            parts.append(_Part(a, b, packed, s, o))
+        if len(parts) > 1:
+            self._once(f"tile-{n}", f"out-features {n} > 65535: the GEMM runs in {len(parts)} N-tiles")
+        return NpuWeight("w4a16", n, k, 4, gs, qw.hadamard, parts)
+
+    # ------------------------------------------------------------------------------- GEMMs
+    @staticmethod
+    def _cat(outs: list) -> torch.Tensor:
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, w: NpuWeight) -> torch.Tensor:
+        if not w.hadamard:
+            return x
+        from quasar.quant.hadamard import rotate
+        return rotate(x)
+
+    def gemm_bf16(self, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.linear(x, w, bias)
+
+    def gemm_w8a8_int8(self, x, w: NpuWeight, bias=None) -> torch.Tensor:
+        if isinstance(x, QActivation):
+            if x.qtype != "int8":
+                raise ValueError(f"activation quantized as {x.qtype}, the GEMM needs int8")
+            a = x
+        else:
+            a = self.quantize_per_token(self._rotate(x, w), "int8")
+        if a.dtype in KERNEL_DTYPES:
+            xs = a.scale.reshape(-1)
+            return self._cat([self.t.npu_quant_matmul(a.q, p.w, p.scale, pertoken_scale=xs,
+                                                      bias=p.bias(bias, torch.float32), output_dtype=a.dtype)
+                              for p in w.parts])
+        self._fp32_note("gemm_w8a8_int8")
+        outs = []
+        for p in w.parts:
+            acc = a.q.float() @ p.w.float()          # exact while K * 127^2 < 2^24, fp32 beyond
+            y = acc * a.scale * p.scale.view(1, -1)
+            if bias is not None:
+                y = y + p.bias(bias, torch.float32)
+            outs.append(y.to(a.dtype))
+        return self._cat(outs)
+
+    def _weight_only(self, x: torch.Tensor, w: NpuWeight, bias) -> torch.Tensor:
+        x = self._rotate(x, w)
+        if x.dtype in KERNEL_DTYPES:
+            bias_dtype = torch.float32 if x.dtype == torch.bfloat16 else torch.float16
+            outs = []
+            for p in w.parts:
+                s, o = p.antiquant(x.dtype)
+                outs.append(self.t.npu_weight_quant_batchmatmul(
+                    x, p.w, s, o, bias=p.bias(bias, bias_dtype), antiquant_group_size=w.group_size))
+            return self._cat(outs)
+        self._fp32_note(f"gemm_w{w.bits}a16")
+        outs = []
+        for p in w.parts:
+            codes = (p.w if w.bits == 8 else _unpack_int4(p.w)).float()      # [K, n]
+            if w.group_size:
+                s = p.scale.repeat_interleave(w.group_size, dim=0)[:w.k]
+                o = None if p.offset is None else p.offset.repeat_interleave(w.group_size, dim=0)[:w.k]
+            else:
+                s, o = p.scale.view(1, -1), None if p.offset is None else p.offset.view(1, -1)
+            wdq = (codes if o is None else codes + o) * s
+            y = x.float() @ wdq
+            if bias is not None:
+                y = y + p.bias(bias, torch.float32)
+            outs.append(y.to(x.dtype))
+        return self._cat(outs)
+
+    def gemm_w8a16(self, x, w: NpuWeight, bias=None) -> torch.Tensor:
+        return self._weight_only(x, w, bias)
+
+    def gemm_w4a16(self, x, w: NpuWeight, bias=None) -> torch.Tensor:
+        return self._weight_only(x, w, bias)
+
+    # -------------------------------------------------------------------- KV cache, attention
+    def kv_write(self, cache, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        ref.kv_write(cache, layer, k, v, positions)
+
+    def _masked(self, positions: torch.Tensor, kv_len: int, s: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The FIA mask [B, 1, T, S], True = MASKED: slot j is hidden from query (b, i) unless
+        j <= positions[b, i], j < kv_len (and mask[b, i, j], when a tree mask is given).
+        Built once per forward (every layer passes the same positions / mask objects)."""
+        if self._same_mask(positions, mask, kv_len, s):
+            return self._mask_val
+        slots = torch.arange(s, device=positions.device)
+        masked = slots[None, None, :] > positions[:, :, None]                 # [B, T, S]
+        masked[:, :, kv_len:] = True
+        if mask is not None:
+            allow = torch.zeros_like(masked)
+            allow[:, :, :kv_len] = mask[:, :, :kv_len]
+            masked = masked | ~allow
+        out = masked.unsqueeze(1).contiguous()                                # [B, 1, T, S]
+        self._mask_key = (weakref.ref(positions), positions._version,
+                          None if mask is None else weakref.ref(mask),
+                          None if mask is None else mask._version, kv_len, s)
+        self._mask_val = out
+        return out
+
+    def _same_mask(self, positions, mask, kv_len: int, s: int) -> bool:
+        if self._mask_key is None:
+            return False
+        pref, pver, mref, mver, kl, ss = self._mask_key
+        if pref() is not positions or pver != positions._version or (kl, ss) != (kv_len, s):
+            return False
+        if mask is None:
+            return mref is None
+        return mref is not None and mref() is mask and mver == mask._version
+
+    def attention(self, q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_len: int,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q [B, T, H, D]; the cache layer is BNSD [B, Hkv, S, D] (contiguous, passed whole, with
+        actual_seq_lengths_kv = kv_len); returns [B, T, H, D]."""
+        b, t, h, d = q.shape
+        k, v = cache.k[layer], cache.v[layer]
+        hkv, s = k.shape[1], k.shape[2]
+        masked = self._masked(positions, kv_len, s, mask)
+        qn = q.transpose(1, 2).contiguous()                                    # BNSD
+        scale = float(d) ** -0.5
+        if q.dtype not in KERNEL_DTYPES:
+            self._fp32_note("attention")
+            out = F.scaled_dot_product_attention(
+                qn, k[:, :, :kv_len].to(q.dtype), v[:, :, :kv_len].to(q.dtype),
+                attn_mask=~masked[..., :kv_len], scale=scale, enable_gqa=h != hkv)
+            return out.transpose(1, 2)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if d % 16:   # FIA needs a 16-aligned D when Q_S > 1; zero-padding q, k, v is exact
+            self._once("pad-d", f"head_dim {d} is not 16-aligned: q/k/v are zero-padded to a multiple "
+                                "of 16 for npu_fused_infer_attention_score (exact, but copies the cache)")
+            pad = 16 - d % 16
+            qn, k, v = (F.pad(x, (0, pad)).contiguous() for x in (qn, k, v))
+        out, _ = self.t.npu_fused_infer_attention_score(
+            qn, k, v, atten_mask=masked, actual_seq_lengths_kv=[int(kv_len)] * b,
+            num_heads=h, num_key_value_heads=hkv, input_layout="BNSD", scale=scale,
+            sparse_mode=0, inner_precise=2 if t > 1 else 0)
+        return out[..., :d].transpose(1, 2)
+
+
+__all__ = ["make_backend", "NpuWeight", "SCHEMES", "NOTES", "INSTALL_HINT"]

@@ -1,0 +1,228 @@
+"""Per-token activation quantization, RMSNorm and SiLU*mul, plain and fused with quantization.
+
+One program per row (token). All math in fp32, exactly in the order of quasar.ops.reference:
+- quantize_per_token: scale = max(amax / qmax, 1e-8), q = clamp(round_half_even(x / scale)),
+  int8 codes in [-128, 127], int4 codes in [-8, 7] held one per int8 element. Divisions are
+  IEEE-rounded (div_rn), so codes match torch's bit for bit given the same scale.
+- rms_norm: y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype) (transformers' RMSNorm: the
+  normalized value is cast to the input dtype before the weight multiplies it).
+- silu_mul: silu(gate).to(dtype) * up, rounded to dtype (what F.silu(g) * u does in torch).
+The fused variants quantize the dtype-rounded output of the unfused op, so fused == unfused.
+Rows longer than BLOCK are processed in chunks (the passes after the first re-read the row from
+L1/L2).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from quasar.quant.format import QMAX, QActivation
+from ._common import INTERPRETED, rint, to_dtype
+
+_QMAX = {"int8": 127.0, "int4": 7.0}
+
+
+@triton.jit
+def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
+                  QMAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    xr = x_ptr + row * stride_x
+    amax = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        o = k0 + tl.arange(0, BLOCK)
+        v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    a = tl.max(amax, axis=0)
+    scale = tl.maximum(tl.math.div_rn(a, QMAX), 1e-8)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        o = k0 + tl.arange(0, BLOCK)
+        v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+        c = rint(tl.math.div_rn(v, scale))
+        c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
+        tl.store(q_ptr + row * stride_q + o, c.to(tl.int8), mask=o < K)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, eps,
+                     QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
+                     INTERP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    xr = x_ptr + row * stride_x
+    XDT: tl.constexpr = x_ptr.dtype.element_ty
+    YDT: tl.constexpr = y_ptr.dtype.element_ty
+    ss = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        o = k0 + tl.arange(0, BLOCK)
+        v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+        ss += v * v
+    ms = tl.math.div_rn(tl.sum(ss, axis=0), K.to(tl.float32))
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms + eps))
+    if QUANT:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, K, BLOCK):
+            o = k0 + tl.arange(0, BLOCK)
+            v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + o, mask=o < K, other=0.0).to(tl.float32)
+            y = to_dtype(w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32), YDT, INTERP).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(y))
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), 1e-8)
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):
+            o = k0 + tl.arange(0, BLOCK)
+            v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + o, mask=o < K, other=0.0).to(tl.float32)
+            y = to_dtype(w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32), YDT, INTERP).to(tl.float32)
+            c = rint(tl.math.div_rn(y, scale))
+            c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
+            tl.store(q_ptr + row * stride_y + o, c.to(tl.int8), mask=o < K)
+    else:
+        for k0 in range(0, K, BLOCK):
+            o = k0 + tl.arange(0, BLOCK)
+            v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + o, mask=o < K, other=0.0).to(tl.float32)
+            y = w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32)
+            tl.store(y_ptr + row * stride_y + o, to_dtype(y, YDT, INTERP), mask=o < K)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, y_ptr, q_ptr, s_ptr, I, stride_x, stride_y,
+                     QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
+                     INTERP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    xr = x_ptr + row * stride_x
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    if QUANT:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, I, BLOCK):
+            o = k0 + tl.arange(0, BLOCK)
+            g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
+            u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
+            s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
+            y = to_dtype(s * u, DT, INTERP).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(y))
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), 1e-8)
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, I, BLOCK):
+            o = k0 + tl.arange(0, BLOCK)
+            g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
+            u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
+            s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
+            y = to_dtype(s * u, DT, INTERP).to(tl.float32)
+            c = rint(tl.math.div_rn(y, scale))
+            c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
+            tl.store(q_ptr + row * stride_y + o, c.to(tl.int8), mask=o < I)
+    else:
+        for k0 in range(0, I, BLOCK):
+            o = k0 + tl.arange(0, BLOCK)
+            g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
+            u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
+            s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
+            tl.store(y_ptr + row * stride_y + o, to_dtype(s * u, DT, INTERP), mask=o < I)
+
+
+# ------------------------------------------------------------------ launch helpers
+
+def _block(k: int) -> int:
+    cap = 1024 if INTERPRETED else 4096
+    return max(16, min(cap, triton.next_power_of_2(max(int(k), 1))))
+
+
+def _warps(block: int) -> int:
+    return 1 if INTERPRETED else (4 if block <= 1024 else 8)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [R, K] with unit stride along K (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _check_qtype(qtype: str) -> float:
+    if qtype not in _QMAX:
+        raise ValueError(f"the Triton quantization kernels produce int8 or int4 codes, not {qtype!r}")
+    return _QMAX[qtype]
+
+
+def quantize_per_token(x: torch.Tensor, qtype: str) -> QActivation:
+    qmax = _check_qtype(qtype)
+    x2 = _rows(x)
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        blk = _block(k)
+        _quant_kernel[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), QMAX=qmax, BLOCK=blk,
+                            num_warps=_warps(blk))
+    return QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, x.dtype)
+
+
+def _norm(x, weight, eps, qtype):
+    x2 = _rows(x)
+    m, k = x2.shape
+    if weight.shape[-1] != k:
+        raise ValueError(f"rms_norm: weight has {weight.shape[-1]} elements, x has {k} features")
+    w = weight.contiguous()
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    blk = _block(k)
+    if qtype is None:
+        y = torch.empty((m, k), dtype=out_dtype, device=x.device)
+        if m:
+            _rms_norm_kernel[(m,)](x2, w, y, y, y, k, x2.stride(0), y.stride(0), float(eps),
+                                   QUANT=False, QMAX=1.0, BLOCK=blk, INTERP=INTERPRETED,
+                                   num_warps=_warps(blk))
+        return y.view(x.shape)
+    qmax = _check_qtype(qtype)
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    # y_ptr only carries the output dtype here (nothing is stored through it)
+    ydt = torch.empty(0, dtype=out_dtype, device=x.device)
+    if m:
+        _rms_norm_kernel[(m,)](x2, w, ydt, q, s, k, x2.stride(0), q.stride(0), float(eps),
+                               QUANT=True, QMAX=qmax, BLOCK=blk, INTERP=INTERPRETED,
+                               num_warps=_warps(blk))
+    return QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, out_dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _norm(x, weight, eps, None)
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, qtype: str) -> QActivation:
+    return _norm(x, weight, eps, qtype)
+
+
+def _silu(x, qtype):
+    x2 = _rows(x)
+    m, k2 = x2.shape
+    if k2 % 2:
+        raise ValueError(f"silu_mul needs an even last dimension (gate|up), got {k2}")
+    i = k2 // 2
+    blk = _block(i)
+    if qtype is None:
+        y = torch.empty((m, i), dtype=x.dtype, device=x.device)
+        if m:
+            _silu_mul_kernel[(m,)](x2, y, y, y, i, x2.stride(0), y.stride(0), QUANT=False, QMAX=1.0,
+                                   BLOCK=blk, INTERP=INTERPRETED, num_warps=_warps(blk))
+        return y.view(*x.shape[:-1], i)
+    qmax = _check_qtype(qtype)
+    q = torch.empty((m, i), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        _silu_mul_kernel[(m,)](x2, q, q, s, i, x2.stride(0), q.stride(0), QUANT=True, QMAX=qmax,
+                               BLOCK=blk, INTERP=INTERPRETED, num_warps=_warps(blk))
+    return QActivation(q.view(*x.shape[:-1], i), s.view(*x.shape[:-1], 1), qtype, x.dtype)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    return _silu(x, None)
+
+
+def silu_mul_quant(x: torch.Tensor, qtype: str) -> QActivation:
+    return _silu(x, qtype)
+
+
+assert set(_QMAX) <= set(QMAX)
