@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -35,6 +35,9 @@ class Backend:
     dtypes: tuple = ()
     attention_modes: tuple = ("prefill", "decode", "verify")
     notes: dict[str, str] = field(default_factory=dict)         # scheme -> why it is unsupported
+    # make_runner(model, chunk_lengths, modes) -> callable(ids, positions, mode) replaying captured
+    # steps (CUDA graphs); None = the backend runs steps eagerly.
+    make_runner: Optional[Callable] = None
 
     def __getattr__(self, name: str) -> Callable:
         # backend.rms_norm(...) etc.; an op the contract has but this backend lacks is an error.

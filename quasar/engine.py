@@ -75,11 +75,25 @@ class LLM:
         self.draft_llm = None
         if d.method == "draft_model":
             self.draft_llm = self._load_draft(d.model)
+        self.k = d.num_tokens if d.method != "none" else 0
+        self._install_runner(draft_scheme is not None)
         self.drafter = make_drafter(d, self.model, self.sp, self.draft_llm.model if self.draft_llm else None)
         if hasattr(self.drafter, "generator"):
             self.drafter.generator = self.generator
-        self.scheduler = Scheduler(self.model, self.drafter, self.sp, d.num_tokens if d.method != "none" else 0,
-                                   self.eos, self.generator, sync=self.backend.ops.get("synchronize"))
+        self.scheduler = Scheduler(self.model, self.drafter, self.sp, self.k, self.eos, self.generator,
+                                   sync=self.backend.ops.get("synchronize"))
+
+    def _install_runner(self, drafts_in_place: bool) -> None:
+        """Captured step execution (CUDA graphs) when the backend has it and the config allows."""
+        want = self.cfg.runtime.cuda_graphs
+        make = self.backend.make_runner
+        if want and make is None:
+            raise ConfigError(f"runtime.cuda_graphs is true but the {self.backend.name} backend has no "
+                              "graph capture; set it to null or false")
+        if make is None or want is False:
+            return
+        modes = ("verify", "draft") if drafts_in_place else ("verify",)
+        self.model.runner = make(self.model, list(range(1, self.k + 2)), modes)
 
     def _load_draft(self, name: str) -> "LLM":
         from quasar.config import override

@@ -104,12 +104,26 @@ class Transformer(nn.Module):
         self.max_seq_len = max_seq_len
         self.cos, self.sin = rope_table(args, max_seq_len, backend.device)
         self.cache: Optional[KVCache] = None
+        self.mode = "verify"
+        self.runner = None          # a backend step runner (e.g. CUDA graphs), installed by the engine
 
     def new_cache(self, batch: int = 1) -> KVCache:
         a = self.args
         self.cache = KVCache(a.num_layers, batch, a.num_kv_heads, self.max_seq_len, a.head_dim,
                              self.dtype, self.device)
         return self.cache
+
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int,
+             mode: str = "verify") -> torch.Tensor:
+        """A decode / draft / verify step (a few tokens against the cache): replayed by the
+        backend's runner when one is installed (static buffers; kv_len is then the whole cache
+        and the attention reads the visible length from `positions`), else run eagerly."""
+        if self.runner is not None:
+            return self.runner(input_ids, positions, mode)
+        if mode != self.mode:
+            from quasar.quant import set_mode
+            set_mode(self, mode)
+        return self.forward(input_ids, positions, kv_len)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int,

@@ -41,6 +41,9 @@ def resolve_model(name_or_path: str) -> Path:
         return convert_cached(p)
     if p.exists():
         raise CheckpointError(f"{p} is neither a model directory nor a .gguf file")
+    if name_or_path.startswith("/path/to/"):
+        raise CheckpointError(f"model {name_or_path!r} is a placeholder in the config: pass your local "
+                              "checkpoint directory with --model PATH (or edit `model:` in the YAML)")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
         return _from_hub(name_or_path)
     raise CheckpointError(
@@ -129,6 +132,43 @@ def build_model(path: Path, backend, dtype: torch.dtype, max_seq_len: int, verif
     structurally pruned verifier of the fidelity study)."""
     path = Path(path)
     hf = read_config(path)
+    return build_from_source(hf, SafetensorsSource(path), path, backend, dtype, max_seq_len, verifier,
+                             draft_scheme, skip_layers)
+
+
+def build_random_model(hf: dict, backend, dtype: torch.dtype, max_seq_len: int, verifier,
+                       draft_scheme: Optional[str] = None, seed: int = 0) -> Transformer:
+    """A model of the shape `hf` (a config.json dict) with random weights, generated on the
+    device: for timing real shapes (Qwen3-8B, OpenPangu-7B) whose weights are not available."""
+    return build_from_source(hf, RandomSource(backend.device, seed), Path(f"random-{hf.get('model_type')}"),
+                             backend, dtype, max_seq_len, verifier, draft_scheme, ())
+
+
+class RandomSource:
+    """Stands in for SafetensorsSource: N(0, 0.02) weights, ones for norms, small biases."""
+
+    def __init__(self, device, seed: int = 0):
+        self.path, self.device = Path("random"), device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.used: set[str] = set()
+        self.files: dict = {}
+
+    def __contains__(self, name):
+        return not name.endswith(("weight_packed", "weight_scale", "weight_zero_point"))
+
+    def get(self, name, shape=None):
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, device=self.device, dtype=torch.bfloat16)
+        scale = 0.02 if name.endswith(".weight") else 0.01
+        t = torch.randn(shape, device=self.device, dtype=torch.float32, generator=self.generator) * scale
+        return t.to(torch.bfloat16)
+
+    def unused(self):
+        return []
+
+
+def build_from_source(hf: dict, src, path: Path, backend, dtype, max_seq_len, verifier,
+                      draft_scheme=None, skip_layers=()) -> Transformer:
     args = ModelArgs.from_hf(hf, str(path / "config.json"))
     backend.check_dtype(dtype)
     ckpt_scheme = ct.checkpoint_scheme(hf, path)
@@ -141,7 +181,6 @@ def build_model(path: Path, backend, dtype: torch.dtype, max_seq_len: int, verif
     backend.check_scheme(scheme)
     if draft_scheme:
         backend.check_scheme(draft_scheme)
-    src = SafetensorsSource(path)
     a = args
     dev = backend.device
     d = a.head_dim

@@ -79,6 +79,8 @@ def scheme_class(name: str) -> type[QuantLinear]:
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
+    """Run every quantized linear of `model` in its verify scheme or its draft scheme."""
+    model.mode = mode
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.mode = mode

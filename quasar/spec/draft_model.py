@@ -44,7 +44,7 @@ class DraftModelDrafter(Drafter):
             toks.append(nxt.view(1))
             if i + 1 < k:
                 pos = torch.full((1, 1), L + i, dtype=torch.int64, device=m.device)
-                logits = m(nxt.view(1, 1), pos, kv_len=L + i + 1)[0, -1]
+                logits = m.step(nxt.view(1, 1), pos, kv_len=L + i + 1)[0, -1]
         self.written = L + k - 1           # the draft cache now holds positions < L + k - 1
         return Draft(torch.cat(toks), torch.stack(dists) if dists else None)
 

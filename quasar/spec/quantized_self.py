@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from quasar.quant import set_mode
 from .drafter import Draft, Drafter
 from .sampling import SamplingParams, probs, sample
 
@@ -24,19 +23,15 @@ class QuantizedSelfDrafter(Drafter):
         pos = len(ctx) - 1
         toks, dists = [], []
         cur = last.view(1, 1)
-        set_mode(m, "draft")
-        try:
-            for i in range(k):
-                positions = torch.full((1, 1), pos + i, dtype=torch.int64, device=m.device)
-                logits = m(cur, positions, kv_len=pos + i + 1)[0, -1]
-                if self.sp.greedy:
-                    nxt = logits.argmax(-1)
-                else:
-                    p = probs(logits, self.sp)
-                    dists.append(p)
-                    nxt = sample(p, self.generator)
-                toks.append(nxt.view(1))
-                cur = nxt.view(1, 1)
-        finally:
-            set_mode(m, "verify")
+        for i in range(k):
+            positions = torch.full((1, 1), pos + i, dtype=torch.int64, device=m.device)
+            logits = m.step(cur, positions, kv_len=pos + i + 1, mode="draft")[0, -1]
+            if self.sp.greedy:
+                nxt = logits.argmax(-1)
+            else:
+                p = probs(logits, self.sp)
+                dists.append(p)
+                nxt = sample(p, self.generator)
+            toks.append(nxt.view(1))
+            cur = nxt.view(1, 1)
         return Draft(torch.cat(toks), torch.stack(dists) if dists else None)

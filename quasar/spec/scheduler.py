@@ -135,7 +135,7 @@ class Scheduler:
             tv = time.perf_counter()
             tokens = torch.cat([last.view(1), draft.tokens]).view(1, -1)
             positions = torch.arange(cached, cached + d + 1, device=dev).view(1, -1)
-            logits = m(tokens, positions, kv_len=cached + d + 1)[0]
+            logits = m.step(tokens, positions, kv_len=cached + d + 1)[0]
             n, emitted = accept(draft.tokens, logits, self.sp, draft.probs, self.generator)
             host = torch.cat([n.view(1), emitted]).tolist()  # the step's one host sync
             te = time.perf_counter()

@@ -1,0 +1,57 @@
+"""CUDA graphs for the decode / draft / verify steps (issue: the step is launch-bound otherwise).
+
+One graph per (mode, T): mode is "verify" or "draft" (QSpec runs the same layers in another
+scheme), T the chunk length (1 for decode and drafting, d+1 <= k+1 for verification). Inputs go
+through static buffers; the graph runs the attention over the whole static cache and the kernel
+reads each query's visible length from the positions buffer on the device, so one capture serves
+every context length. Captures happen once, before the first prefill (a warm-up forward writes
+KV slots, which the prefill then overwrites), and share one memory pool.
+"""
+from __future__ import annotations
+
+import torch
+
+from quasar.quant import set_mode
+
+
+class GraphRunner:
+    def __init__(self, model, chunk_lengths, modes=("verify",)):
+        self.model = model
+        dev = model.device
+        t_max = max(chunk_lengths)
+        self.ids = torch.zeros(1, t_max, dtype=torch.int64, device=dev)
+        # warm-up/capture positions: the last slots of the cache, distinct per token
+        self.pos = torch.arange(model.max_seq_len - t_max, model.max_seq_len, device=dev).view(1, -1)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict = {}
+        for mode in modes:
+            for t in sorted(set(chunk_lengths), reverse=True):
+                self._capture(mode, t)
+        set_mode(model, "verify")
+
+    @torch.inference_mode()
+    def _capture(self, mode: str, t: int) -> None:
+        m = self.model
+        set_mode(m, mode)
+        ids, pos = self.ids[:, :t], self.pos[:, :t]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):                      # compile / autotune outside the capture
+                m.forward(ids, pos, kv_len=m.max_seq_len)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = m.forward(ids, pos, kv_len=m.max_seq_len)
+        self.graphs[(mode, t)] = (g, out)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mode: str = "verify") -> torch.Tensor:
+        t = input_ids.shape[1]
+        entry = self.graphs.get((mode, t))
+        if entry is None:
+            raise RuntimeError(f"no CUDA graph captured for mode={mode!r}, T={t}; captured: {sorted(self.graphs)}")
+        self.ids[:, :t].copy_(input_ids)
+        self.pos[:, :t].copy_(positions)
+        g, out = entry
+        g.replay()
+        return out

@@ -1,0 +1,145 @@
+"""python -m quasar.bench: acceptance and speed benchmarks.
+
+    python -m quasar.bench acceptance --config configs/quasar-smollm2.yaml --config configs/ngram-bf16-smollm2.yaml \\
+        --prompts-file ../shared/data/specbench/question.jsonl --per-category 10 --out acc.json
+    python -m quasar.bench speed --mode e2e|step|ops|project [--smoke] --out speed.json
+
+acceptance: runs each config over the prompts (progress bar) and prints, per Spec-Bench task
+(MT-bench's eight categories pooled, translation, summarization, qa, math_reasoning, rag), the
+mean accepted length tau (tokens emitted / verification steps, bonus included) and the
+acceptance rate per draft position; writes everything as JSON.
+
+speed: see quasar/speed.py (ops, step, e2e, project; --smoke runs a tiny model on the CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+from quasar.errors import ConfigError, QuasarError
+
+MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
+
+
+def task_of(category) -> str:
+    return "mt_bench" if category in MT_BENCH else (category or "other")
+
+
+def select(recs: list[dict], per_task: int | None) -> list[dict]:
+    """The first `per_task` prompts of each Spec-Bench task, in file order (all if None)."""
+    if not per_task:
+        return recs
+    seen: dict[str, int] = {}
+    out = []
+    for r in recs:
+        t = task_of(r.get("category"))
+        if seen.get(t, 0) < per_task:
+            seen[t] = seen.get(t, 0) + 1
+            out.append(r)
+    return out
+
+
+def acceptance(configs: list[Path], prompts: list[dict], overrides: dict, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    from quasar import config as qcfg
+    from quasar.engine import LLM
+    results = OrderedDict()
+    for path in configs:
+        cfg = qcfg.override(qcfg.load(path), overrides)
+        llm = LLM(cfg)
+        per = OrderedDict()
+        k = cfg.drafter.num_tokens if cfg.drafter.method != "none" else 0
+        for rec in tqdm(prompts, desc=path.stem, disable=not progress):
+            r = llm.generate(rec["prompt"])
+            s = r.stats
+            t = task_of(rec.get("category"))
+            agg = per.setdefault(t, {"prompts": 0, "steps": 0, "emitted": 0, "new_tokens": 0, "decode_s": 0.0,
+                                     "tries": [0] * k, "accepts": [0] * k})
+            agg["prompts"] += 1
+            agg["steps"] += s.steps
+            agg["emitted"] += s.decode_tokens
+            agg["new_tokens"] += s.new_tokens
+            agg["decode_s"] += s.decode_s
+            for i in range(k):
+                agg["tries"][i] += s.pos_tries[i]
+                agg["accepts"][i] += s.pos_accepts[i]
+        total = {"prompts": 0, "steps": 0, "emitted": 0, "new_tokens": 0, "decode_s": 0.0,
+                 "tries": [0] * k, "accepts": [0] * k}
+        for agg in per.values():
+            for key in ("prompts", "steps", "emitted", "new_tokens", "decode_s"):
+                total[key] += agg[key]
+            total["tries"] = [a + b for a, b in zip(total["tries"], agg["tries"])]
+            total["accepts"] = [a + b for a, b in zip(total["accepts"], agg["accepts"])]
+        per["all"] = total
+        for agg in per.values():
+            agg["tau"] = agg["emitted"] / agg["steps"] if agg["steps"] else float("nan")
+            agg["acceptance"] = [a / t if t else None for a, t in zip(agg["accepts"], agg["tries"])]
+        results[path.stem] = {"config": str(path), "verifier": llm.model.scheme,
+                              "drafter": cfg.drafter.method, "k": k, "device": llm.device,
+                              "dtype": str(llm.dtype).replace("torch.", ""), "tasks": per}
+        del llm
+    return results
+
+
+def acceptance_markdown(results: dict) -> str:
+    names = list(results)
+    tasks = [t for t in TASKS if any(t in r["tasks"] for r in results.values())] + ["all"]
+    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t in tasks:
+        cells = []
+        for n in names:
+            a = results[n]["tasks"].get(t)
+            cells.append(f"{a['tau']:.2f}" if a else "–")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Acceptance rate per draft position (all tasks):")
+    lines.append("")
+    for n in names:
+        acc = results[n]["tasks"]["all"]["acceptance"]
+        if acc:
+            lines.append(f"- {n}: " + ", ".join("–" if a is None else f"{a:.2f}" for a in acc))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from quasar.run import read_prompts_file
+    ap = argparse.ArgumentParser(prog="python -m quasar.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a1 = sub.add_parser("acceptance", help="tau per Spec-Bench task for each config")
+    a1.add_argument("--config", type=Path, action="append", required=True)
+    a1.add_argument("--prompts-file", type=Path, required=True)
+    a1.add_argument("--per-category", type=int, default=None, help="prompts per Spec-Bench task")
+    a1.add_argument("--max-new-tokens", type=int, default=None)
+    a1.add_argument("--device", default=None)
+    a1.add_argument("--dtype", default=None)
+    a1.add_argument("--model", default=None, help="override every config's model")
+    a1.add_argument("--out", type=Path)
+    a2 = sub.add_parser("speed", help="ops / step / e2e / project speed benchmarks")
+    from quasar import speed
+    speed.add_args(a2)
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "acceptance":
+            recs = select(read_prompts_file(a.prompts_file), a.per_category)
+            ov = {"sampling.max_new_tokens": a.max_new_tokens, "device": a.device, "dtype": a.dtype,
+                  "model": a.model}
+            res = acceptance(a.config, recs, ov)
+            print(acceptance_markdown(res))
+            if a.out:
+                a.out.write_text(json.dumps(res, indent=2))
+        else:
+            return speed.main(a)
+    except QuasarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
