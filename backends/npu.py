@@ -14,7 +14,7 @@ Kernels (argument conventions from the torch_npu API reference, Ascend/op-plugin
 | rope | ``npu_rotary_mul(x, cos, sin)`` | x BSND [B, T, H, D], cos/sin BS1D, rotate-half |
 | silu_mul | ``npu_swiglu(x, dim=-1)`` | swish(first half) * second half: gate first |
 | quantize_per_token int8 | ``npu_dynamic_quant(x)`` | (int8, fp32 per-row scale) |
-| gemm_w8a8_int8 | ``npu_quant_matmul(xq, w[K, N], scale_fp32[N], pertoken_scale=xs[M], bias=fp32, output_dtype=x.dtype)`` | |
+| gemm_w8a8_int8 | ``npu_quant_matmul(xq, w[K, N], scale_fp32[N], pertoken_scale=xs[M], bias, output_dtype=x.dtype)`` | bias bf16 (bf16 out) / fp32 (fp16 out) |
 | gemm_w8a16 | ``npu_weight_quant_batchmatmul(x, w_int8[K, N], scale[N])`` | scale in x's dtype |
 | gemm_w4a16 | ``npu_weight_quant_batchmatmul(x, int4pack[K, N/8], scale[G, N], -zero[G, N], antiquant_group_size=g)`` | (w + offset) * scale |
 | attention | ``npu_fused_infer_attention_score(q, k, v, input_layout="BNSD", atten_mask=bool, ...)`` | True = masked |
@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +186,13 @@ def _tiles(n: int, align: int = 1) -> list[tuple[int, int]]:
         return [(0, n)]
     step = N_TILE - N_TILE % align
     return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:      # inference tensors do not track a version counter
+        return None
 
 
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -347,9 +354,12 @@ class _NpuOps:
         else:
             a = self.quantize_per_token(self._rotate(x, w), "int8")
         if a.dtype in KERNEL_DTYPES:
+            # bias: bfloat16 with bfloat16 output (documented in every torch_npu version; the model's
+            # bias is bf16 anyway), float32 with float16 output (float16 bias is not in the table)
+            bias_dtype = torch.bfloat16 if a.dtype == torch.bfloat16 else torch.float32
             xs = a.scale.reshape(-1)
             return self._cat([self.t.npu_quant_matmul(a.q, p.w, p.scale, pertoken_scale=xs,
-                                                      bias=p.bias(bias, torch.float32), output_dtype=a.dtype)
+                                                      bias=p.bias(bias, bias_dtype), output_dtype=a.dtype)
                               for p in w.parts])
         self._fp32_note("gemm_w8a8_int8")
         outs = []
@@ -400,7 +410,10 @@ class _NpuOps:
     def _masked(self, positions: torch.Tensor, kv_len: int, s: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """The FIA mask [B, 1, T, S], True = MASKED: slot j is hidden from query (b, i) unless
         j <= positions[b, i], j < kv_len (and mask[b, i, j], when a tree mask is given).
-        Built once per forward (every layer passes the same positions / mask objects)."""
+        Built once per forward: every layer passes the same positions / mask objects, so it is
+        cached on their identity (and version counter, where the tensor has one; inference-mode
+        tensors do not). A caller that rewrites a static positions buffer in place under
+        inference mode (graph replay) must call invalidate_mask() after each write."""
         if self._same_mask(positions, mask, kv_len, s):
             return self._mask_val
         slots = torch.arange(s, device=positions.device)
@@ -411,21 +424,24 @@ class _NpuOps:
             allow[:, :, :kv_len] = mask[:, :, :kv_len]
             masked = masked | ~allow
         out = masked.unsqueeze(1).contiguous()                                # [B, 1, T, S]
-        self._mask_key = (weakref.ref(positions), positions._version,
+        self._mask_key = (weakref.ref(positions), _version(positions),
                           None if mask is None else weakref.ref(mask),
-                          None if mask is None else mask._version, kv_len, s)
+                          None if mask is None else _version(mask), kv_len, s)
         self._mask_val = out
         return out
+
+    def invalidate_mask(self) -> None:
+        self._mask_key = self._mask_val = None
 
     def _same_mask(self, positions, mask, kv_len: int, s: int) -> bool:
         if self._mask_key is None:
             return False
         pref, pver, mref, mver, kl, ss = self._mask_key
-        if pref() is not positions or pver != positions._version or (kl, ss) != (kv_len, s):
+        if pref() is not positions or pver != _version(positions) or (kl, ss) != (kv_len, s):
             return False
         if mask is None:
             return mref is None
-        return mref is not None and mref() is mask and mver == mask._version
+        return mref is not None and mref() is mask and mver == _version(mask)
 
     def attention(self, q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_len: int,
                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -11,3 +11,11 @@ def device_count() -> int:
 
 def synchronize(device=None) -> None:
     """CPU ops are synchronous."""
+
+
+class _Matmul:
+    """torch_npu.npu.matmul.allow_hf32 (default False): irrelevant on the CPU, kept for the API."""
+    allow_hf32 = False
+
+
+matmul = _Matmul()
