@@ -42,6 +42,7 @@ RECIPES = {
 PRESET = {"w8a8-smoothquant-gptq": "W8A8", "w4a16-gptq": "W4A16", "w4a16-awq-asym": "W4A16_ASYM"}
 SMOOTHING_STRENGTH = 0.8
 IGNORE = ["lm_head"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 class UsageError(Exception):
@@ -58,8 +59,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(
         prog="tools/quantize.py",
-        description="Quantize a Hugging Face model with llmcompressor (offline) into a "
-                    "compressed-tensors directory for Quasar and transformers.",
+        description="Quantize a Hugging Face model with llmcompressor (offline) into a\n"
+                    "compressed-tensors directory that Quasar and transformers load.",
         epilog="recipes:\n" + "\n".join(f"  {k:24s}{v}" for k, v in RECIPES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
@@ -99,6 +100,10 @@ def check_args(a: argparse.Namespace) -> tuple[Path, Path, Path]:
         raise UsageError(f"{model} has no config.json: not a Hugging Face model directory")
     if not any(model.glob("*.safetensors")) and not any(model.glob("*.bin")):
         raise UsageError(f"{model} holds no weights (*.safetensors)")
+    # transformers 5 builds an *empty* tokenizer from config.json alone, so look for the files.
+    if not any((model / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"cannot load a tokenizer from {model}: none of {', '.join(TOKENIZER_FILES)} "
+                         "is there; the model directory must include its tokenizer files")
     qc = json.loads((model / "config.json").read_text()).get("quantization_config")
     if qc:
         raise UsageError(f"{model} is already quantized ({qc.get('quant_method')}); quantize the "
@@ -186,10 +191,14 @@ def choose(prompts: list[str], n: int, seed: int) -> list[str]:
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
         raise UsageError(f"cannot load a tokenizer from {model_dir} ({type(e).__name__}: {e}); the "
                          "model directory must include its tokenizer files") from None
+    if len(tok) < 2:
+        raise UsageError(f"the tokenizer in {model_dir} has an empty vocabulary; the model directory "
+                         "must include its tokenizer files")
+    return tok
 
 
 def tokenize(tok, prompts: list[str], max_len: int):
@@ -269,8 +278,8 @@ def _cpu_only_workarounds() -> None:
 def quantize(a: argparse.Namespace) -> Path:
     model_dir, calib, out = check_args(a)
     prompts = read_prompts(calib)
-    tok = load_tokenizer(model_dir)
     lc = import_llmcompressor()
+    tok = load_tokenizer(model_dir)
     import torch
     from transformers import AutoModelForCausalLM
 
