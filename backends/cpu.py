@@ -3,6 +3,8 @@ definition the other backends are tested against. Prepared weights are the canon
 themselves. Used by CI, and by anyone without an accelerator."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from quasar.backends import Backend
@@ -15,8 +17,16 @@ def _identity(w):
     return w
 
 
+def _dequantized_once(w):
+    """Weight-only schemes: keep the canonical codes and cache the fp32 matrix (prepare once)."""
+    w = replace(w)
+    w._dense = w.dequantize(torch.float32)
+    return w
+
+
 def make_backend(device: str = "cpu") -> Backend:
     return Backend(
         name="cpu", device=torch.device(device), ops=dict(REFERENCE_OPS),
-        prepare={s: _identity for s in SCHEMES}, schemes=SCHEMES,
+        prepare={s: (_dequantized_once if s in ("w8a16", "w4a16") else _identity) for s in SCHEMES},
+        schemes=SCHEMES,
         dtypes=(torch.float32, torch.bfloat16, torch.float16))

@@ -88,7 +88,7 @@ def gemm_bf16(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) ->
 
 def _weight_only(x: torch.Tensor, w: QuantizedWeight, bias) -> torch.Tensor:
     x = _rotate(x, w)
-    acc = x.float() @ w.dequantize(torch.float32).T
+    acc = x.float() @ w.dense_f32().T
     return _finish(acc, bias, x.dtype)
 
 
@@ -103,9 +103,11 @@ def gemm_w4a16(x, w: QuantizedWeight, bias=None):
 
 
 def _int_gemm(a: QActivation, w: QuantizedWeight, bias) -> torch.Tensor:
-    # Exact integer accumulation (float64 represents every int32 partial sum exactly), then the
-    # per-token x per-channel rescale in fp32.
-    acc = (a.q.double() @ w.codes.double().T).float()
+    # Exact int32 accumulation, then the per-token x per-channel rescale in fp32.
+    if a.q.device.type == "cpu":
+        acc = torch._int_mm(a.q, w.codes.T).float()
+    else:   # the definition on any device: float64 holds every int32 partial sum exactly
+        acc = (a.q.double() @ w.codes.double().T).float()
     return _finish(acc * a.scale * w.scale.view(1, -1).float(), bias, a.dtype)
 
 

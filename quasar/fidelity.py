@@ -12,7 +12,7 @@ and structurally pruned verifiers that drop layers (`--prune N` drops N evenly s
 layers; `--prune-layers 3,5,7` drops exactly those). This reproduces the Quasar paper's finding:
 quantized verifiers keep the distribution, layer-skipped ones do not.
 
-    python -m quasar.fidelity --model smollm2-135m-instruct --prompts-file ../shared/data/specbench/question.jsonl --limit 24
+    python -m quasar.fidelity --model smollm2-135m-instruct --prompts-file ../shared/data/specbench/question.jsonl --per-category 4
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--prompts-file", type=Path, required=True)
-    ap.add_argument("--limit", type=int, default=24)
+    ap.add_argument("--per-category", type=int, default=4, help="prompts per Spec-Bench task")
     ap.add_argument("--tokens", type=int, default=32, help="N generated tokens per prompt")
     ap.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES), help="comma-separated RTN schemes")
     ap.add_argument("--group-size", type=int, default=128)
@@ -178,7 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write the JSON rows here")
     a = ap.parse_args(argv)
     try:
-        recs = read_prompts_file(a.prompts_file, a.limit)
+        from quasar.bench import select
+        recs = select(read_prompts_file(a.prompts_file), a.per_category)
         ckpts = {}
         for c in a.checkpoint:
             if "=" not in c:

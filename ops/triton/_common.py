@@ -37,12 +37,57 @@ def rint(x):
 def to_dtype(x, DT: tl.constexpr, INTERP: tl.constexpr):
     """x.to(DT) with round-to-nearest-even. The interpreter's fp32 -> bf16 cast truncates, so
     there the rounding is done on the bits (NaN/inf aside, which this does not need)."""
-    if INTERP:
-        if DT == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        else:
-            return x.to(DT)
+    if INTERP and DT == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
-        return x.to(DT)
+        y = x.to(DT)
+    return y
+
+
+@triton.jit
+def gemm_epilogue(acc, offs_m, offs_n, m_mask, n_mask, xs_ptr, s_ptr, b_ptr, out_ptr,
+                  stride_om, stride_on, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, INTERP: tl.constexpr):
+    """acc[BN, BM] (the transposed output tile) -> out[m, n] = cast((acc * xs[m]) * ws[n] + b[n]),
+    in the reference's order of fp32 operations."""
+    a = acc.to(tl.float32)
+    if HAS_XS:
+        a = a * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
+    if HAS_WS:
+        a = a * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
+    if HAS_BIAS:
+        a = a + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    ODT: tl.constexpr = out_ptr.dtype.element_ty
+    ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+    tl.store(ptrs, to_dtype(a, ODT, INTERP), mask=m_mask[None, :] & n_mask[:, None])
+
+
+@triton.jit
+def gemm_finish(acc, offs_m, offs_n, m_mask, n_mask, M, N, pid_k, split_k, ws_ptr, cnt_ptr,
+                xs_ptr, s_ptr, b_ptr, out_ptr, stride_om, stride_on,
+                SPLIT: tl.constexpr, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
+                HAS_BIAS: tl.constexpr, INTERP: tl.constexpr):
+    """Split-K in one launch: with SPLIT every program stores its partial tile in its own
+    workspace slot ws[pid_k, m, n] (no zero-fill needed), then takes a ticket on the tile's
+    arrival counter; the last of the split_k programs to arrive sums the slots in a fixed order
+    (so the result is deterministic, and exact for int32 partials), runs the epilogue and resets
+    the counter to zero for the next launch."""
+    if SPLIT:
+        mask = m_mask[None, :] & n_mask[:, None]
+        slot = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(slot + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()
+        tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if ticket == split_k - 1:
+            total = tl.load(slot, mask=mask, other=0, cache_modifier=".cg")
+            for s in range(1, split_k):
+                total += tl.load(slot + s * M * N, mask=mask, other=0, cache_modifier=".cg")
+            gemm_epilogue(total, offs_m, offs_n, m_mask, n_mask, xs_ptr, s_ptr, b_ptr, out_ptr,
+                          stride_om, stride_on, HAS_XS, HAS_WS, HAS_BIAS, INTERP)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        gemm_epilogue(acc, offs_m, offs_n, m_mask, n_mask, xs_ptr, s_ptr, b_ptr, out_ptr,
+                      stride_om, stride_on, HAS_XS, HAS_WS, HAS_BIAS, INTERP)

@@ -1,1 +1,209 @@
-"""placeholder"""
+"""Flash-decoding attention over the static KV cache, for decode (T = 1) and verify chunks
+(T = k + 1 <= 16), with GQA and the exact visibility rule of quasar.ops.reference.attention:
+slot j is visible to query (b, i) iff j < kv_len, j <= positions[b, i] and (mask[b, i, j] when
+an explicit mask is given).
+
+Grid: (B * Hkv, NUM_SPLITS). A program owns one KV head of one sequence and all T * (H / Hkv)
+query rows that read it (rows r = t * G + g, padded to BR >= 16), so each K/V tile is loaded once
+for the whole chunk: scores = Q[BR, D] @ K^T[D, BS] on the tensor cores, online softmax in fp32
+(exp2), O += P @ V. The visible length is read on the device from `positions`
+(max_t positions[b, t] + 1, capped at kv_len): the S range [0, visible) is cut into NUM_SPLITS
+chunks, so a launch with a fixed grid (kv_len = the full cache length, as in a CUDA graph) stays
+correct and spends no time on invisible slots; splits with nothing to do exit after writing an
+empty (m = -inf, l = 0) record. With NUM_SPLITS > 1 a second small kernel merges the splits'
+(m, l, acc) records (log-sum-exp); with one split the first kernel writes O directly.
+Rows with no visible slot at all get zeros (the reference's SDPA would give NaN). Prefill
+(T > 16, or T * G > 128 rows) is left to torch SDPA (see the backend).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from quasar.errors import UnsupportedError
+from ._common import INTERPRETED, to_dtype
+
+MAX_ROWS = 128      # T * (H / Hkv) handled by one program
+MAX_T = 16
+
+
+@triton.jit(do_not_specialize=["T", "KV_LEN"])
+def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_ptr,
+                 T, HKV, KV_LEN, D, qk_scale,
+                 sq_b, sq_t, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sp_b, sp_t,
+                 sm_b, sm_t, sm_s, so_b, so_t, so_h,
+                 G: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                 NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, F32DOT: tl.constexpr,
+                 INTERP: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    r = tl.arange(0, BR)
+    t = r // G
+    h = hk * G + r % G
+    r_ok = t < T
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    qt = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :],
+                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if F32DOT:
+        qt = qt.to(tl.float32)
+    pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=r_ok, other=-1).to(tl.int32)
+    vis = tl.minimum(tl.max(pos, axis=0) + 1, KV_LEN)
+    chunk = tl.cdiv(tl.cdiv(vis, NUM_SPLITS), BS) * BS
+    start = split * chunk
+    end = tl.minimum(start + chunk, vis)
+    m_i = tl.full([BR], float("-inf"), tl.float32)
+    l_i = tl.zeros([BR], tl.float32)
+    acc = tl.zeros([BR, BD], tl.float32)
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    for s0 in range(start, end, BS):
+        s = s0 + tl.arange(0, BS)
+        s_ok = s < end
+        kt = tl.load(k_base + s[:, None] * sk_s + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        if F32DOT:
+            scores = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(qt, tl.trans(kt))
+        scores = scores * qk_scale
+        allow = (s[None, :] <= pos[:, None]) & s_ok[None, :]
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + s[None, :] * sm_s,
+                         mask=r_ok[:, None] & s_ok[None, :], other=0)
+            allow = allow & (mk != 0)
+        scores = tl.where(allow, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_base + s[:, None] * sv_s + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        if F32DOT:
+            pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        ODT: tl.constexpr = o_ptr.dtype.element_ty
+        tl.store(o_ptr + b * so_b + t[:, None] * so_t + h[:, None] * so_h + d[None, :],
+                 to_dtype(o, ODT, INTERP), mask=r_ok[:, None] & d_ok[None, :])
+    else:
+        rec = pid_bh * NUM_SPLITS + split
+        tl.store(wml_ptr + (rec * 2) * BR + r, m_i)
+        tl.store(wml_ptr + (rec * 2 + 1) * BR + r, l_i)
+        if start < end:
+            tl.store(wacc_ptr + rec * BR * BD + r[:, None] * BD + d[None, :], acc)
+
+
+@triton.jit
+def _attn_combine_kernel(wacc_ptr, wml_ptr, o_ptr, HKV, D, so_b, so_t, so_h,
+                         G: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, NSP: tl.constexpr, INTERP: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    r = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    t = r // G
+    h = hk * G + r % G
+    sp = tl.arange(0, NSP)
+    sp_ok = sp < NUM_SPLITS
+    rec = pid_bh * NUM_SPLITS + sp
+    m = tl.load(wml_ptr + (rec * 2) * BR + r, mask=sp_ok, other=float("-inf"))
+    l = tl.load(wml_ptr + (rec * 2 + 1) * BR + r, mask=sp_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(l > 0.0, tl.exp2(m - m_use), 0.0)
+    total = tl.sum(l * w, axis=0)
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    live = sp_ok & (l > 0.0)
+    a = tl.load(wacc_ptr + rec[:, None] * BR * BD + r * BD + d[None, :], mask=live[:, None],
+                other=0.0)
+    a = tl.where(live[:, None], a, 0.0)
+    o = tl.sum(a * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    ODT: tl.constexpr = o_ptr.dtype.element_ty
+    tl.store(o_ptr + b * so_b + t * so_t + h * so_h + d, to_dtype(o, ODT, INTERP), mask=d_ok)
+
+
+def supports(q: torch.Tensor, cache) -> bool:
+    """Whether the Triton kernel takes this call (else: SDPA, for prefill-sized chunks)."""
+    b, t, h, _ = q.shape
+    hkv = cache.k[0].shape[1]
+    return (getattr(cache, "representation", "dense") == "dense" and t <= MAX_T
+            and t * (h // hkv) <= MAX_ROWS)
+
+
+def default_splits(batch_heads: int, kv_len: int, device) -> int:
+    if INTERPRETED or torch.device(device).type != "cuda":
+        return 1
+    from .tuning import sm_count
+    want = triton.cdiv(2 * sm_count(device), batch_heads)
+    return int(max(1, min(want, triton.cdiv(kv_len, 256), 64)))
+
+
+def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_len: int,
+              mask: Optional[torch.Tensor] = None, num_splits: Optional[int] = None,
+              block_s: Optional[int] = None, out: Optional[torch.Tensor] = None,
+              num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+    if getattr(cache, "representation", "dense") != "dense":
+        raise UnsupportedError(f"the Triton attention kernel reads a dense KV cache, not "
+                               f"{cache.representation!r}")
+    bsz, t, h, dh = q.shape
+    k = cache.k[layer]
+    v = cache.v[layer]
+    hkv = k.shape[1]
+    if h % hkv:
+        raise ValueError(f"{h} query heads are not a multiple of {hkv} kv heads")
+    g = h // hkv
+    if t > MAX_T or t * g > MAX_ROWS:
+        raise UnsupportedError(f"the Triton attention kernel takes chunks of <= {MAX_T} tokens "
+                               f"(<= {MAX_ROWS} query rows per kv head); got T={t}, G={g}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("the KV cache must be contiguous along head_dim")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    kv_len = int(min(kv_len, k.shape[2]))
+    br = max(16, triton.next_power_of_2(t * g))
+    bd = max(16, triton.next_power_of_2(dh))
+    bs = block_s or (32 if INTERPRETED else 64)
+    ns = num_splits or default_splits(bsz * hkv, kv_len, q.device)
+    if out is None:
+        out = torch.empty((bsz, t, h, dh), dtype=q.dtype, device=q.device)
+    if mask is not None:
+        if mask.shape != (bsz, t, kv_len):
+            raise ValueError(f"attention mask has shape {tuple(mask.shape)}, expected {(bsz, t, kv_len)}")
+        mk = mask.to(torch.uint8) if mask.dtype == torch.bool else mask
+        sm = mk.stride()
+    else:
+        mk, sm = positions, (0, 0, 0)
+    f32dot = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
+    qk_scale = dh ** -0.5 * 1.4426950408889634   # log2(e): the kernel uses exp2
+    if ns > 1:
+        wacc = torch.empty(bsz * hkv * ns * br * bd, dtype=torch.float32, device=q.device)
+        wml = torch.empty(bsz * hkv * ns * 2 * br, dtype=torch.float32, device=q.device)
+    else:
+        wacc = wml = out
+    nw = num_warps or (1 if INTERPRETED else 4)
+    nst = num_stages or (1 if INTERPRETED else 2)
+    _attn_kernel[(bsz * hkv, ns)](
+        q, k, v, positions, mk, out, wacc, wml, t, hkv, kv_len, dh, qk_scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), positions.stride(0), positions.stride(1),
+        sm[0], sm[1], sm[2], out.stride(0), out.stride(1), out.stride(2),
+        G=g, BR=br, BS=bs, BD=bd, NUM_SPLITS=ns, HAS_MASK=mask is not None, F32DOT=bool(f32dot),
+        INTERP=INTERPRETED, num_warps=nw, num_stages=nst)
+    if ns > 1:
+        _attn_combine_kernel[(bsz * hkv, t * g)](
+            wacc, wml, out, hkv, dh, out.stride(0), out.stride(1), out.stride(2),
+            G=g, BR=br, BD=bd, NUM_SPLITS=ns, NSP=max(2, triton.next_power_of_2(ns)),
+            INTERP=INTERPRETED, num_warps=1 if INTERPRETED else 4)
+    return out

@@ -1,1 +1,152 @@
-"""placeholder"""
+"""GEMMs over int8 per-output-channel weights: w8a8-int8 and w8a16.
+
+Weight-streaming design for M = 1..64 rows (decode / verify), one launch per GEMM:
+- the operands are swapped: each program computes the transposed tile acc[BN, BM] =
+  W[BN, BK] @ X^T[BK, BM], so the weight tile is the MMA's large operand and the few activation
+  rows (padded to BM = 16/32/64) the small one; every weight byte is read once whatever M is;
+- split-K over programs (grid = N tiles x SPLIT_K x M tiles) so that N = 4096 still gives enough
+  programs to fill the GPU; partials meet in a workspace and the last program of each tile
+  finishes it (see _common.gemm_finish);
+- w8a8-int8: int8 x int8 -> int32 tl.dot, exact; the epilogue applies (acc * x_scale[m]) *
+  w_scale[n] (+ bias) in fp32 and casts to the activation dtype, as the reference does;
+- w8a16: the int8 tile is converted to the activation dtype in registers (exact: |c| <= 128)
+  and multiplied with the activations on the tensor cores in fp32 accumulation; the per-channel
+  scale is applied once in the epilogue.
+
+Prepared layout (`Int8Weight`): codes int8 [N, K_pad] (K contiguous, zero-padded to a multiple
+of 256, so K blocks need no mask), scale fp32 [N]. The same object serves both schemes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from quasar.errors import UnsupportedError
+from quasar.quant.format import QActivation, QuantizedWeight
+from . import tuning
+from ._common import INTERPRETED, gemm_finish
+
+
+@dataclass
+class Int8Weight:
+    codes: torch.Tensor       # int8 [N, K_pad]
+    scale: torch.Tensor       # fp32 [N]
+    n: int
+    k: int
+    hadamard: bool = False
+
+    @property
+    def shape(self):
+        return (self.n, self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scale.numel() * 4
+
+
+def pack_int8(qw: QuantizedWeight) -> Int8Weight:
+    if qw.is_fp8 or qw.bits != 8 or qw.codes.dtype != torch.int8:
+        raise UnsupportedError("the int8 GEMM kernels need int8 codes (bits=8)")
+    if qw.group_size != -1 or qw.scale.shape[1] != 1 or qw.zero is not None:
+        raise UnsupportedError("the int8 GEMM kernels need symmetric per-output-channel int8 weights "
+                               f"(got group_size={qw.group_size}, zero points={qw.zero is not None})")
+    n, k = qw.codes.shape
+    kp = triton.cdiv(k, tuning.KBLOCK) * tuning.KBLOCK
+    codes = qw.codes
+    if kp != k:
+        codes = torch.nn.functional.pad(codes, (0, kp - k))
+    tuning.counters(codes.device)
+    return Int8Weight(codes.contiguous(), qw.scale.reshape(n).float().contiguous(), n, k, qw.hadamard)
+
+
+@triton.jit(do_not_specialize=["M", "NKB", "blocks_per_split", "split_k"])
+def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                        M, N, K, KPAD, NKB, blocks_per_split, split_k,
+                        stride_xm, stride_xk, stride_om, stride_on,
+                        ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                        BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                        F32DOT: tl.constexpr, INTERP: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_k = tl.arange(0, BK)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    XDT: tl.constexpr = x_ptr.dtype.element_ty
+    if ACT_INT8:
+        acc = tl.zeros([BN, BM], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    w_tile = w_ptr + offs_n[:, None] * KPAD + offs_k[None, :]
+    x_tile = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(b_start + blocks_per_split, NKB)
+    for b in range(b_start, b_end):
+        k0 = b * BK
+        w = tl.load(w_tile + k0, mask=n_mask[:, None], other=0)
+        xt = tl.load(x_tile + k0 * stride_xk, mask=((k0 + offs_k) < K)[:, None] & m_mask[None, :],
+                     other=0)
+        if ACT_INT8:
+            acc = tl.dot(w, xt, acc)
+        else:
+            if F32DOT:
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w.to(XDT), xt, acc)
+    gemm_finish(acc, offs_m, offs_n, m_mask, n_mask, M, N, pid_k, split_k, ws_ptr, cnt_ptr,
+                xs_ptr, s_ptr, b_ptr, out_ptr, stride_om, stride_on,
+                SPLIT, ACT_INT8, True, HAS_BIAS, INTERP)
+
+
+def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, config=None):
+    m, k = x.shape
+    if k != w.k:
+        raise ValueError(f"GEMM: activation has {k} features, the weight expects {w.k}")
+    n = w.n
+    kind = "w8a8_int8" if act_int8 else "w8a16"
+    cfg = tuning.pick(kind, m, n, k, x.device, config)
+    bm = tuning.block_m(m)
+    bk = cfg.bk
+    kpad = w.codes.shape[1]
+    if kpad % bk:
+        raise ValueError(f"BK={bk} does not divide the padded K={kpad}")
+    nkb = kpad // bk
+    split = max(1, min(cfg.split_k, nkb))
+    per = triton.cdiv(nkb, split)
+    split = triton.cdiv(nkb, per)          # no empty splits
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0:
+        return out
+    grid = (triton.cdiv(n, cfg.bn), split, triton.cdiv(m, bm))
+    if split > 1:
+        ws = torch.empty(split * m * n, dtype=torch.int32 if act_int8 else torch.float32, device=x.device)
+        cnt = tuning.counters(x.device)
+        assert grid[0] * grid[2] <= cnt.numel()
+    else:
+        ws, cnt = out, out
+    f32dot = (x.dtype == torch.float32) or (INTERPRETED and x.dtype == torch.bfloat16)
+    _int8_weight_kernel[grid](
+        x, xs if xs is not None else w.scale, w.codes, w.scale, bias if bias is not None else w.scale,
+        out, ws, cnt, m, n, k, kpad, nkb, per, split, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        ACT_INT8=act_int8, HAS_BIAS=bias is not None, SPLIT=split > 1, BN=cfg.bn, BM=bm, BK=bk,
+        F32DOT=bool(f32dot and not act_int8), INTERP=INTERPRETED,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def gemm_w8a8_int8(a: QActivation, w: Int8Weight, bias=None, out=None, config=None) -> torch.Tensor:
+    """a: per-token int8 activation (q[M, K] int8, scale[M, 1] fp32); output in a.dtype."""
+    q = a.q.reshape(-1, a.q.shape[-1])
+    s = a.scale.reshape(-1).float().contiguous()
+    return _launch(q, s, w, bias, a.dtype, True, out, config)
+
+
+def gemm_w8a16(x: torch.Tensor, w: Int8Weight, bias=None, out=None, config=None) -> torch.Tensor:
+    """x[M, K] in bf16/fp16/fp32; output in x.dtype."""
+    return _launch(x, None, w, bias, x.dtype, False, out, config)

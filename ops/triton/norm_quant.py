@@ -23,7 +23,7 @@ from ._common import INTERPRETED, rint, to_dtype
 _QMAX = {"int8": 127.0, "int4": 7.0}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
                   QMAX: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -34,7 +34,7 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
         v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
     a = tl.max(amax, axis=0)
-    scale = tl.maximum(tl.math.div_rn(a, QMAX), 1e-8)
+    scale = tl.maximum(tl.math.div_rn(a, tl.full([], QMAX, tl.float32)), 1e-8)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         o = k0 + tl.arange(0, BLOCK)
@@ -44,7 +44,7 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
         tl.store(q_ptr + row * stride_q + o, c.to(tl.int8), mask=o < K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, eps,
                      QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
                      INTERP: tl.constexpr):
@@ -58,7 +58,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, e
         v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
         ss += v * v
     ms = tl.math.div_rn(tl.sum(ss, axis=0), K.to(tl.float32))
-    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms + eps))
+    rstd = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(ms + eps))
     if QUANT:
         amax = tl.zeros([BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK):
@@ -67,7 +67,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, e
             w = tl.load(w_ptr + o, mask=o < K, other=0.0).to(tl.float32)
             y = to_dtype(w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32), YDT, INTERP).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(y))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), 1e-8)
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), tl.full([], QMAX, tl.float32)), 1e-8)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             o = k0 + tl.arange(0, BLOCK)
@@ -86,7 +86,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, e
             tl.store(y_ptr + row * stride_y + o, to_dtype(y, YDT, INTERP), mask=o < K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["I"])
 def _silu_mul_kernel(x_ptr, y_ptr, q_ptr, s_ptr, I, stride_x, stride_y,
                      QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
                      INTERP: tl.constexpr):
@@ -102,7 +102,7 @@ def _silu_mul_kernel(x_ptr, y_ptr, q_ptr, s_ptr, I, stride_x, stride_y,
             s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
             y = to_dtype(s * u, DT, INTERP).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(y))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), 1e-8)
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), tl.full([], QMAX, tl.float32)), 1e-8)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, I, BLOCK):
             o = k0 + tl.arange(0, BLOCK)
@@ -147,12 +147,22 @@ def _check_qtype(qtype: str) -> float:
     return _QMAX[qtype]
 
 
-def quantize_per_token(x: torch.Tensor, qtype: str) -> QActivation:
+def _qs_out(out, m, k, device):
+    """(q [m, k] int8, scale [m, 1] fp32): the caller's (tests poison them) or fresh ones."""
+    if out is not None:
+        q, s = out
+        assert q.shape == (m, k) and q.dtype == torch.int8 and q.is_contiguous()
+        assert s.shape == (m, 1) and s.dtype == torch.float32 and s.is_contiguous()
+        return q, s
+    return (torch.empty((m, k), dtype=torch.int8, device=device),
+            torch.empty((m, 1), dtype=torch.float32, device=device))
+
+
+def quantize_per_token(x: torch.Tensor, qtype: str, out=None) -> QActivation:
     qmax = _check_qtype(qtype)
     x2 = _rows(x)
     m, k = x2.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q, s = _qs_out(out, m, k, x.device)
     if m:
         blk = _block(k)
         _quant_kernel[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), QMAX=qmax, BLOCK=blk,
@@ -160,7 +170,7 @@ def quantize_per_token(x: torch.Tensor, qtype: str) -> QActivation:
     return QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, x.dtype)
 
 
-def _norm(x, weight, eps, qtype):
+def _norm(x, weight, eps, qtype, out=None):
     x2 = _rows(x)
     m, k = x2.shape
     if weight.shape[-1] != k:
@@ -169,15 +179,14 @@ def _norm(x, weight, eps, qtype):
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     blk = _block(k)
     if qtype is None:
-        y = torch.empty((m, k), dtype=out_dtype, device=x.device)
+        y = out.view(m, k) if out is not None else torch.empty((m, k), dtype=out_dtype, device=x.device)
         if m:
             _rms_norm_kernel[(m,)](x2, w, y, y, y, k, x2.stride(0), y.stride(0), float(eps),
                                    QUANT=False, QMAX=1.0, BLOCK=blk, INTERP=INTERPRETED,
                                    num_warps=_warps(blk))
         return y.view(x.shape)
     qmax = _check_qtype(qtype)
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q, s = _qs_out(out, m, k, x.device)
     # y_ptr only carries the output dtype here (nothing is stored through it)
     ydt = torch.empty(0, dtype=out_dtype, device=x.device)
     if m:
@@ -187,15 +196,15 @@ def _norm(x, weight, eps, qtype):
     return QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, out_dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _norm(x, weight, eps, None)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out=None) -> torch.Tensor:
+    return _norm(x, weight, eps, None, out)
 
 
-def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, qtype: str) -> QActivation:
-    return _norm(x, weight, eps, qtype)
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, qtype: str, out=None) -> QActivation:
+    return _norm(x, weight, eps, qtype, out)
 
 
-def _silu(x, qtype):
+def _silu(x, qtype, out=None):
     x2 = _rows(x)
     m, k2 = x2.shape
     if k2 % 2:
@@ -203,26 +212,25 @@ def _silu(x, qtype):
     i = k2 // 2
     blk = _block(i)
     if qtype is None:
-        y = torch.empty((m, i), dtype=x.dtype, device=x.device)
+        y = out.view(m, i) if out is not None else torch.empty((m, i), dtype=x.dtype, device=x.device)
         if m:
             _silu_mul_kernel[(m,)](x2, y, y, y, i, x2.stride(0), y.stride(0), QUANT=False, QMAX=1.0,
                                    BLOCK=blk, INTERP=INTERPRETED, num_warps=_warps(blk))
         return y.view(*x.shape[:-1], i)
     qmax = _check_qtype(qtype)
-    q = torch.empty((m, i), dtype=torch.int8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q, s = _qs_out(out, m, i, x.device)
     if m:
         _silu_mul_kernel[(m,)](x2, q, q, s, i, x2.stride(0), q.stride(0), QUANT=True, QMAX=qmax,
                                BLOCK=blk, INTERP=INTERPRETED, num_warps=_warps(blk))
     return QActivation(q.view(*x.shape[:-1], i), s.view(*x.shape[:-1], 1), qtype, x.dtype)
 
 
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    return _silu(x, None)
+def silu_mul(x: torch.Tensor, out=None) -> torch.Tensor:
+    return _silu(x, None, out)
 
 
-def silu_mul_quant(x: torch.Tensor, qtype: str) -> QActivation:
-    return _silu(x, qtype)
+def silu_mul_quant(x: torch.Tensor, qtype: str, out=None) -> QActivation:
+    return _silu(x, qtype, out)
 
 
 assert set(_QMAX) <= set(QMAX)

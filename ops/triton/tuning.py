@@ -1,1 +1,135 @@
-"""placeholder"""
+"""Launch configurations of the weight-streaming GEMM kernels.
+
+A configuration is (BN, SPLIT_K, BK, num_warps, num_stages); BM (the padded row count, the
+tl.dot's N dimension after the swap) follows from M: 16 for M <= 16, 32 for M <= 32, else 64
+(M > 64 adds programs along M). The heuristic aims at >= 2 programs per SM so that the weight
+stream fills HBM at N = 4096: SPLIT_K grows (powers of two) while there are too few
+(N-tile x M-tile) programs and every split keeps >= 2 K blocks.
+
+Tuned entries override the heuristic: `TABLE[(kind, m_bucket, N, K)] = GemmConfig(...)`, filled
+by `tools/bench_ops.py` (its JSON output can be loaded with `load_table(path)`, or by pointing
+QUASAR_TRITON_TUNING at it before the backend is built).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from ._common import INTERPRETED
+
+KBLOCK = 256          # K granularity of the packed layouts (and the split-K unit)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    bn: int = 64            # output features per program
+    split_k: int = 1        # programs along K (partials reduced by the last one to finish)
+    bk: int = 256           # K per iteration (int8 weights; int4 is always 256 = 8 planes of 32)
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+TABLE: dict[tuple, GemmConfig] = {}
+
+
+def m_bucket(m: int) -> int:
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        if m <= b:
+            return b
+    return 128
+
+
+def block_m(m: int) -> int:
+    return 16 if m <= 16 else (32 if m <= 32 else 64)
+
+
+def load_table(path: str) -> int:
+    """Load tuned configs (the "tuned" list of bench_ops.py's JSON); returns how many."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = data.get("tuned", data) if isinstance(data, dict) else data
+    n = 0
+    for r in rows:
+        cfg = GemmConfig(**r["config"])
+        TABLE[(r["kind"], int(r["m_bucket"]), int(r["n"]), int(r["k"]))] = cfg
+        n += 1
+    return n
+
+
+if os.environ.get("QUASAR_TRITON_TUNING"):
+    try:
+        load_table(os.environ["QUASAR_TRITON_TUNING"])
+    except Exception as e:  # a bad tuning file must not break the backend
+        import warnings
+        warnings.warn(f"QUASAR_TRITON_TUNING={os.environ['QUASAR_TRITON_TUNING']!r} not loaded: {e}")
+
+
+_SMS: dict = {}
+
+
+def sm_count(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda" or INTERPRETED:
+        return 8            # the interpreter: few, large programs run fastest
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
+
+
+def split_for(m: int, n: int, k: int, bn: int, device) -> int:
+    """SPLIT_K (a power of two <= 16) that gives >= 2 programs per SM while every split keeps
+    >= 2 K blocks of 256."""
+    kb = triton.cdiv(k, KBLOCK)
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, block_m(m))
+    target = 2 * sm_count(device)
+    split = 1
+    while tiles * split < target and kb // (split * 2) >= 2 and split < 16:
+        split *= 2
+    return split
+
+
+def heuristic(kind: str, m: int, n: int, k: int, device) -> GemmConfig:
+    bm = block_m(m)
+    if INTERPRETED or torch.device(device).type != "cuda":
+        return GemmConfig(bn=64, split_k=1, bk=256, num_warps=1, num_stages=1)
+    if m > 64:
+        return GemmConfig(bn=128, split_k=1, bk=128, num_warps=8 if bm == 64 else 4, num_stages=3)
+    bn = 128 if n >= 16384 else 64
+    bk = 256 if kind in ("w4a16", "w4a4") else 128
+    return GemmConfig(bn=bn, split_k=split_for(m, n, k, bn, device), bk=bk, num_warps=4,
+                      num_stages=4 if bk <= 128 else 3)
+
+
+def pick(kind: str, m: int, n: int, k: int, device, config: Optional[GemmConfig] = None) -> GemmConfig:
+    if config is not None:
+        return config
+    hit = TABLE.get((kind, m_bucket(m), n, k))
+    return hit if hit is not None else heuristic(kind, m, n, k, device)
+
+
+# ------------------------------------------------------------------ split-K tile counters
+
+_COUNTERS: dict = {}
+MAX_TILES = 1 << 16
+
+
+def counters(device) -> torch.Tensor:
+    """A zeroed int32 buffer per device: one arrival counter per output tile of a split-K GEMM.
+    Each launch leaves it zeroed again (the last program of a tile resets its counter), so it is
+    allocated once (at weight preparation, before any CUDA graph capture) and reused."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[key]

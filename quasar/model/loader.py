@@ -243,10 +243,15 @@ def build_from_source(hf: dict, src, path: Path, backend, dtype, max_seq_len, ve
     if a.tie_word_embeddings:
         src.used.add("lm_head.weight")
         head_w = embed
+    elif ckpt_scheme and ("lm_head.weight_scale" in src.files or "lm_head.weight_packed" in src.files):
+        # a checkpoint whose lm_head was quantized too: run it in the checkpoint's scheme
+        head_w = ct.load_linear(src, "lm_head", a.vocab_size, h, hf).to(dev)
+        head_scheme = ckpt_scheme
     else:
         head_w = src.get("lm_head.weight", (a.vocab_size, h)).to(dev)
     hcls = scheme_class(head_scheme)
-    lm_head = hcls(backend, hcls.quantize(head_w, verifier), None, dtype)
+    lm_head = hcls(backend, head_w if not isinstance(head_w, torch.Tensor) else hcls.quantize(head_w, verifier),
+                   None, dtype)
     if skip_layers:
         src.used.update(n for n in src.files if n.startswith("model.layers."))
     extra = src.unused()

@@ -46,6 +46,11 @@ class QuantizedWeight:
         w = (c * self.scale.to(c.dtype).view(n, g, 1)).view(n, k)
         return w.to(dtype)
 
+    def dense_f32(self) -> torch.Tensor:
+        """The fp32 dequantized matrix; cached when a backend prepared it once (the CPU does)."""
+        cached = self.__dict__.get("_dense")
+        return cached if cached is not None else self.dequantize(torch.float32)
+
     def to(self, device) -> "QuantizedWeight":
         return replace(self, codes=self.codes.to(device), scale=self.scale.to(device),
                        zero=None if self.zero is None else self.zero.to(device))
