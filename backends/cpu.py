@@ -24,9 +24,20 @@ def _dequantized_once(w):
     return w
 
 
+def _codes_as_f32(w):
+    """Integer-activation schemes: cache the codes as fp32 once (exact; see _int_gemm)."""
+    w = replace(w)
+    w._codes_f32 = w.codes.float()
+    return w
+
+
+_PREPARE = {"w8a16": _dequantized_once, "w4a16": _dequantized_once,
+            "w8a8-int8": _codes_as_f32, "w4a4": _codes_as_f32}
+
+
 def make_backend(device: str = "cpu") -> Backend:
     return Backend(
         name="cpu", device=torch.device(device), ops=dict(REFERENCE_OPS),
-        prepare={s: (_dequantized_once if s in ("w8a16", "w4a16") else _identity) for s in SCHEMES},
+        prepare={s: _PREPARE.get(s, _identity) for s in SCHEMES},
         schemes=SCHEMES,
         dtypes=(torch.float32, torch.bfloat16, torch.float16))

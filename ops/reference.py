@@ -103,11 +103,21 @@ def gemm_w4a16(x, w: QuantizedWeight, bias=None):
 
 
 def _int_gemm(a: QActivation, w: QuantizedWeight, bias) -> torch.Tensor:
-    # Exact int32 accumulation, then the per-token x per-channel rescale in fp32.
-    if a.q.device.type == "cpu":
-        acc = torch._int_mm(a.q, w.codes.T).float()
-    else:   # the definition on any device: float64 holds every int32 partial sum exactly
-        acc = (a.q.double() @ w.codes.double().T).float()
+    """Exact int32 accumulation, then the per-token x per-channel rescale in fp32.
+
+    Computed in fp32 over K-chunks small enough that every partial sum is an integer below 2^24
+    (exact in fp32), summed in fp64: the same integers an int32 accumulator holds."""
+    codes = w.__dict__.get("_codes_f32")
+    if codes is None:
+        codes = w.codes.float()
+    q = a.q.float()
+    k = q.shape[1]
+    bound = QMAX[a.qtype] + 1
+    chunk = max(1, (1 << 24) // (bound * 128))
+    if k <= chunk:
+        acc = q @ codes.T
+    else:
+        acc = sum((q[:, i:i + chunk] @ codes[:, i:i + chunk].T).double() for i in range(0, k, chunk)).float()
     return _finish(acc * a.scale * w.scale.view(1, -1).float(), bias, a.dtype)
 
 
