@@ -1,0 +1,180 @@
+"""The CUDA backend end to end. On the CPU it is built in interpreter mode (TRITON_INTERPRET=1:
+device cpu, the same Triton kernels run by Triton's interpreter), so the tiny models run through
+every CUDA code path: fp32 logits match transformers (bf16 scheme, rel <= 1e-4) and the CPU
+backend for the same quantized weights (rel <= 1e-3). A real-GPU test runs only where CUDA is.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"   # before anything imports triton
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from quasar import backends
+from quasar.config import VerifierConfig
+from quasar.errors import UnsupportedError
+from quasar.model.loader import build_model
+from quasar.ops import OPS
+from quasar.ops import reference as R
+from quasar.quant import rtn, set_mode
+from tiny import load_hf, make_tiny
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cuda_be():
+    from quasar.backends.cuda import make_backend
+    return make_backend(interpret=True)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def build(path, be, quant=None, max_seq_len=64, draft_scheme=None, **vkw):
+    m = build_model(Path(path), be, torch.float32, max_seq_len, VerifierConfig(quant=quant, **vkw),
+                    draft_scheme=draft_scheme)
+    m.new_cache(1)
+    return m
+
+
+def run_steps(model, ids, full_cache: bool = False):
+    """Prefill 9 (Triton attention: T <= 16), one decode, a verify chunk of 6, then prefill-sized
+    chunk of 18 (SDPA); kv_len = the chunk's end, or the whole cache (a fixed CUDA-graph grid)."""
+    out, t = [], 0
+    for size in (9, 1, 6, 18):
+        pos = torch.arange(t, t + size).view(1, -1)
+        kv = model.max_seq_len if full_cache else t + size
+        out.append(model(ids[:, t:t + size], pos, kv_len=kv)[0])
+        t += size
+    return torch.cat(out)
+
+
+def test_backend_declares_every_op_and_runs_on_the_cpu(cuda_be):
+    assert cuda_be.name == "cuda" and cuda_be.device == torch.device("cpu") and cuda_be.interpret
+    assert set(OPS) <= set(cuda_be.ops) and "synchronize" in cuda_be.ops
+    cuda_be.synchronize()
+    assert set(cuda_be.dtypes) == {torch.float32, torch.bfloat16, torch.float16}
+    assert {"bf16", "w8a8-int8", "w8a16", "w4a16", "w4a4"} <= set(cuda_be.schemes)
+
+
+def test_fp8_is_refused_with_a_clear_error(cuda_be):
+    assert "w8a8-fp8" not in cuda_be.schemes
+    with pytest.raises(UnsupportedError, match=r"w8a8-fp8.*(8\.9|_scaled_mm).*w8a8-int8"):
+        cuda_be.check_scheme("w8a8-fp8")
+    with pytest.raises(UnsupportedError, match="fp8"):
+        cuda_be.quantize_per_token(torch.randn(2, 32), "fp8")
+    with pytest.raises(UnsupportedError):
+        cuda_be.prepare["w8a8-fp8"](rtn.fp8_per_channel(torch.randn(16, 32)))
+
+
+def test_registry_builds_the_interpreter_backend():
+    backends.reset("cuda")
+    try:
+        be = backends.get("cuda")
+        assert be.name == "cuda" and be.device.type == "cpu"
+    finally:
+        backends.reset("cuda")
+
+
+def test_gemm_ops_take_tensors_or_prequantized_activations(cuda_be):
+    torch.manual_seed(0)
+    x = torch.randn(5, 256)
+    bias = torch.randn(48)
+    for scheme, qw, qtype in [
+        ("w8a8-int8", rtn.int8_per_channel(torch.randn(48, 256)), "int8"),
+        ("w4a4", rtn.int4(torch.randn(48, 256), -1, hadamard=True), "int4"),
+        ("w4a16", rtn.int4(torch.randn(48, 256), 64, symmetric=False, hadamard=True), None),
+        ("w8a16", rtn.int8_per_channel(torch.randn(48, 256)), None),
+    ]:
+        w = cuda_be.prepare_weight(scheme, qw)
+        ref = getattr(R, "gemm_" + scheme.replace("-", "_"))(x, qw, bias)
+        y = cuda_be.gemm(scheme, x, w, bias)
+        assert y.shape == (5, 48) and rel(y, ref) <= 1e-5, scheme
+        if qtype and not qw.hadamard:
+            a = cuda_be.rms_norm_quant(x, torch.ones(256), 1e-6, qtype)
+            y2 = cuda_be.gemm(scheme, a, w, bias)
+            assert torch.equal(y2, getattr(R, "gemm_" + scheme.replace("-", "_"))(a, qw, bias))
+            with pytest.raises(ValueError, match="quantized as"):
+                cuda_be.gemm(scheme, cuda_be.quantize_per_token(x, "int4" if qtype == "int8" else "int8"),
+                             w, bias)
+
+
+def test_w4a16_and_w4a4_share_one_packed_weight(cuda_be):
+    qw = rtn.int4(torch.randn(32, 256), -1)
+    a = cuda_be.prepare_weight("w4a16", qw)
+    b = cuda_be.prepare_weight("w4a4", qw)
+    assert a is b
+    assert cuda_be.prepare_weight("w8a16", rtn.int8_per_channel(torch.randn(8, 256))) is not a
+
+
+FAMILIES = [("qwen3", dict(head_dim=24)), ("pangu", {}), ("llama", dict(num_key_value_heads=1, tie=True))]
+
+
+@pytest.mark.parametrize("family,kw", FAMILIES, ids=[f for f, _ in FAMILIES])
+def test_bf16_scheme_matches_transformers(tiny_root, cuda_be, family, kw):
+    path = make_tiny(tiny_root, family, **kw)
+    ids = torch.randint(0, 256, (1, 34), generator=torch.Generator().manual_seed(1))
+    ref = load_hf(path)(ids).logits[0]
+    model = build(path, cuda_be)
+    assert rel(run_steps(model, ids), ref) <= 1e-4
+    model.new_cache(1)
+    assert rel(run_steps(model, ids, full_cache=True), ref) <= 1e-4
+
+
+QUANT = [
+    ("w8a8-int8", {}),
+    ("w4a16", dict(group_size=32, symmetric=True)),
+    ("w4a16", dict(group_size=32, symmetric=False)),
+    ("w4a4", dict(group_size=-1)),
+    ("w8a16", {}),
+]
+
+
+@pytest.mark.parametrize("quant,vkw", QUANT, ids=["w8a8-int8", "w4a16-g32-sym", "w4a16-g32-asym",
+                                                  "w4a4", "w8a16"])
+def test_quantized_schemes_match_the_cpu_backend(tiny_root, cuda_be, quant, vkw):
+    family = "qwen3" if quant != "w4a16" or vkw["symmetric"] else "pangu"
+    path = make_tiny(tiny_root, family)
+    ids = torch.randint(0, 256, (1, 34), generator=torch.Generator().manual_seed(2))
+    got = run_steps(build(path, cuda_be, quant, **vkw), ids, full_cache=True)
+    ref = run_steps(build(path, backends.get("cpu"), quant, **vkw), ids)
+    assert rel(got, ref) <= 1e-3
+
+
+def test_qspec_draft_and_verify_share_weights_and_match_cpu(tiny_root, cuda_be):
+    path = make_tiny(tiny_root, "qwen3")
+    kw = dict(group_size=-1, symmetric=True, hadamard=True)
+    mc = build(path, cuda_be, "w4a16", draft_scheme="w4a4", **kw)
+    mr = build(path, backends.get("cpu"), "w4a16", draft_scheme="w4a4", **kw)
+    lin = mc.layers[0].mlp.down_proj
+    assert lin.draft is not None and lin.draft.weight is lin.weight
+    ids = torch.randint(0, 256, (1, 34), generator=torch.Generator().manual_seed(3))
+    for mode in ("draft", "verify"):
+        set_mode(mc, mode)
+        set_mode(mr, mode)
+        mc.new_cache(1)
+        mr.new_cache(1)
+        assert rel(run_steps(mc, ids), run_steps(mr, ids)) <= 1e-3, mode
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+def test_on_a_real_gpu():
+    from quasar.backends.cuda import make_backend
+    be = make_backend("cuda", interpret=False)
+    assert be.device.type == "cuda" and not be.interpret
+    torch.manual_seed(0)
+    for m in (1, 6, 16):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        for scheme, qw in [("w8a8-int8", rtn.int8_per_channel(torch.randn(384, 512))),
+                           ("w4a16", rtn.int4(torch.randn(384, 512), 128, symmetric=False)),
+                           ("w4a4", rtn.int4(torch.randn(384, 512), -1)),
+                           ("w8a16", rtn.int8_per_channel(torch.randn(384, 512)))]:
+            qw = qw.to("cuda")
+            y = be.gemm(scheme, x, be.prepare_weight(scheme, qw), None)
+            ref = getattr(R, "gemm_" + scheme.replace("-", "_"))(x, qw, None)
+            assert rel(y, ref) <= 1e-2, (scheme, m)
+    be.synchronize()

@@ -1,0 +1,309 @@
+"""Every Triton kernel of the CUDA backend against the reference semantics (quasar.ops.reference),
+run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
+
+Fresh random inputs; row counts M in {1, 2, 5, 6, 16, 33}; K not a multiple of the kernels' block
+sizes; int4 groups 32 / 64 / 128 / per channel, symmetric and asymmetric; split-K on and off.
+Outputs are poisoned (NaN / sentinel codes) before each launch, so every element must be written.
+Tolerances: fp32 outputs rel <= 1e-5 (integer GEMMs: bit-exact), bf16 rel <= 5e-3 (about one
+rounding of the output), fp16 rel <= 1e-3. Quantization codes: identical, except for a +-1
+difference on exact ties of the reference's x / scale (fp32 summation order in the norm).
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"   # before anything imports triton
+
+import pytest
+import torch
+
+from quasar.ops import reference as R
+from quasar.ops.triton import kernels
+from quasar.quant import rtn
+from quasar.spec.kv_cache import KVCache
+
+KN = kernels(interpret=True)
+nq, g8, g4, attn, tuning = KN.norm_quant, KN.gemm_int8, KN.gemm_int4, KN.attention, KN.tuning
+GemmConfig = tuning.GemmConfig
+
+pytestmark = pytest.mark.slow
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 1e-3}
+DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed=0, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen(seed)) * scale).to(dtype)
+
+
+def poison_qs(m, k):
+    return (torch.full((m, k), -100, dtype=torch.int8), torch.full((m, 1), float("nan")))
+
+
+def assert_codes(act, ref, ref_values):
+    """act vs ref QActivation; ref_values: the float tensor the reference quantized."""
+    assert act.q.dtype == torch.int8 and act.q.shape == ref.q.shape
+    assert act.scale.shape == ref.scale.shape and act.dtype == ref.dtype and act.qtype == ref.qtype
+    assert not torch.isnan(act.scale).any()
+    assert rel(act.scale, ref.scale) <= 1e-6
+    diff = act.q.int() - ref.q.int()
+    bad = diff != 0
+    if bad.any():
+        v = ref_values.float() / ref.scale
+        tie = ((v - v.floor()) - 0.5).abs() < 1e-3
+        assert (diff.abs() <= 1).all(), "codes differ by more than one step"
+        assert tie[bad].all(), f"{int(bad.sum())} codes differ away from rounding ties"
+
+
+# ------------------------------------------------------------------ quantization, norm, silu
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_quantize_per_token(dtype, qtype):
+    for i, (m, k) in enumerate([(1, 200), (2, 200), (5, 1500), (6, 200), (16, 72), (33, 200)]):
+        x = randn(m, k, seed=i, dtype=dtype, scale=3.0)
+        if m == 5:
+            x[2] = 0                                   # a zero row: scale 1e-8, codes 0
+            x[3, 7] = 40.0                             # an outlier row
+        out = poison_qs(m, k)
+        a = nq.quantize_per_token(x, qtype, out=out)
+        ref = R.quantize_per_token(x, qtype)
+        assert a.q.data_ptr() == out[0].data_ptr()
+        assert torch.equal(a.q, ref.q) and torch.equal(a.scale, ref.scale)
+        assert a.dtype == dtype and a.qtype == qtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_rms_norm(dtype):
+    for i, (m, k) in enumerate([(1, 200), (6, 1500), (33, 64)]):
+        x = randn(m, k, seed=10 + i, dtype=dtype, scale=2.0)
+        w = (1 + 0.1 * randn(k, seed=20 + i)).to(dtype)
+        out = torch.full((m, k), float("nan"), dtype=dtype)
+        y = nq.rms_norm(x, w, 1e-6, out=out)
+        ref = R.rms_norm(x, w, 1e-6)
+        assert y.dtype == ref.dtype and not torch.isnan(y).any()
+        if dtype == torch.float32:
+            assert rel(y, ref) <= 1e-6
+        else:   # the fp32 math is identical up to the sum order: at most one ulp apart
+            assert rel(y, ref) <= TOL[dtype] / 4
+    # [B, T, H, D] views of a fused qkv tensor (q_norm / k_norm)
+    qkv = randn(2, 3, 7 * 16, seed=5, dtype=dtype)
+    q = qkv[..., :4 * 16].view(2, 3, 4, 16)
+    w = (1 + 0.1 * randn(16, seed=6)).to(dtype)
+    assert rel(nq.rms_norm(q, w, 1e-5), R.rms_norm(q, w, 1e-5)) <= TOL[dtype] / 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_rms_norm_quant_matches_unfused(dtype, qtype):
+    for i, m in enumerate([1, 2, 5, 6, 16, 33]):
+        k = 200 if m != 5 else 1500
+        x = randn(m, k, seed=30 + i, dtype=dtype, scale=2.0)
+        w = (1 + 0.1 * randn(k, seed=40 + i)).to(dtype)
+        a = nq.rms_norm_quant(x, w, 1e-6, qtype, out=poison_qs(m, k))
+        y = R.rms_norm(x, w, 1e-6)
+        assert_codes(a, R.quantize_per_token(y, qtype), y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_silu_mul(dtype):
+    for i, (m, i2) in enumerate([(1, 400), (6, 3000), (33, 128)]):
+        x = randn(m, i2, seed=50 + i, dtype=dtype, scale=2.0)
+        out = torch.full((m, i2 // 2), float("nan"), dtype=dtype)
+        y = nq.silu_mul(x, out=out)
+        ref = R.silu_mul(x)
+        assert not torch.isnan(y).any()
+        assert rel(y, ref) <= (1e-6 if dtype == torch.float32 else TOL[dtype] / 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_silu_mul_quant_matches_unfused(dtype, qtype):
+    for i, m in enumerate([1, 2, 5, 6, 16, 33]):
+        i2 = 400 if m != 6 else 3000
+        x = randn(m, i2, seed=60 + i, dtype=dtype, scale=2.0)
+        a = nq.silu_mul_quant(x, qtype, out=poison_qs(m, i2 // 2))
+        y = R.silu_mul(x)
+        assert_codes(a, R.quantize_per_token(y, qtype), y)
+
+
+# ------------------------------------------------------------------ GEMMs
+
+SPLIT = GemmConfig(bn=32, split_k=2, bk=64, num_warps=1, num_stages=1)
+ONE = GemmConfig(bn=64, split_k=1, bk=128, num_warps=1, num_stages=1)
+
+
+def _gemm_case(n, k, m, dtype, seed, bias=True):
+    x = randn(m, k, seed=seed, dtype=dtype)
+    b = randn(n, seed=seed + 1, dtype=dtype) if bias else None
+    return x, b
+
+
+def _poison(m, n, dtype):
+    return torch.full((m, n), float("nan"), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_gemm_w8a8_int8_is_exact(dtype):
+    n, k = 40, 200                               # K not a multiple of the 256 pad / the BK
+    qw = rtn.int8_per_channel(randn(n, k, seed=1))
+    w = g8.pack_int8(qw)
+    assert w.codes.shape == (n, 256) and (w.codes[:, k:] == 0).all()
+    for i, m in enumerate([1, 2, 5, 6, 16, 33]):
+        x, b = _gemm_case(n, k, m, dtype, 100 + i, bias=i % 2 == 0)
+        a = R.quantize_per_token(x, "int8")
+        ref = R.gemm_w8a8_int8(a, qw, b)
+        for cfg in (ONE, SPLIT):
+            y = g8.gemm_w8a8_int8(a, w, b, out=_poison(m, n, dtype), config=cfg)
+            assert y.dtype == dtype and torch.equal(y, ref), (m, cfg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_gemm_w8a16(dtype):
+    n, k = 40, 200
+    qw = rtn.int8_per_channel(randn(n, k, seed=2))
+    w = g8.pack_int8(qw)
+    for i, m in enumerate([1, 2, 5, 6, 16, 33]):
+        x, b = _gemm_case(n, k, m, dtype, 200 + i, bias=i % 2 == 1)
+        cfg = SPLIT if i % 2 else ONE
+        y = g8.gemm_w8a16(x, w, b, out=_poison(m, n, dtype), config=cfg)
+        assert not torch.isnan(y).any()
+        assert rel(y, R.gemm_w8a16(x, qw, b)) <= TOL[dtype], (m, cfg)
+
+
+W4_CASES = [(32, 320), (64, 320), (128, 384), (-1, 264)]   # (group, K): K % 256 != 0
+
+
+@pytest.mark.parametrize("group,k", W4_CASES, ids=[f"g{g}" for g, _ in W4_CASES])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_gemm_w4a16(group, k, sym):
+    n = 40
+    qw = rtn.int4(randn(n, k, seed=3), group, symmetric=sym)
+    w = g4.pack_int4(qw)
+    assert torch.equal(g4.unpack_int4(w), qw.codes)
+    ms = [1, 2, 5, 6, 16, 33]
+    for i, m in enumerate(ms):
+        dtype = DTYPES[i % 3]
+        x, b = _gemm_case(n, k, m, dtype, 300 + i, bias=i % 2 == 0)
+        cfg = SPLIT if i % 2 else ONE
+        y = g4.gemm_w4a16(x, w, b, out=_poison(m, n, dtype), config=cfg)
+        assert y.dtype == dtype and not torch.isnan(y).any()
+        assert rel(y, R.gemm_w4a16(x, qw, b)) <= TOL[dtype], (m, dtype, cfg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_gemm_w4a4_is_exact(dtype):
+    n, k = 40, 264
+    qw = rtn.int4(randn(n, k, seed=4), -1, symmetric=True)
+    w = g4.pack_int4(qw)
+    for i, m in enumerate([1, 2, 5, 6, 16, 33]):
+        x, b = _gemm_case(n, k, m, dtype, 400 + i, bias=i % 2 == 0)
+        a = R.quantize_per_token(x, "int4")
+        cfg = SPLIT if i % 2 else ONE
+        y = g4.gemm_w4a4(a, w, b, out=_poison(m, n, dtype), config=cfg)
+        assert torch.equal(y, R.gemm_w4a4(a, qw, b)), (m, cfg)
+
+
+def test_w4a4_refuses_grouped_weights():
+    from quasar.errors import UnsupportedError
+    qw = rtn.int4(randn(16, 256, seed=5), 128)
+    a = R.quantize_per_token(randn(1, 256, seed=6), "int4")
+    with pytest.raises(UnsupportedError, match="per-channel"):
+        g4.gemm_w4a4(a, g4.pack_int4(qw))
+
+
+def test_int4_group_size_must_be_a_multiple_of_32():
+    from quasar.errors import UnsupportedError
+    qw = rtn.int4(randn(16, 96, seed=7), 48)
+    with pytest.raises(UnsupportedError, match="multiple of 32"):
+        g4.pack_int4(qw)
+
+
+def test_prefill_sized_gemm_uses_m_tiles():
+    """M > 64 adds programs along M (each re-reads the weight tile)."""
+    n, k, m = 40, 320, 80
+    qw = rtn.int4(randn(n, k, seed=8), 64, symmetric=False)
+    x = randn(m, k, seed=9)
+    y = g4.gemm_w4a16(x, g4.pack_int4(qw), None, out=_poison(m, n, torch.float32))
+    assert rel(y, R.gemm_w4a16(x, qw, None)) <= 1e-5
+    qw8 = rtn.int8_per_channel(randn(n, k, seed=10))
+    a = R.quantize_per_token(x, "int8")
+    assert torch.equal(g8.gemm_w8a8_int8(a, g8.pack_int8(qw8)), R.gemm_w8a8_int8(a, qw8))
+
+
+def test_tuning_table_roundtrip(tmp_path):
+    import json
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"tuned": [{"kind": "w4a16", "m_bucket": 16, "n": 4096, "k": 4096,
+                                        "config": GemmConfig(bn=128, split_k=4).as_dict()}]}))
+    try:
+        assert tuning.load_table(str(p)) == 1
+        assert tuning.pick("w4a16", 9, 4096, 4096, "cpu") == GemmConfig(bn=128, split_k=4)
+    finally:
+        tuning.TABLE.clear()
+    assert tuning.block_m(1) == 16 and tuning.block_m(17) == 32 and tuning.block_m(64) == 64
+
+
+# ------------------------------------------------------------------ attention
+
+def _cache(b, hkv, s, d, dtype, seed):
+    c = KVCache(1, b, hkv, s, d, dtype, "cpu")
+    c.k.copy_(randn(*c.k.shape, seed=seed))
+    c.v.copy_(randn(*c.v.shape, seed=seed + 1))
+    return c
+
+
+ATT = [  # (B, T, H, Hkv, D, starts, kv_len ("chunk" = max pos + 1, "full" = S), splits, mask)
+    (1, 1, 4, 2, 16, [40], "chunk", 1, False),      # decode
+    (1, 1, 4, 2, 16, [40], "full", 3, False),       # decode, fixed grid over the whole cache
+    (2, 6, 8, 2, 24, [20, 33], "chunk", 1, False),  # verify chunk, GQA 4, head_dim 24
+    (2, 6, 8, 2, 24, [20, 33], "full", 2, False),
+    (1, 6, 4, 4, 16, [50], "full", 2, True),        # explicit (tree) mask
+    (1, 6, 4, 1, 32, [9], "chunk", 1, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("case", range(len(ATT)))
+def test_attention(case, dtype):
+    b, t, h, hkv, d, starts, kvl, ns, use_mask = ATT[case]
+    s = 72
+    cache = _cache(b, hkv, s, d, dtype, seed=case)
+    pos = torch.tensor(starts)[:, None] + torch.arange(t)[None, :]
+    # stale slots beyond each sequence's chunk (a rejected draft): large keys that would
+    # dominate the softmax if they were visible
+    for i, st in enumerate(starts):
+        cache.k[0, i, :, st + t:] = 30.0
+        cache.v[0, i, :, st + t:] = 1e3
+    kv_len = int(pos.max()) + 1 if kvl == "chunk" else s
+    mask = None
+    if use_mask:
+        mask = torch.rand(b, t, kv_len, generator=gen(case)) > 0.3
+        mask[..., 0] = True
+    q = randn(b, t, h, d, seed=100 + case, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    o = attn.attention(q, cache, 0, pos, kv_len, mask, num_splits=ns, out=out)
+    assert o.data_ptr() == out.data_ptr() and not torch.isnan(o).any()
+    # the reference in fp32 on the same (rounded) inputs isolates the kernel's own error
+    c32 = KVCache(1, b, hkv, s, d, torch.float32, "cpu")
+    c32.k.copy_(cache.k.float())
+    c32.v.copy_(cache.v.float())
+    ref = R.attention(q.float(), c32, 0, pos, kv_len, mask)
+    assert rel(o, ref) <= {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    # kv_len beyond the chunk changes nothing (positions decide what is visible)
+    if kvl == "chunk" and mask is None and dtype == torch.float32:
+        o2 = attn.attention(q, cache, 0, pos, s, None, num_splits=2)
+        assert rel(o2, o) <= 1e-6
+
+
+def test_attention_supports_and_limits():
+    cache = _cache(1, 2, 32, 16, torch.float32, seed=0)
+    assert attn.supports(torch.zeros(1, 16, 4, 16), cache)
+    assert not attn.supports(torch.zeros(1, 17, 4, 16), cache)       # prefill: SDPA
