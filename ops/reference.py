@@ -58,6 +58,23 @@ def silu_mul_quant(x: torch.Tensor, qtype: str) -> QActivation:
     return quantize_per_token(silu_mul(x), qtype)
 
 
+# ------------------------------------------------------------------ batch invariance
+#
+# A decode step (1 row) and a verify chunk (k+1 rows) must give each row bit-identical results,
+# or greedy speculative output drifts from greedy autoregressive output (int8 activation
+# rounding amplifies a last-bit difference). BLAS GEMMs and SDPA pick different kernels and
+# summation orders for different row counts, so chunks of up to INVARIANT_ROWS rows are computed
+# row by row through the very call a one-row step makes. Exact integer GEMMs need no care.
+
+INVARIANT_ROWS = 16
+
+
+def _by_row(fn, x: torch.Tensor) -> torch.Tensor:
+    if 1 < x.shape[0] <= INVARIANT_ROWS:
+        return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
+    return fn(x)
+
+
 # ------------------------------------------------------------------ GEMMs, one per scheme
 
 def _finish(acc: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -83,12 +100,13 @@ def _as_activation(x, qtype: str, w: QuantizedWeight) -> QActivation:
 
 def gemm_bf16(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Unquantized: w[N, K] in the model dtype."""
-    return F.linear(x, w, bias)
+    return _by_row(lambda r: F.linear(r, w, bias), x)
 
 
 def _weight_only(x: torch.Tensor, w: QuantizedWeight, bias) -> torch.Tensor:
     x = _rotate(x, w)
-    acc = x.float() @ w.dense_f32().T
+    dense = w.dense_f32()
+    acc = _by_row(lambda r: r.float() @ dense.T, x)
     return _finish(acc, bias, x.dtype)
 
 
@@ -134,7 +152,8 @@ def gemm_w4a4(x, w: QuantizedWeight, bias=None):
 def gemm_w8a8_fp8(x, w: QuantizedWeight, bias=None):
     """e4m3 per-channel weights x per-token dynamic e4m3 activations, fp32 accumulation."""
     a = _as_activation(x, "fp8", w)
-    acc = a.q.float() @ w.codes.float().T
+    codes = w.codes.float()
+    acc = _by_row(lambda r: r.float() @ codes.T, a.q)
     return _finish(acc * a.scale * w.scale.view(1, -1).float(), bias, a.dtype)
 
 
@@ -148,16 +167,31 @@ def kv_write(cache, layer: int, k: torch.Tensor, v: torch.Tensor, positions: tor
 
 def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_len: int,
               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    bsz, t, heads, d = q.shape
+    kv_heads = cache.k[layer].shape[1]
+    if t <= INVARIANT_ROWS:
+        # each query row exactly as a one-token decode at its position would compute it
+        out = torch.empty_like(q)
+        pos = positions.tolist()
+        for b in range(bsz):
+            for i in range(t):
+                n = min(pos[b][i] + 1, kv_len)
+                k = cache.k[layer][b:b + 1, :, :n].to(q.dtype)
+                v = cache.v[layer][b:b + 1, :, :n].to(q.dtype)
+                m = None if mask is None else mask[b:b + 1, i:i + 1, :n][:, None]
+                o = F.scaled_dot_product_attention(q[b:b + 1, i:i + 1].transpose(1, 2), k, v, attn_mask=m,
+                                                   scale=d ** -0.5, enable_gqa=heads != kv_heads)
+                out[b, i] = o[0, :, 0]
+        return out
     k = cache.k[layer][:, :, :kv_len]
     v = cache.v[layer][:, :, :kv_len]
-    heads, kv_heads = q.shape[2], k.shape[1]
     slots = torch.arange(kv_len, device=q.device)
     allow = slots[None, None, :] <= positions[:, :, None]          # [B, T, kv_len]
     if mask is not None:
         allow = allow & mask
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=allow[:, None],
-        scale=q.shape[-1] ** -0.5, enable_gqa=heads != kv_heads)
+        scale=d ** -0.5, enable_gqa=heads != kv_heads)
     return out.transpose(1, 2)
 
 
