@@ -14,7 +14,11 @@ import torch
 from quasar.quant import set_mode
 
 
-class GraphRunner:
+class StaticStepRunner:
+    """Static input buffers and a whole-cache attention (kv_len = max_seq_len, visibility from
+    `positions`): everything a captured graph does, run eagerly. It is the CPU twin of the graph
+    runner in tests, and its base class."""
+
     def __init__(self, model, chunk_lengths, modes=("verify",)):
         self.model = model
         dev = model.device
@@ -22,10 +26,28 @@ class GraphRunner:
         self.ids = torch.zeros(1, t_max, dtype=torch.int64, device=dev)
         # warm-up/capture positions: the last slots of the cache, distinct per token
         self.pos = torch.arange(model.max_seq_len - t_max, model.max_seq_len, device=dev).view(1, -1)
+        self.lengths = sorted(set(chunk_lengths), reverse=True)
+        self.modes = tuple(modes)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mode: str = "verify") -> torch.Tensor:
+        t = input_ids.shape[1]
+        if mode not in self.modes or t not in self.lengths:
+            raise RuntimeError(f"no step prepared for mode={mode!r}, T={t}")
+        self.ids[:, :t].copy_(input_ids)
+        self.pos[:, :t].copy_(positions)
+        m = self.model
+        if m.mode != mode:
+            set_mode(m, mode)
+        return m.forward(self.ids[:, :t], self.pos[:, :t], kv_len=m.max_seq_len)
+
+
+class GraphRunner(StaticStepRunner):
+    def __init__(self, model, chunk_lengths, modes=("verify",)):
+        super().__init__(model, chunk_lengths, modes)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict = {}
         for mode in modes:
-            for t in sorted(set(chunk_lengths), reverse=True):
+            for t in self.lengths:
                 self._capture(mode, t)
         set_mode(model, "verify")
 
