@@ -86,7 +86,8 @@ def compare(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, floa
 
 def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = "auto",
         dtype: str = "auto", n_tokens: int = 32, chat: bool = True, max_seq_len: int = 2048,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, own_greedy: bool = True) -> list[dict]:
+    """own_greedy=False skips each variant's own generation (no greedy-token agreement)."""
     from tqdm.auto import tqdm
     dev = backends.resolve_device(device)
     be = backends.get(dev)
@@ -135,6 +136,8 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
             lg = teacher_forced_logits(m, p + cont[:-1], len(p) - 1).float().cpu()
             a, b = compare(rl, lg)
             kl, top1, n = kl + a, top1 + b, n + rl.shape[0]
+            if not own_greedy:
+                continue
             own = greedy(m, p, n_tokens, eos)
             L = min(len(own), len(cont))
             eq = [own[i] == cont[i] for i in range(L)]
@@ -142,7 +145,8 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
             total += max(len(own), len(cont))
             prefix += next((i for i, e in enumerate(eq) if not e), L)
         rows.append({"variant": v.name, "scheme": m.scheme, "kl": kl / n, "top1": top1 / n,
-                     "greedy_agreement": same / total, "greedy_prefix": prefix / len(seqs),
+                     "greedy_agreement": same / total if total else None,
+                     "greedy_prefix": prefix / len(seqs) if own_greedy else None,
                      "positions": int(n), "prompts": len(seqs)})
         del m
     return rows
@@ -153,8 +157,9 @@ def markdown(rows: list[dict], title: str) -> str:
              "| verifier | KL(p_ref ‖ p) | top-1 agreement | greedy-token agreement | mean common prefix |",
              "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
-                     f"{100 * r['greedy_agreement']:.1f}% | {r['greedy_prefix']:.1f} |")
+        g = "–" if r["greedy_agreement"] is None else f"{100 * r['greedy_agreement']:.1f}%"
+        p = "–" if r["greedy_prefix"] is None else f"{r['greedy_prefix']:.1f}"
+        lines.append(f"| {r['variant']} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | {g} | {p} |")
     return "\n".join(lines)
 
 

@@ -190,9 +190,9 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                 lo = ((t & 0xFFFF) - 8).to(tl.int8)
                 hi = ((t >> 16) - 8).to(tl.int8)
                 acc = tl.dot(lo, _xplane(x_ptr, offs_m, m_mask, kb0 + 32 * q, offs_w, K,
-                                         stride_xm, stride_xk, False), acc)
+                                         stride_xm, stride_xk, False), acc, out_dtype=tl.int32)
                 acc = tl.dot(hi, _xplane(x_ptr, offs_m, m_mask, kb0 + 32 * (q + 4), offs_w, K,
-                                         stride_xm, stride_xk, False), acc)
+                                         stride_xm, stride_xk, False), acc, out_dtype=tl.int32)
         else:
             if PPG >= 4:
                 # planes 0..3 lie in one group, planes 4..7 in one group (the same when PPG == 8)

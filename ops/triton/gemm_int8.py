@@ -92,7 +92,7 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
         xt = tl.load(x_tile + k0 * stride_xk, mask=((k0 + offs_k) < K)[:, None] & m_mask[None, :],
                      other=0)
         if ACT_INT8:
-            acc = tl.dot(w, xt, acc)
+            acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
         else:
             if F32DOT:
                 acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
