@@ -131,6 +131,7 @@ def time_step(model, backend, t: int, ctx: int, mode: str, iters: int) -> float:
 
 # ------------------------------------------------------------------ step
 
+QSPEC_K = 3          # QSpec drafts fewer tokens (its configs use k = 3)
 STEP_CASES = [  # (label, scheme, draft scheme, T as a function of k, mode)
     ("decode bf16 (T=1)", "bf16", None, lambda k: 1, "verify"),
     ("verify bf16", "bf16", None, lambda k: k + 1, "verify"),
@@ -138,7 +139,7 @@ STEP_CASES = [  # (label, scheme, draft scheme, T as a function of k, mode)
     ("verify w8a8-fp8", "w8a8-fp8", None, lambda k: k + 1, "verify"),
     ("verify w4a16 g128", "w4a16", None, lambda k: k + 1, "verify"),
     ("QSpec draft w4a4 (T=1)", "w4a16", "w4a4", lambda k: 1, "draft"),
-    ("QSpec verify w4a16 per-channel", "w4a16", "w4a4", lambda k: k + 1, "verify"),
+    ("QSpec verify w4a16 per-channel (k=3)", "w4a16", "w4a4", lambda k: QSPEC_K + 1, "verify"),
 ]
 
 
@@ -177,6 +178,7 @@ def step_bench(a, backend, dtype) -> dict:
                 del m
             except QuasarError as e:
                 rows.append({"shape": shape, "case": label, "error": str(e)})
+            _partial(a, "step", rows)
             if backend.name == "cuda":
                 torch.cuda.empty_cache()
     return {"copy_bandwidth_GBs": bw / 1e9, "k": k, "rows": rows}
@@ -212,6 +214,12 @@ def step_markdown(res: dict) -> str:
 
 
 # ------------------------------------------------------------------ e2e
+
+def _partial(a, key, value):
+    """Save what is measured so far (a run cut off by a time limit keeps its rows)."""
+    f = a.out / f"{key}_partial.json"
+    f.write_text(json.dumps(value, indent=2, default=str))
+
 
 def e2e_bench(a, backend, dtype) -> dict:
     from tqdm.auto import tqdm
@@ -267,10 +275,13 @@ def e2e_bench(a, backend, dtype) -> dict:
                      "tau": tot["decode_tokens"] / max(tot["steps"], 1), "new_tokens": tot["new"],
                      "draft_ms_per_step": 1e3 * tot["draft_s"] / max(tot["steps"], 1),
                      "tau_per_task": {k: v[0] / max(v[1], 1) for k, v in per_task.items()}})
+        _partial(a, "e2e", rows)
+        print(f"  {name}: {rows[-1]['tok_s']:.1f} tok/s, tau {rows[-1]['tau']:.2f}", flush=True)
         del llm
         if backend.name == "cuda":
             torch.cuda.empty_cache()
-    peers = [] if a.no_peers else _peers(model_name, prompts, n_new, backend, dtype, a.smoke)
+    peers = [] if a.no_peers else _peers(model_name, prompts, n_new, backend, dtype, a.smoke,
+                                         lambda r: (_partial(a, "e2e", rows + r)))
     rows += peers
     base = next((r for r in rows if r["config"] == "AR bf16"), None)
     pl = next((r for r in rows if r["config"].startswith("transformers prompt-lookup")), None)
@@ -286,7 +297,7 @@ def e2e_bench(a, backend, dtype) -> dict:
             "rows": rows, "greedy_identical_ngram_vs_ar_bf16": agree}
 
 
-def _peers(model_name, prompts, n_new, backend, dtype, smoke) -> list[dict]:
+def _peers(model_name, prompts, n_new, backend, dtype, smoke, save=lambda rows: None) -> list[dict]:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -316,6 +327,8 @@ def _peers(model_name, prompts, n_new, backend, dtype, smoke) -> list[dict]:
             total_s += time.perf_counter() - t0
             total_new += out.shape[1] - len(ids)
         rows.append({"config": label, "tok_s": total_new / total_s, "new_tokens": total_new, "peer": True})
+        save(rows)
+        print(f"  {label}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
     del hf
     return rows
 
@@ -360,9 +373,9 @@ def project(step: dict, e2e: dict, k: int) -> dict:
             entries.append(("ngram + bf16", r["tau"], t, "t_verify_bf16(T=k+1) + t_draft_ngram"))
         q = "QSpec (w4a4 -> w4a16)"
         if q in taus and (shape, "QSpec draft w4a4 (T=1)", ctx) in by:
-            kq = 3
-            t = kq * by[(shape, "QSpec draft w4a4 (T=1)", ctx)] + by[(shape, "QSpec verify w4a16 per-channel", ctx)]
-            entries.append((q, taus[q]["tau"], t, f"{kq} x t_draft_w4a4(T=1) + t_verify_w4a16(T=k+1)"))
+            kq = QSPEC_K
+            t = kq * by[(shape, "QSpec draft w4a4 (T=1)", ctx)] + by[(shape, "QSpec verify w4a16 per-channel (k=3)", ctx)]
+            entries.append((q, taus[q]["tau"], t, f"{kq} x t_draft_w4a4(T=1) + t_verify_w4a16(T={kq + 1})"))
         for name, tau, ms, formula in entries:
             out.append({"shape": shape, "ctx": ctx, "config": name, "tau": tau, "step_ms": ms,
                         "tok_s": 1e3 * tau / ms, "speedup_vs_ar_bf16": (tau / ms) / (1 / ar),
@@ -393,21 +406,23 @@ def plots(out: Path, results: dict) -> list[str]:
     made = []
     ops = results.get("ops")
     if ops and ops.get("gemm"):
-        rows = [r for r in ops["gemm"] if "us" in r]
-        for shape in sorted({(r["model"], r["layer"]) for r in rows}):
+        bw = ops["copy"]["GBps"] * 1e3          # bytes per microsecond
+        rows = [r for g in ops["gemm"].values() for r in g.get("rows", []) if r.get("us")]
+        for (n, k) in sorted({(r["n"], r["k"]) for r in rows}):
             fig, ax = plt.subplots(figsize=(6, 4))
             for scheme in sorted({r["scheme"] for r in rows}):
-                pts = sorted((r["M"], r["us"]) for r in rows if (r["model"], r["layer"]) == shape and r["scheme"] == scheme)
+                pts = sorted((r["m"], r["us"], (r["weight_bytes"] + r["act_bytes"]) / bw) for r in rows
+                             if (r["n"], r["k"]) == (n, k) and r["scheme"] == scheme)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=scheme)
-                    fl = sorted((r["M"], r["floor_us"]) for r in rows if (r["model"], r["layer"]) == shape
-                                and r["scheme"] == scheme)
-                    ax.plot([p[0] for p in fl], [p[1] for p in fl], ls="--", lw=0.8, color=ax.lines[-1].get_color())
+                    ax.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", lw=0.8,
+                            color=ax.lines[-1].get_color())
             ax.set_xlabel("M (rows)")
-            ax.set_ylabel("µs (dashed: byte floor)")
-            ax.set_title(f"{shape[0]} {shape[1]}")
+            ax.set_ylabel("µs (dashed: byte floor at the measured copy bandwidth)")
+            ax.set_title(f"GEMM N={n} K={k}")
+            ax.set_xscale("log", base=2)
             ax.legend(fontsize=7)
-            f = out / f"gemm_{shape[0]}_{shape[1]}.png"
+            f = out / f"gemm_{n}x{k}.png"
             fig.tight_layout()
             fig.savefig(f, dpi=110)
             plt.close(fig)
@@ -468,8 +483,9 @@ def main(a) -> int:
     print(f"# quasar speed benchmark — {results.get('gpu', dev)}, torch {torch.__version__}, {results['date']}\n")
     if "ops" in modes:
         from quasar import bench_ops
-        results["ops"] = bench_ops.run(backend, smoke=a.smoke)
-        print(bench_ops.markdown(results["ops"]) + "\n")
+        f = a.out / "bench_ops.json"
+        bench_ops.main(["--out", str(f)] + (["--smoke"] if a.smoke else []))
+        results["ops"] = json.loads(f.read_text())
     if "step" in modes:
         results["step"] = step_bench(a, backend, dtype)
         print("## step\n\n" + step_markdown(results["step"]) + "\n")

@@ -2,8 +2,9 @@
 """GPU micro-benchmark of the CUDA backend's kernels (written for an H100; random weights of the
 real shapes, labelled as such).
 
-    python tools/bench_ops.py --out bench_ops.json            # the full run (< ~6 min on an H100)
-    python tools/bench_ops.py --smoke --out /tmp/b.json       # CPU: interpreter, tiny shapes
+    python -m quasar.bench_ops --out bench_ops.json           # the full run (< ~6 min on an H100)
+    python -m quasar.bench_ops --smoke --out /tmp/b.json      # CPU: interpreter, tiny shapes
+    (also: python -m quasar.bench speed --mode ops)
 
 What it does
 - measures the device's copy bandwidth in the same run (a large D2D copy; bytes read + written);
@@ -358,7 +359,7 @@ def worker(args) -> int:
 def run_worker(name, args, budget) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tf:
         path = tf.name
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--result", path,
+    cmd = [sys.executable, "-m", "quasar.bench_ops", "--worker", name, "--result", path,
            "--budget", f"{budget:.1f}", "--ms", args.ms]
     if args.smoke:
         cmd.append("--smoke")
@@ -468,20 +469,6 @@ def report(data: dict, ms: list[int], smoke: bool) -> str:
     return "\n".join(lines)
 
 
-def _importable() -> None:
-    """quasar.backends / quasar.ops live in backends/ and ops/ (setup.py's package_dir); make them
-    importable from a plain checkout too (without `pip install -e .`)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        import quasar.backends  # noqa: F401
-        import quasar.ops  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, root)
-        import quasar
-        if root not in quasar.__path__:
-            quasar.__path__.append(root)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench_ops.json", help="JSON output path")
@@ -494,13 +481,12 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    _importable()
     if args.worker:
         return worker(args)
     if not args.smoke:
         import torch
         if not torch.cuda.is_available():
-            print("bench_ops.py needs a CUDA GPU (or --smoke for a CPU run under the Triton interpreter)")
+            print("the ops benchmark needs a CUDA GPU (or --smoke for a CPU run under the Triton interpreter)")
             return 2
     t0 = time.time()
     schemes = [s for s in args.schemes.split(",") if s]
