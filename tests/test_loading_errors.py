@@ -106,7 +106,11 @@ def test_sharded_checkpoint_loads_and_missing_shard_is_named(tiny_root, tmp_path
     got = load_quasar(d)
     ids = torch.arange(10).view(1, -1)
     pos = torch.arange(10).view(1, -1)
-    assert torch.equal(ref(ids, pos, 10), got(ids, pos, 10))
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert ref_sd.keys() == got_sd.keys()
+    assert all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
+    # same weights; the logits may differ in the last bit (BLAS picks kernels by alignment)
+    torch.testing.assert_close(ref(ids, pos, 10), got(ids, pos, 10), rtol=1e-5, atol=1e-5)
     (d / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors is listed .* does not exist"):
         load_quasar(d)
