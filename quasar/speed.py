@@ -93,8 +93,9 @@ def weight_bytes(model) -> int:
     """Bytes one step reads for the weights: every linear (codes + scales/zeros, or dense) once."""
     from quasar.quant import QuantLinear
     total = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
+    for name, m in model.named_modules():
+        # a QSpec draft linear (".draft") reads its verifier's codes: count them once
+        if isinstance(m, QuantLinear) and not name.endswith(".draft"):
             n, k = m.out_features, m.in_features
             if m.weight_bits == 16:
                 total += n * k * model.dtype.itemsize if hasattr(model.dtype, "itemsize") else n * k * 2

@@ -73,20 +73,26 @@ def test_cuda_graph_replay_gives_the_same_tokens_as_eager(tiny_root, quant, draf
                                       ("w4a16", {"group_size": 32, "symmetric": False}), ("w8a16", {}),
                                       ("w8a8-fp8", {}), ("w4a4", {"group_size": -1, "hadamard": True})])
 def test_gpu_schemes_match_the_cpu_reference(tiny_root, quant, kw):
+    """bf16 logits on the GPU vs the CPU reference of the same scheme in fp32 (the scheme's exact
+    math): no further from it than 2% or 1.5x the CPU reference's own bf16 error, whichever is
+    larger (FP8's 3-bit mantissa turns bf16 rounding differences into whole-code flips)."""
     if quant == "w8a8-fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs compute capability >= 8.9")
     path = make_tiny(tiny_root, "llama", seed=6, hidden_size=128, intermediate_size=256)
     g = build(path, "cuda", torch.bfloat16, quant, **kw)
     c = build(path, "cpu", torch.bfloat16, quant, **kw)
-    ids = torch.randint(0, 256, (1, 24))
+    t = build(path, "cpu", torch.float32, quant, **kw)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(24).view(1, -1)
+    d_ids, d_pos = ids[:, :1] * 0 + 7, torch.tensor([[24]])
+    lt, dt = t(ids, pos, 24), t(d_ids, d_pos, 25)
+    lc, dc = c(ids, pos, 24), c(d_ids, d_pos, 25)
     lg = g(ids.cuda(), pos.cuda(), 24).cpu()
-    lc = c(ids, pos, 24)
-    assert ((lg - lc).norm() / lc.norm()).item() < 2e-2
-    # decode and verify chunks through the Triton attention
-    d1 = g(ids[:, :1].cuda() * 0 + 7, torch.tensor([[24]]).cuda(), 25).cpu()
-    c1 = c(ids[:, :1] * 0 + 7, torch.tensor([[24]]), 25)
-    assert ((d1 - c1).norm() / c1.norm()).item() < 2e-2
+    dg = g(d_ids.cuda(), d_pos.cuda(), 25).cpu()      # decode through the Triton attention
+    for got, cpu, truth in ((lg, lc, lt), (dg, dc, dt)):
+        err = ((got.float() - truth).norm() / truth.norm()).item()
+        bound = max(2e-2, 1.5 * ((cpu.float() - truth).norm() / truth.norm()).item())
+        assert err <= bound, (quant, err, bound)
 
 
 @gpu

@@ -1,0 +1,31 @@
+"""The roofline floor's byte count (quasar.speed.weight_bytes): each linear's codes and scales once."""
+import torch
+
+from quasar import backends
+from quasar.config import VerifierConfig
+from quasar.model.loader import build_random_model
+from quasar.speed import SHAPES, weight_bytes
+
+
+def _linears(model):
+    a = model.args
+    per_layer = [((a.num_heads + 2 * a.num_kv_heads) * a.head_dim, a.hidden_size),
+                 (a.hidden_size, a.num_heads * a.head_dim),
+                 (2 * a.intermediate_size, a.hidden_size), (a.hidden_size, a.intermediate_size)]
+    return per_layer * a.num_layers
+
+
+def test_weight_bytes_count_each_linear_once():
+    be = backends.get("cpu")
+    hf = SHAPES["tiny"]
+    dense = build_random_model(hf, be, torch.bfloat16, 64, VerifierConfig(quant="bf16"))
+    w4 = build_random_model(hf, be, torch.bfloat16, 64, VerifierConfig(quant="w4a16", group_size=-1))
+    qspec = build_random_model(hf, be, torch.bfloat16, 64, VerifierConfig(quant="w4a16", group_size=-1),
+                               draft_scheme="w4a4")
+    a = dense.args
+    norms = (2 * a.num_layers + 1) * a.hidden_size * 2
+    head = a.vocab_size * a.hidden_size * 2
+    assert weight_bytes(dense) == sum(n * k * 2 for n, k in _linears(dense)) + head + norms
+    want4 = sum(n * k // 2 + 4 * n for n, k in _linears(w4)) + head + norms
+    assert weight_bytes(w4) == want4
+    assert weight_bytes(qspec) == want4     # the draft (w4a4) reads the same codes: not twice
