@@ -20,6 +20,7 @@ from quasar.model.loader import build_model
 from quasar.ops import OPS
 from quasar.ops import reference as R
 from quasar.quant import rtn, set_mode
+from quasar.quant.format import QActivation
 from tiny import load_hf, make_tiny
 
 pytestmark = pytest.mark.slow
@@ -165,29 +166,39 @@ def test_qspec_draft_and_verify_share_weights_and_match_cpu(tiny_root, cuda_be):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
 def test_on_a_real_gpu():
+    """The compiled kernels vs the reference on the GPU, split where exactness is possible:
+    activation quantization (scales equal, codes equal but for +-1 on rare rounding ties), the
+    integer GEMMs on the same quantized activation (bit-exact), weight-only GEMMs (rel <= 1e-2 in
+    bf16), FP8 (fp32-accumulated up to the tensor cores' accumulator precision)."""
     from quasar.backends.cuda import make_backend
     be = make_backend("cuda", interpret=False)
     assert be.device.type == "cuda" and not be.interpret
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    w8 = rtn.int8_per_channel(torch.randn(384, 512, generator=g)).to("cuda")
+    w4 = rtn.int4(torch.randn(384, 512, generator=g), -1).to("cuda")
+    w4g = rtn.int4(torch.randn(384, 512, generator=g), 128, symmetric=False).to("cuda")
     for m in (1, 6, 16):
-        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
-        for scheme, qw in [("w8a8-int8", rtn.int8_per_channel(torch.randn(384, 512))),
-                           ("w4a16", rtn.int4(torch.randn(384, 512), 128, symmetric=False)),
-                           ("w4a4", rtn.int4(torch.randn(384, 512), -1)),
-                           ("w8a16", rtn.int8_per_channel(torch.randn(384, 512)))]:
-            qw = qw.to("cuda")
+        x = torch.randn(m, 512, generator=g).to("cuda", torch.bfloat16)
+        for scheme, qw, qtype in (("w8a8-int8", w8, "int8"), ("w4a4", w4, "int4")):
+            # the reference on the CPU: torch's CUDA division by a scalar multiplies by the
+            # reciprocal (not IEEE x / y), the Triton kernels and the CPU divide exactly
+            got, w = be.quantize_per_token(x, qtype), R.quantize_per_token(x.cpu(), qtype)
+            want = QActivation(w.q.cuda(), w.scale.cuda(), qtype, w.dtype)
+            assert torch.equal(got.scale, want.scale), (qtype, m)
+            diff = (got.q.int() - want.q.int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (qtype, m)
+            y = be.gemm(scheme, want, be.prepare_weight(scheme, qw), None)
+            assert torch.equal(y, getattr(R, "gemm_" + scheme.replace("-", "_"))(want, qw, None)), (scheme, m)
+        for scheme, qw in (("w4a16", w4g), ("w8a16", w8)):
             y = be.gemm(scheme, x, be.prepare_weight(scheme, qw), None)
             ref = getattr(R, "gemm_" + scheme.replace("-", "_"))(x, qw, None)
             assert rel(y, ref) <= 1e-2, (scheme, m)
-        # prequantized activations: integer GEMMs are exact, FP8 accumulates in fp32
-        a8 = R.quantize_per_token(x, "int8")
-        qw = rtn.int8_per_channel(torch.randn(384, 512)).to("cuda")
-        y = be.gemm("w8a8-int8", a8, be.prepare_weight("w8a8-int8", qw), None)
-        assert torch.equal(y, R.gemm_w8a8_int8(a8, qw, None)), m
         if torch.cuda.get_device_capability() >= (8, 9):
-            qf = rtn.fp8_per_channel(torch.randn(384, 512)).to("cuda")
+            qf = rtn.fp8_per_channel(torch.randn(384, 512, generator=g)).to("cuda")
             af = R.quantize_per_token(x.float(), "fp8")
-            bias = torch.randn(384, device="cuda")
+            bias = torch.randn(384, generator=g).to("cuda")
             y = be.gemm("w8a8-fp8", af, be.prepare_weight("w8a8-fp8", qf), bias)
-            assert rel(y, R.gemm_w8a8_fp8(af, qf, bias)) <= 1e-5, m
+            # Hopper's FP8 tensor cores accumulate with fewer bits than fp32 (measured on an
+            # H100: rel 1.3e-4); an integer GEMM would be exact
+            assert rel(y, R.gemm_w8a8_fp8(af, qf, bias)) <= 5e-4, m
     be.synchronize()
