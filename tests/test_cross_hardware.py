@@ -10,7 +10,9 @@ Backends (the `be` fixture):
 
 Oracles, identical for every backend:
   1. fp32 logits == transformers' model classes (prefill, one-token decode, a k+1 verify chunk,
-     a long chunk; rel <= 1e-4) for qwen3, OpenPangu-Embedded and llama (tied, MQA);
+     a long chunk; rel <= 1e-4) for qwen3, OpenPangu-Embedded and llama (tied, MQA); bf16 logits
+     (where the fused kernels run) no further from the fp32 result than the CPU reference's own
+     bf16 rounding (1.5x + 5e-3);
   2. greedy n-gram speculation == greedy autoregressive output (bf16 scheme and W8A8 in fp32),
      with drafts accepted so the comparison could fail;
   3. each scheme's GEMM vs float64 dequantize-then-matmul (fp32, rel <= 1e-5; for activation-
@@ -102,6 +104,23 @@ def test_fp32_logits_match_transformers(be, tiny_root, family, kw):
         got.append(m(ids[:, t:t + size].to(m.device), pos, t + size)[0].cpu())
         t += size
     assert rel(torch.cat(got), want) <= 1e-4
+
+
+# bf16 is where the backends' fused kernels run (the npu backend's fused attention / quant / GEMM
+# ops take fp16/bf16 only, fp32 runs them composed): no further from the scheme's fp32 result than
+# the CPU reference's own bf16 rounding.
+@pytest.mark.parametrize("quant,kw", [(None, {}), ("w8a8-int8", {}), ("w4a16", dict(group_size=32))],
+                         ids=["bf16", "w8a8-int8", "w4a16-g32"])
+def test_bf16_kernels_no_worse_than_the_cpu_reference(be, tiny_root, quant, kw):
+    path = make_tiny(tiny_root, "qwen3", seed=5)
+    ids = torch.randint(0, 256, (1, 29), generator=torch.Generator().manual_seed(43))
+    pos = torch.arange(29).view(1, -1)
+    cpu = backends.get("cpu")
+    truth = build(path, cpu, quant, **kw)(ids, pos, 29)
+    cpu16 = build(path, cpu, quant, torch.bfloat16, **kw)(ids, pos, 29)
+    m = build(path, be, quant, torch.bfloat16, **kw)
+    got = m(ids.to(m.device), pos.to(m.device), 29)
+    assert rel(got, truth) <= 1.5 * rel(cpu16, truth) + 5e-3
 
 
 # ------------------------------------------------------------------ 2. speculative == autoregressive
