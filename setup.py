@@ -30,10 +30,10 @@ setup(
         "cuda": ["triton>=3.2"],
         "npu": ["torch-npu"],
         "quant": ["llmcompressor>=0.14", "compressed-tensors>=0.19"],
-        "gguf": ["gguf>=0.10"],
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],
         "plot": ["matplotlib>=3.8"],
         "dev": [
-            "pytest>=8", "scipy>=1.11", "gguf>=0.10", "triton>=3.2",
+            "pytest>=8", "scipy>=1.11", "gguf>=0.10", "accelerate>=1.0", "triton>=3.2",
             "llmcompressor>=0.14", "compressed-tensors>=0.19", "matplotlib>=3.8",
         ],
     },

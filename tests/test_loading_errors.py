@@ -125,3 +125,17 @@ def test_pangu_directory_loads_with_inv_freq_skipped(tiny_root):
     m = load_quasar(d)
     assert m.args.family == "pangu_embedded" and m.args.o_bias and m.args.qkv_bias
     assert m.layers[0].attn.o_proj.bias is not None
+
+
+@pytest.mark.parametrize("missing", ["gguf", "accelerate"])
+def test_gguf_conversion_names_a_missing_package(tmp_path, monkeypatch, missing):
+    """transformers needs both gguf and accelerate to read a GGUF: a clean install without one
+    gets a one-line error naming the package and the extra, not transformers' traceback."""
+    import sys
+
+    from quasar.model import gguf as qg
+    monkeypatch.setitem(sys.modules, missing, None)         # `import <missing>` -> ImportError
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match=rf"needs the {missing} package.*quasar\[gguf\]"):
+        qg.convert(f, tmp_path / "out")

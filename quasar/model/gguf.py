@@ -24,11 +24,12 @@ def _key(f: Path) -> str:
 def convert(gguf_file: Path, out_dir: Path, tokenizer_overrides: Optional[dict] = None) -> Path:
     """Dequantize a GGUF with transformers and write config.json + model.safetensors + tokenizer.
     Writes to a temporary directory first, so an interrupted conversion leaves no half cache."""
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise CheckpointError("reading GGUF files needs the gguf package: pip install 'quasar[gguf]' "
-                              "(or pip install gguf)") from None
+    for mod in ("gguf", "accelerate"):      # transformers needs both to load a GGUF
+        try:
+            __import__(mod)
+        except ImportError:
+            raise CheckpointError(f"reading GGUF files needs the {mod} package: pip install "
+                                  f"'quasar[gguf]' (or pip install gguf accelerate)") from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
