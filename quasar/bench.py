@@ -43,7 +43,10 @@ def select(recs: list[dict], per_task: int | None) -> list[dict]:
     return out
 
 
-def acceptance(configs: list[Path], prompts: list[dict], overrides: dict, progress: bool = True) -> dict:
+def acceptance(configs: list[Path], prompts: list[dict], overrides: dict, progress: bool = True,
+               out: Path | None = None) -> dict:
+    """tau per task for each config; with `out`, the JSON is rewritten after every config, so an
+    interrupted run keeps what it measured."""
     from tqdm.auto import tqdm
 
     from quasar import config as qcfg
@@ -83,6 +86,8 @@ def acceptance(configs: list[Path], prompts: list[dict], overrides: dict, progre
                               "drafter": cfg.drafter.method, "k": k, "device": llm.device,
                               "dtype": str(llm.dtype).replace("torch.", ""), "tasks": per}
         del llm
+        if out is not None:
+            out.write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -129,10 +134,17 @@ def main(argv=None) -> int:
             recs = select(read_prompts_file(a.prompts_file), a.per_category)
             ov = {"sampling.max_new_tokens": a.max_new_tokens, "device": a.device, "dtype": a.dtype,
                   "model": a.model}
-            res = acceptance(a.config, recs, ov)
+            out = a.out
+            if out is not None:
+                if out.is_dir() or not out.suffix:
+                    out.mkdir(parents=True, exist_ok=True)
+                    out = out / "acceptance.json"
+                else:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+            res = acceptance(a.config, recs, ov, out=out)
             print(acceptance_markdown(res))
-            if a.out:
-                a.out.write_text(json.dumps(res, indent=2))
+            if out is not None:
+                print(f"wrote {out}")
         else:
             return speed.main(a)
     except QuasarError as e:

@@ -36,3 +36,22 @@ def test_real_model_speculative_equals_autoregressive(ar_outputs, quant, extra, 
         assert out == ref
         taus.append(st.tau)
     assert max(taus) > 1.0      # drafts were accepted, so a wrong acceptance would show
+
+
+def test_acceptance_bench_writes_json_into_a_directory(smollm2_dir, tmp_path):
+    """`python -m quasar.bench acceptance --out DIR` writes DIR/acceptance.json (after every
+    config, so an interrupted run keeps its results), with tau per Spec-Bench task."""
+    import json
+    from pathlib import Path
+
+    from quasar.bench import main
+    root = Path(__file__).resolve().parents[1]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, (c, t) in
+                                 enumerate([("qa", "What is 2+2? Answer: 2+2 is"), ("rag", "Repeat: a b c a b c a b c")])))
+    rc = main(["acceptance", "--config", str(root / "configs/ngram-bf16-smollm2.yaml"), "--prompts-file",
+               str(prompts), "--max-new-tokens", "12", "--device", "cpu", "--out", str(tmp_path / "res")])
+    assert rc in (0, None)
+    res = json.loads((tmp_path / "res" / "acceptance.json").read_text())
+    tasks = res["ngram-bf16-smollm2"]["tasks"]
+    assert set(tasks) == {"qa", "rag", "all"} and tasks["all"]["prompts"] == 2 and tasks["all"]["tau"] >= 1.0
