@@ -15,7 +15,10 @@ that launch them:
 Interpreter mode. Whether `triton.jit` builds a compiled kernel or an interpreted one is decided
 when a kernel is decorated (TRITON_INTERPRET). `kernels(interpret)` returns the kernel package in
 the requested mode: the package itself when that is how it was imported, otherwise a private copy
-of it imported with TRITON_INTERPRET set accordingly (so one process can hold both).
+of it imported with TRITON_INTERPRET set accordingly. Caveat, seen with triton 3.6 on an H100:
+triton's own @jit helpers (tl.zeros, ...) are built in the mode of the environment when triton
+itself is imported, so on a GPU machine a process should use one mode only (the tests skip their
+interpreter twins there).
 """
 from __future__ import annotations
 
