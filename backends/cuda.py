@@ -1,7 +1,7 @@
 """CUDA backend: Triton kernels (quasar.ops.triton) for the quantized GEMMs, the fused
 norm / activation quantization and decode / verify attention; cuBLAS for bf16 linears;
-torch._scaled_mm for FP8 W8A8 (compute capability >= 8.9); torch for RoPE, the KV write and
-prefill attention (SDPA); CUDA graphs for the decode / draft / verify steps (make_runner ->
+torch._scaled_mm for FP8 W8A8 (compute capability >= 8.9); one Triton kernel for the q/k norms,
+RoPE and the KV-cache write (rope_kv_write); torch SDPA for prefill attention; CUDA graphs for the decode / draft / verify steps (make_runner ->
 quasar.backends.cuda_graphs.GraphRunner; the attention kernel reads the visible length from the
 positions tensor, so one capture with kv_len = the whole cache serves every context length).
 
@@ -139,6 +139,12 @@ def make_backend(device: str = "cuda", interpret: bool | None = None) -> Backend
             return R.quantize_per_token(nq.rms_norm(x, weight, eps), "fp8")
         return nq.rms_norm_quant(x, weight, eps, qtype)
 
+    def add_rms_norm(x, delta, weight, eps, qtype=None):
+        if qtype == "fp8":
+            y, s = nq.add_rms_norm(x, delta, weight, eps)
+            return rms_norm_quant(s, weight, eps, "fp8"), s
+        return nq.add_rms_norm(x, delta, weight, eps, qtype)
+
     def silu_mul(x):
         return nq.silu_mul(x)
 
@@ -236,11 +242,12 @@ def make_backend(device: str = "cuda", interpret: bool | None = None) -> Backend
         return Fp8Weight(codes.contiguous(), qw.scale.reshape(1, n).float().contiguous(), n, k, qw.hadamard)
 
     ops = {
-        "rms_norm": rms_norm, "rms_norm_quant": rms_norm_quant, "rope": R.rope,
+        "rms_norm": rms_norm, "rms_norm_quant": rms_norm_quant, "add_rms_norm": add_rms_norm, "rope": R.rope,
         "quantize_per_token": quantize_per_token, "silu_mul": silu_mul,
         "silu_mul_quant": silu_mul_quant, "gemm_bf16": gemm_bf16, "gemm_w8a8_int8": gemm_w8a8_int8,
         "gemm_w8a8_fp8": gemm_w8a8_fp8, "gemm_w8a16": gemm_w8a16, "gemm_w4a16": gemm_w4a16,
-        "gemm_w4a4": gemm_w4a4, "kv_write": R.kv_write, "attention": attention,
+        "gemm_w4a4": gemm_w4a4, "kv_write": R.kv_write, "rope_kv_write": kn.rope.rope_kv_write,
+        "attention": attention,
         "synchronize": synchronize,
     }
     prepare = {"bf16": prepare_dense, "w8a8-int8": int8_prep, "w8a16": int8_prep,

@@ -11,6 +11,7 @@ Kernels (argument conventions from the torch_npu API reference, Ascend/op-plugin
 | op | torch_npu | notes |
 |---|---|---|
 | rms_norm | ``npu_rms_norm(x, gamma, eps)[0]`` | returns (y, rstd) |
+| add_rms_norm | composed: x + delta, then rms_norm / rms_norm_quant | torch_npu's ``npu_add_rms_norm`` is not used yet |
 | rope | ``npu_rotary_mul(x, cos, sin)`` | x BSND [B, T, H, D], cos/sin BS1D, rotate-half |
 | silu_mul | ``npu_swiglu(x, dim=-1)`` | swish(first half) * second half: gate first |
 | quantize_per_token int8 | ``npu_dynamic_quant(x)`` | (int8, fp32 per-row scale) |
@@ -19,6 +20,7 @@ Kernels (argument conventions from the torch_npu API reference, Ascend/op-plugin
 | gemm_w4a16 | ``npu_weight_quant_batchmatmul(x, int4pack[K, N/8], scale[G, N], -zero[G, N], antiquant_group_size=g)`` | (w + offset) * scale |
 | attention | ``npu_fused_infer_attention_score(q, k, v, input_layout="BNSD", atten_mask=bool, ...)`` | True = masked |
 | kv_write | plain torch index_put on the static BNSD cache | |
+| rope_kv_write | composed: rms_norm (q/k norms), rope, kv_write above | torch_npu's fused ``npu_kv_rmsnorm_rope_cache`` is not used yet |
 
 Weights are prepared once (``prepare_weight``): int8 codes transposed to [K, N]; int4 codes
 transposed to [K, N] int32 and packed with ``npu_convert_weight_to_int4pack`` (8 nibbles per
@@ -116,9 +118,11 @@ def make_backend() -> Backend:
     k = _NpuOps(tnpu, device)
     ops = {
         "rms_norm": k.rms_norm, "rms_norm_quant": k.rms_norm_quant, "rope": k.rope,
+        "add_rms_norm": ref.add_rms_norm_with(k.rms_norm, k.rms_norm_quant),
         "quantize_per_token": k.quantize_per_token, "silu_mul": k.silu_mul, "silu_mul_quant": k.silu_mul_quant,
         "gemm_bf16": k.gemm_bf16, "gemm_w8a8_int8": k.gemm_w8a8_int8, "gemm_w8a16": k.gemm_w8a16,
         "gemm_w4a16": k.gemm_w4a16, "kv_write": k.kv_write, "attention": k.attention,
+        "rope_kv_write": ref.rope_kv_write_with(k.rms_norm, k.rope, k.kv_write),
         "synchronize": k.synchronize,
     }
     prepare = {"bf16": _identity, "w8a8-int8": k.prepare_int8, "w8a16": k.prepare_int8,

@@ -36,6 +36,8 @@ _op("rms_norm", "(x[..., K], weight[K], eps: float) -> y[..., K] (x.dtype)",
     "y = weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)  (transformers' RMSNorm)")
 _op("rms_norm_quant", "(x[M, K], weight[K], eps, qtype) -> QActivation",
     "quantize_per_token(rms_norm(x, weight, eps), qtype): the fused norm + activation quantization")
+_op("add_rms_norm", "(x[M, K], delta[M, K], weight[K], eps, qtype | None) -> (y[M, K] | QActivation, s[M, K])",
+    "s = x + delta (the residual add, in x's dtype); y = rms_norm(s) or rms_norm_quant(s, qtype)")
 _op("rope", "(x[B, T, H, D], cos[B, T, D], sin[B, T, D]) -> x'[B, T, H, D]",
     "rotate-half RoPE: x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x[D/2:], x[:D/2])")
 _op("quantize_per_token", "(x[M, K], qtype: 'int8'|'int4'|'fp8') -> QActivation(q[M, K], scale[M, 1] f32)",
@@ -48,6 +50,11 @@ for _s in ("bf16", "w8a8_int8", "w8a8_fp8", "w8a16", "w4a16", "w4a4"):
         f"y = x @ dequant(w).T + bias for scheme {_s}; see quasar.quant.{_s} for the exact arithmetic")
 _op("kv_write", "(cache: KVCache, layer: int, k[B, T, Hkv, D], v[B, T, Hkv, D], positions[B, T]) -> None",
     "cache slots positions[b, t] of sequence b take k[b, t], v[b, t]")
+_op("rope_kv_write", "(qkv[B, T, (H + 2 Hkv) D], q_norm[D] | None, k_norm[D] | None, eps, cos[S, D] f32, "
+    "sin[S, D] f32, positions[B, T], cache: KVCache, layer: int) -> q[B, T, H, D]",
+    "the attention prologue: q, k, v = split(qkv); q, k = rms_norm per head (when the norms are given); "
+    "q, k = rope(., cos[positions], sin[positions]) (tables rounded to the rope dtype); "
+    "kv_write(cache, layer, k, v, positions); returns q")
 _op("attention", "(q[B, T, H, D], cache: KVCache, layer: int, positions[B, T], kv_len: int, "
     "mask[B, T, kv_len] bool | None) -> o[B, T, H, D]",
     "softmax(q k^T * D^-0.5) v over cache slots [0, kv_len) where slot j is visible to query (b, i) "

@@ -58,6 +58,18 @@ def silu_mul_quant(x: torch.Tensor, qtype: str) -> QActivation:
     return quantize_per_token(silu_mul(x), qtype)
 
 
+def add_rms_norm_with(rms_norm_fn, rms_norm_quant_fn):
+    """add_rms_norm composed of a backend's own rms_norm / rms_norm_quant ops."""
+    def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                     qtype: Optional[str] = None):
+        s = x + delta
+        return (rms_norm_quant_fn(s, weight, eps, qtype) if qtype else rms_norm_fn(s, weight, eps)), s
+    return add_rms_norm
+
+
+add_rms_norm = add_rms_norm_with(rms_norm, rms_norm_quant)
+
+
 # ------------------------------------------------------------------ batch invariance
 #
 # A decode step (1 row) and a verify chunk (k+1 rows) must give each row bit-identical results,
@@ -165,6 +177,29 @@ def kv_write(cache, layer: int, k: torch.Tensor, v: torch.Tensor, positions: tor
     cache.v[layer][b, :, positions] = v.to(cache.dtype)
 
 
+def rope_kv_write_with(rms_norm_fn, rope_fn, kv_write_fn):
+    """rope_kv_write composed of a backend's own rms_norm, rope and kv_write ops."""
+    def rope_kv_write(qkv: torch.Tensor, q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
+                      eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                      cache, layer: int) -> torch.Tensor:
+        bsz, t, width = qkv.shape
+        hkv, d = cache.k.shape[2], cache.k.shape[-1]
+        h = width // d - 2 * hkv
+        q, k, v = qkv.view(bsz, t, h + 2 * hkv, d).split([h, hkv, hkv], dim=2)
+        if q_norm is not None:
+            q = rms_norm_fn(q, q_norm, eps)
+        if k_norm is not None:
+            k = rms_norm_fn(k, k_norm, eps)
+        c, s = cos[positions].to(q.dtype), sin[positions].to(q.dtype)
+        q, k = rope_fn(q, c, s), rope_fn(k, c, s)
+        kv_write_fn(cache, layer, k, v, positions)
+        return q
+    return rope_kv_write
+
+
+rope_kv_write = rope_kv_write_with(rms_norm, rope, kv_write)
+
+
 def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_len: int,
               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     bsz, t, heads, d = q.shape
@@ -196,9 +231,9 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
 
 
 REFERENCE_OPS = {
-    "rms_norm": rms_norm, "rms_norm_quant": rms_norm_quant, "rope": rope,
+    "rms_norm": rms_norm, "rms_norm_quant": rms_norm_quant, "add_rms_norm": add_rms_norm, "rope": rope,
     "quantize_per_token": quantize_per_token, "silu_mul": silu_mul, "silu_mul_quant": silu_mul_quant,
     "gemm_bf16": gemm_bf16, "gemm_w8a8_int8": gemm_w8a8_int8, "gemm_w8a8_fp8": gemm_w8a8_fp8,
     "gemm_w8a16": gemm_w8a16, "gemm_w4a16": gemm_w4a16, "gemm_w4a4": gemm_w4a4,
-    "kv_write": kv_write, "attention": attention,
+    "kv_write": kv_write, "rope_kv_write": rope_kv_write, "attention": attention,
 }

@@ -27,6 +27,7 @@ from quasar.spec.kv_cache import KVCache
 
 KN = kernels(interpret=True)
 nq, g8, g4, attn, tuning = KN.norm_quant, KN.gemm_int8, KN.gemm_int4, KN.attention, KN.tuning
+rope = KN.rope
 GemmConfig = tuning.GemmConfig
 
 pytestmark = pytest.mark.slow
@@ -115,6 +116,27 @@ def test_rms_norm_quant_matches_unfused(dtype, qtype):
         a = nq.rms_norm_quant(x, w, 1e-6, qtype, out=poison_qs(m, k))
         y = R.rms_norm(x, w, 1e-6)
         assert_codes(a, R.quantize_per_token(y, qtype), y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("qtype", [None, "int8", "int4"])
+def test_add_rms_norm(dtype, qtype):
+    """The residual add fused into the norm: the sum is exactly torch's x + delta, the norm (and
+    its codes) as the unfused reference on that sum; rows longer than one block (K = 1500 under
+    the interpreter's 1024 cap) take the multi-pass path."""
+    for i, (m, k) in enumerate([(1, 200), (6, 1500), (33, 64)]):
+        x = randn(m, k, seed=50 + i, dtype=dtype, scale=2.0)
+        d = randn(m, k, seed=60 + i, dtype=dtype, scale=0.7)
+        w = (1 + 0.1 * randn(k, seed=70 + i)).to(dtype)
+        y, s = nq.add_rms_norm(x, d, w, 1e-6, qtype)
+        yr, sr = R.add_rms_norm(x, d, w, 1e-6, qtype)
+        assert s.dtype == dtype and torch.equal(s, x + d) and torch.equal(s, sr)
+        if qtype is None:
+            assert y.dtype == yr.dtype and rel(y, yr) <= (1e-6 if dtype == torch.float32 else TOL[dtype] / 4)
+        else:
+            assert_codes(y, yr, R.rms_norm(sr, w, 1e-6))
+    with pytest.raises(ValueError, match="delta"):
+        nq.add_rms_norm(x, d[:1], w, 1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
@@ -254,6 +276,68 @@ def test_tuning_table_roundtrip(tmp_path):
     finally:
         tuning.TABLE.clear()
     assert tuning.block_m(1) == 16 and tuning.block_m(17) == 32 and tuning.block_m(64) == 64
+
+
+# ------------------------------------------------------------------ rope + kv write
+
+ROPE = [  # (B, T, H, Hkv, D, starts, norms)
+    (1, 1, 4, 2, 16, [40], False),      # decode, no q/k norm (Llama, Pangu)
+    (1, 1, 4, 2, 64, [7], True),        # decode with q/k norm (Qwen3)
+    (2, 6, 8, 2, 24, [20, 33], True),   # verify chunk, GQA 4, head_dim 24 (not a power of two)
+    (2, 6, 6, 6, 32, [0, 50], False),   # MHA, a sequence starting at 0
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("case", range(len(ROPE)))
+def test_rope_kv_write(case, dtype):
+    from quasar.model.args import ModelArgs
+    from quasar.model.decoder import rope_table
+    b, t, h, hkv, d, starts, norms = ROPE[case]
+    s = 72
+    args = ModelArgs(family="qwen3", vocab_size=8, hidden_size=h * d, intermediate_size=8,
+                     num_layers=2, num_heads=h, num_kv_heads=hkv, head_dim=d, rope_theta=1e6,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False)
+    cos, sin = rope_table(args, s, "cpu")
+    qkv = randn(b, t, (h + 2 * hkv) * d, seed=case, dtype=dtype, scale=3.0)
+    qn = (1 + randn(d, seed=10 + case, scale=0.3)).to(dtype) if norms else None
+    kn = (1 + randn(d, seed=20 + case, scale=0.3)).to(dtype) if norms else None
+    pos = torch.tensor(starts)[:, None] + torch.arange(t)[None, :]
+    got, want = _cache(b, hkv, s, d, dtype, seed=case), _cache(b, hkv, s, d, dtype, seed=case)
+    got.k = torch.cat([got.k, got.k.clone()]); got.v = torch.cat([got.v, got.v.clone()])   # 2 layers
+    want.k = torch.cat([want.k, want.k.clone()]); want.v = torch.cat([want.v, want.v.clone()])
+    q = rope.rope_kv_write(qkv, qn, kn, 1e-6, cos, sin, pos, got, 1)
+    qr = R.rope_kv_write(qkv, qn, kn, 1e-6, cos, sin, pos, want, 1)
+    assert q.shape == (b, t, h, d) and q.dtype == qr.dtype == dtype
+    assert torch.equal(got.k[0], want.k[0]) and torch.equal(got.v[0], want.v[0])   # layer 0 untouched
+    assert torch.equal(got.v, want.v)                                               # v: a plain copy
+    written = torch.zeros(b, s, dtype=torch.bool)
+    for i in range(b):
+        written[i, pos[i]] = True
+    untouched = ~written[:, None, :, None].expand_as(got.k[1])
+    assert torch.equal(got.k[1][untouched], want.k[1][untouched])
+    if norms:   # the mean of squares is summed in another order: last-bit differences only
+        assert rel(q, qr) <= TOL[dtype] and rel(got.k[1], want.k[1]) <= TOL[dtype]
+    else:       # same operations, same roundings: bit-exact
+        assert torch.equal(q, qr) and torch.equal(got.k[1], want.k[1])
+    # and the reference is the unfused model code: norms, rope on gathered tables, kv_write
+    qs, ks, vs = qkv.view(b, t, h + 2 * hkv, d).split([h, hkv, hkv], dim=2)
+    if norms:
+        qs, ks = R.rms_norm(qs, qn, 1e-6), R.rms_norm(ks, kn, 1e-6)
+    c, sn = cos[pos].to(dtype), sin[pos].to(dtype)
+    assert torch.equal(qr, R.rope(qs, c, sn))
+    for i in range(b):
+        assert torch.equal(want.k[1][i][:, pos[i]], R.rope(ks, c, sn)[i].transpose(0, 1))
+
+
+def test_rope_kv_write_rejects_bad_shapes():
+    cache = _cache(1, 2, 32, 16, torch.float32, seed=0)
+    cos = torch.zeros(32, 16)
+    with pytest.raises(ValueError, match="head_dim"):
+        rope.rope_kv_write(torch.zeros(1, 1, 70), None, None, 1e-6, cos, cos, torch.zeros(1, 1, dtype=torch.long), cache, 0)
+    with pytest.raises(ValueError, match="fp32"):
+        rope.rope_kv_write(torch.zeros(1, 1, 96), None, None, 1e-6, cos.half(), cos.half(),
+                           torch.zeros(1, 1, dtype=torch.long), cache, 0)
 
 
 # ------------------------------------------------------------------ attention

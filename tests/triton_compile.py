@@ -85,6 +85,8 @@ def compile_all(arch: int = 90, verbose: bool = False) -> list[str]:
                 nq.rms_norm_quant(x, w, 1e-6, qt)
                 nq.silu_mul_quant(torch.randn(m, 512, dtype=dt), qt)
             nq.rms_norm(x, w, 1e-6)
+            for qt in (None, "int8", "int4"):
+                nq.add_rms_norm(x, x, w, 1e-6, qt)
             nq.silu_mul(torch.randn(m, 512, dtype=dt))
         note(f"norm/quant kernels {dt}")
     k, n = 512, 384
@@ -104,6 +106,16 @@ def compile_all(arch: int = 90, verbose: bool = False) -> list[str]:
             for key, p in p4.items():
                 g4.gemm_w4a16(x, p)
         note(f"GEMMs M={m}")
+    for dt in (torch.bfloat16, torch.float32):
+        cache = KVCache(2, 1, 8, 256, 128, dt, "cpu")
+        cos = torch.randn(256, 128)
+        for t in (1, 6):
+            qkv = torch.randn(1, t, (32 + 16) * 128, dtype=dt)
+            pos = torch.arange(100, 100 + t).view(1, -1)
+            w = torch.ones(128, dtype=dt)
+            kn.rope.rope_kv_write(qkv, w, w, 1e-6, cos, cos, pos, cache, 1)
+            kn.rope.rope_kv_write(qkv, None, None, 1e-6, cos, cos, pos, cache, 0)
+        note(f"rope_kv_write {dt}")
     for dt in (torch.bfloat16,):
         cache = KVCache(1, 1, 2, 8192, 64, dt, "cpu")
         for t in (1, 6):

@@ -8,6 +8,7 @@ that launch them:
   gemm_int8.py    int8 weights [N, K]: w8a8-int8 (int8 x int8 -> int32 tl.dot) and w8a16
   gemm_int4.py    int4 weights packed 8 per int32 in 256-wide K blocks: w4a16 (groups 32/64/128/
                   per channel, sym/asym) and w4a4 (int4 x int4 -> int32); both read one layout
+  rope.py         the attention prologue: q/k RMSNorm, RoPE and the KV-cache write in one launch
   attention.py    flash-decoding attention over the static cache for decode / verify chunks
   tuning.py       launch configurations (heuristic + a table the benchmark fills)
   _common.py      small @triton.jit helpers shared by the kernels
@@ -28,7 +29,7 @@ import os
 import sys
 import types
 
-MODULES = ("_common", "tuning", "norm_quant", "gemm_int8", "gemm_int4", "attention")
+MODULES = ("_common", "tuning", "norm_quant", "rope", "gemm_int8", "gemm_int4", "attention")
 _COPIES: dict[bool, types.ModuleType] = {}
 
 

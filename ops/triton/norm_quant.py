@@ -44,18 +44,31 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
         tl.store(q_ptr + row * stride_q + o, c.to(tl.int8), mask=o < K)
 
 
+@triton.jit
+def _load_row(xr, dr, o, K, RES: tl.constexpr, XDT: tl.constexpr, INTERP: tl.constexpr):
+    """x[o] (fp32), or the residual sum x[o] + d[o] rounded to x's dtype (torch's x + d)."""
+    v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+    if RES:
+        v = to_dtype(v + tl.load(dr + o, mask=o < K, other=0.0).to(tl.float32), XDT, INTERP).to(tl.float32)
+    return v
+
+
 @triton.jit(do_not_specialize=["K"])
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, eps,
-                     QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
-                     INTERP: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, d_ptr, r_ptr, K, stride_x, stride_y, stride_d,
+                     stride_r, eps, QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
+                     INTERP: tl.constexpr, RES: tl.constexpr):
+    """RMSNorm of x (RES: of x + d, whose sum is also stored to r), optionally quantized."""
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
+    dr = d_ptr + row * stride_d
     XDT: tl.constexpr = x_ptr.dtype.element_ty
     YDT: tl.constexpr = y_ptr.dtype.element_ty
     ss = tl.zeros([BLOCK], tl.float32)
     for k0 in range(0, K, BLOCK):
         o = k0 + tl.arange(0, BLOCK)
-        v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+        v = _load_row(xr, dr, o, K, RES, XDT, INTERP)
+        if RES:
+            tl.store(r_ptr + row * stride_r + o, v.to(XDT), mask=o < K)
         ss += v * v
     ms = tl.math.div_rn(tl.sum(ss, axis=0), K.to(tl.float32))
     rstd = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(ms + eps))
@@ -63,7 +76,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, e
         amax = tl.zeros([BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK):
             o = k0 + tl.arange(0, BLOCK)
-            v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+            v = _load_row(xr, dr, o, K, RES, XDT, INTERP)
             w = tl.load(w_ptr + o, mask=o < K, other=0.0).to(tl.float32)
             y = to_dtype(w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32), YDT, INTERP).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(y))
@@ -71,7 +84,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, e
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             o = k0 + tl.arange(0, BLOCK)
-            v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+            v = _load_row(xr, dr, o, K, RES, XDT, INTERP)
             w = tl.load(w_ptr + o, mask=o < K, other=0.0).to(tl.float32)
             y = to_dtype(w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32), YDT, INTERP).to(tl.float32)
             c = rint(tl.math.div_rn(y, scale))
@@ -80,7 +93,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, e
     else:
         for k0 in range(0, K, BLOCK):
             o = k0 + tl.arange(0, BLOCK)
-            v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
+            v = _load_row(xr, dr, o, K, RES, XDT, INTERP)
             w = tl.load(w_ptr + o, mask=o < K, other=0.0).to(tl.float32)
             y = w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32)
             tl.store(y_ptr + row * stride_y + o, to_dtype(y, YDT, INTERP), mask=o < K)
@@ -170,7 +183,7 @@ def quantize_per_token(x: torch.Tensor, qtype: str, out=None) -> QActivation:
     return QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, x.dtype)
 
 
-def _norm(x, weight, eps, qtype, out=None):
+def _norm(x, weight, eps, qtype, out=None, delta=None):
     x2 = _rows(x)
     m, k = x2.shape
     if weight.shape[-1] != k:
@@ -178,22 +191,38 @@ def _norm(x, weight, eps, qtype, out=None):
     w = weight.contiguous()
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     blk = _block(k)
+    if delta is not None:      # add_rms_norm: the residual sum x + delta is stored to r
+        if delta.shape != x.shape or delta.dtype != x.dtype:
+            raise ValueError(f"add_rms_norm: delta {tuple(delta.shape)} {delta.dtype} must match x "
+                             f"{tuple(x.shape)} {x.dtype}")
+        d2 = _rows(delta)
+        r = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    else:
+        d2 = r = x2
+    res = dict(RES=delta is not None, INTERP=INTERPRETED, num_warps=_warps(blk))
     if qtype is None:
         y = out.view(m, k) if out is not None else torch.empty((m, k), dtype=out_dtype, device=x.device)
         if m:
-            _rms_norm_kernel[(m,)](x2, w, y, y, y, k, x2.stride(0), y.stride(0), float(eps),
-                                   QUANT=False, QMAX=1.0, BLOCK=blk, INTERP=INTERPRETED,
-                                   num_warps=_warps(blk))
-        return y.view(x.shape)
-    qmax = _check_qtype(qtype)
-    q, s = _qs_out(out, m, k, x.device)
-    # y_ptr only carries the output dtype here (nothing is stored through it)
-    ydt = torch.empty(0, dtype=out_dtype, device=x.device)
-    if m:
-        _rms_norm_kernel[(m,)](x2, w, ydt, q, s, k, x2.stride(0), q.stride(0), float(eps),
-                               QUANT=True, QMAX=qmax, BLOCK=blk, INTERP=INTERPRETED,
-                               num_warps=_warps(blk))
-    return QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, out_dtype)
+            _rms_norm_kernel[(m,)](x2, w, y, y, y, d2, r, k, x2.stride(0), y.stride(0), d2.stride(0),
+                                   r.stride(0), float(eps), QUANT=False, QMAX=1.0, BLOCK=blk, **res)
+        y = y.view(x.shape)
+    else:
+        qmax = _check_qtype(qtype)
+        q, s = _qs_out(out, m, k, x.device)
+        # y_ptr only carries the output dtype here (nothing is stored through it)
+        ydt = torch.empty(0, dtype=out_dtype, device=x.device)
+        if m:
+            _rms_norm_kernel[(m,)](x2, w, ydt, q, s, d2, r, k, x2.stride(0), q.stride(0), d2.stride(0),
+                                   r.stride(0), float(eps), QUANT=True, QMAX=qmax, BLOCK=blk, **res)
+        y = QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, out_dtype)
+    return y if delta is None else (y, r.view(x.shape))
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 qtype=None):
+    """(rms_norm(x + delta) [quantized when qtype is given], x + delta): the residual add fused
+    into the next norm (one read of x and delta, one write of the sum)."""
+    return _norm(x, weight, eps, qtype, None, delta)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out=None) -> torch.Tensor:

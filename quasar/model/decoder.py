@@ -40,19 +40,11 @@ class Attention(nn.Module):
         a, B = self.args, self.B
         bsz, t = positions.shape
         qkv = self.qkv_proj(h).view(bsz, t, -1)
-        q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(bsz, t, a.num_heads, a.head_dim)
-        k = k.view(bsz, t, a.num_kv_heads, a.head_dim)
-        v = v.view(bsz, t, a.num_kv_heads, a.head_dim)
-        if self.q_norm is not None:
-            q = B.rms_norm(q, self.q_norm, a.rms_norm_eps)
-            k = B.rms_norm(k, self.k_norm, a.rms_norm_eps)
-        q = B.rope(q, cos, sin)
-        k = B.rope(k, cos, sin)
-        B.kv_write(cache, self.layer_idx, k, v, positions)
+        # q/k norms, RoPE and the cache write: one fused op (cos/sin are the fp32 tables)
+        q = B.rope_kv_write(qkv, self.q_norm, self.k_norm, a.rms_norm_eps, cos, sin, positions, cache,
+                            self.layer_idx)
         o = B.attention(q, cache, self.layer_idx, positions, kv_len, mask)
-        return self.o_proj(o.reshape(bsz * t, q_size))
+        return self.o_proj(o.reshape(bsz * t, a.num_heads * a.head_dim))
 
 
 class MLP(nn.Module):
@@ -76,17 +68,22 @@ class Block(nn.Module):
         self.eps = args.rms_norm_eps
         self.B = backend
 
-    def _norm(self, x, w, consumer: QuantLinear):
+    def _norm(self, x, delta, w, consumer: QuantLinear):
+        """(norm(x + delta), x + delta): the residual add fused into the norm (delta None: x)."""
         qtype = consumer.fused_act_qtype
+        if delta is not None:
+            return self.B.add_rms_norm(x, delta, w, self.eps, qtype)
         if qtype:
-            return self.B.rms_norm_quant(x, w, self.eps, qtype)
-        return self.B.rms_norm(x, w, self.eps)
+            return self.B.rms_norm_quant(x, w, self.eps, qtype), x
+        return self.B.rms_norm(x, w, self.eps), x
 
-    def forward(self, x, cos, sin, positions, cache, kv_len, mask):
-        # x: [M, hidden] with M = B*T rows
-        x = x + self.attn(self._norm(x, self.input_norm, self.attn.qkv_proj), cos, sin, positions,
-                          cache, kv_len, mask)
-        return x + self.mlp(self._norm(x, self.post_norm, self.mlp.gate_up_proj))
+    def forward(self, x, delta, cos, sin, positions, cache, kv_len, mask):
+        """x: the residual stream [M, hidden] (M = B*T rows) still owed `delta` (the previous
+        block's MLP output, or None). Returns (x, delta) the same way: the caller adds delta."""
+        h, x = self._norm(x, delta, self.input_norm, self.attn.qkv_proj)
+        delta = self.attn(h, cos, sin, positions, cache, kv_len, mask)
+        h, x = self._norm(x, delta, self.post_norm, self.mlp.gate_up_proj)
+        return x, self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -134,12 +131,15 @@ class Transformer(nn.Module):
         cache = cache or self.cache
         bsz, t = input_ids.shape
         x = self.embed[input_ids].reshape(bsz * t, -1)
-        cos = self.cos[positions].to(self.dtype)
-        sin = self.sin[positions].to(self.dtype)
+        delta = None
         for block in self.layers:
-            x = block(x, cos, sin, positions, cache, kv_len, mask)
+            x, delta = block(x, delta, self.cos, self.sin, positions, cache, kv_len, mask)
         if last_only:
             x = x.view(bsz, t, -1)[:, -1]
+            delta = None if delta is None else delta.view(bsz, t, -1)[:, -1]
             t = 1
-        x = self.B.rms_norm(x, self.norm, self.args.rms_norm_eps)
+        if delta is None:       # no layers (a pruning experiment taken to the end)
+            x = self.B.rms_norm(x, self.norm, self.args.rms_norm_eps)
+        else:
+            x, _ = self.B.add_rms_norm(x, delta, self.norm, self.args.rms_norm_eps)
         return self.lm_head(x).view(bsz, t, -1).float()

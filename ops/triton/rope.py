@@ -1,0 +1,111 @@
+"""The attention prologue in one launch: per-head RMSNorm of q and k (Qwen3's q_norm / k_norm),
+rotate-half RoPE from the fp32 cos/sin tables at each token's position, and the write of the
+rotated k and of v into the static cache. Replaces ~10 small torch kernels per layer (gathers of
+cos/sin, neg/cat/mul/add, two index_put) with one.
+
+One program per (token, head) over the H query heads and the Hkv key/value heads; each reads its
+head's D values of the fused qkv projection output (and the rotate-half partner values, from L1).
+Arithmetic follows quasar.ops.reference.rope_kv_write in order and rounding: the norm's
+normalized value is rounded to the input dtype before the weight multiplies it, cos/sin are
+rounded to the rope dtype, and x*cos, rotate_half(x)*sin and their sum are each rounded to it, as
+torch's elementwise ops do. Given the same norm scale the output is bit-identical to the
+reference (the mean of squares is summed in another order, so with a norm it can differ in the
+last bit).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, to_dtype
+
+
+@triton.jit
+def _head(src, offs, partner, sign, dmask, n_ptr, cos_ptr, sin_ptr, pos, D, eps,
+          NORM: tl.constexpr, XDT: tl.constexpr, RDT: tl.constexpr, INTERP: tl.constexpr):
+    """Normalize (optionally) and rotate one head's D values; returns them in fp32 (RDT-exact)."""
+    x = tl.load(src + offs, mask=dmask, other=0.0).to(tl.float32)
+    xr = tl.load(src + partner, mask=dmask, other=0.0).to(tl.float32)
+    if NORM:
+        ms = tl.math.div_rn(tl.sum(x * x, axis=0), D.to(tl.float32))
+        rstd = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(ms + eps))
+        w = tl.load(n_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
+        wr = tl.load(n_ptr + partner, mask=dmask, other=0.0).to(tl.float32)
+        x = to_dtype(w * to_dtype(x * rstd, XDT, INTERP).to(tl.float32), RDT, INTERP).to(tl.float32)
+        xr = to_dtype(wr * to_dtype(xr * rstd, XDT, INTERP).to(tl.float32), RDT, INTERP).to(tl.float32)
+    c = to_dtype(tl.load(cos_ptr + pos * D + offs, mask=dmask, other=0.0), RDT, INTERP).to(tl.float32)
+    s = to_dtype(tl.load(sin_ptr + pos * D + offs, mask=dmask, other=0.0), RDT, INTERP).to(tl.float32)
+    a = to_dtype(x * c, RDT, INTERP).to(tl.float32)
+    b = to_dtype((sign * xr) * s, RDT, INTERP).to(tl.float32)
+    return to_dtype(a + b, RDT, INTERP).to(tl.float32)
+
+
+@triton.jit
+def _rope_kv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
+                    T, D, stride_row, stride_qm, stride_qh, stride_cb, stride_ch, stride_cs, eps,
+                    H: tl.constexpr, HKV: tl.constexpr, QNORM: tl.constexpr, KNORM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)           # token row (b * T + t)
+    h = tl.program_id(1)                        # query head, then key/value head - H
+    XDT: tl.constexpr = qkv_ptr.dtype.element_ty
+    RDT: tl.constexpr = q_ptr.dtype.element_ty
+    CDT: tl.constexpr = kc_ptr.dtype.element_ty
+    half = D // 2
+    offs = tl.arange(0, BLOCK_D)
+    dmask = offs < D
+    lower = offs < half
+    partner = tl.where(lower, offs + half, offs - half)
+    sign = tl.where(lower, -1.0, 1.0)
+    pos = tl.load(pos_ptr + m)
+    row = qkv_ptr + m * stride_row
+    if h < H:
+        y = _head(row + h * D, offs, partner, sign, dmask, qn_ptr, cos_ptr, sin_ptr, pos, D, eps,
+                  QNORM, XDT, RDT, INTERP)
+        tl.store(q_ptr + m * stride_qm + h * stride_qh + offs, to_dtype(y, RDT, INTERP), mask=dmask)
+    else:
+        j = h - H
+        y = _head(row + (H + j) * D, offs, partner, sign, dmask, kn_ptr, cos_ptr, sin_ptr, pos, D,
+                  eps, KNORM, XDT, RDT, INTERP)
+        b = m // T
+        slot = b * stride_cb + j * stride_ch + pos * stride_cs
+        tl.store(kc_ptr + slot + offs, to_dtype(y, CDT, INTERP), mask=dmask)
+        v = tl.load(row + (H + HKV + j) * D + offs, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(vc_ptr + slot + offs, to_dtype(v, CDT, INTERP), mask=dmask)
+
+
+def rope_kv_write(qkv: torch.Tensor, q_norm, k_norm, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                  positions: torch.Tensor, cache, layer: int) -> torch.Tensor:
+    """See quasar.ops (op rope_kv_write). qkv [B, T, (H + 2 Hkv) D]; cos/sin [S, D] fp32 tables."""
+    bsz, t, width = qkv.shape
+    kc, vc = cache.k[layer], cache.v[layer]             # [B, Hkv, S, D]
+    hkv, d = kc.shape[1], kc.shape[3]
+    if d % 2 or width % d or width // d <= 2 * hkv:
+        raise ValueError(f"rope_kv_write: qkv width {width} is not (H + 2*{hkv}) * head_dim {d}")
+    if cos.shape[-1] != d or cos.dtype != torch.float32 or sin.shape != cos.shape:
+        raise ValueError(f"rope_kv_write: cos/sin must be fp32 [S, {d}] tables, got {tuple(cos.shape)} "
+                         f"{cos.dtype}")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("rope_kv_write: q_norm and k_norm come together (Qwen3) or not at all")
+    h = width // d - 2 * hkv
+    cos, sin = cos.contiguous(), sin.contiguous()
+    norms = [n for n in (q_norm, k_norm) if n is not None]
+    rdt = qkv.dtype
+    for n in norms:
+        rdt = torch.promote_types(rdt, n.dtype)
+    qkv2 = qkv.reshape(bsz * t, width)
+    if qkv2.stride(-1) != 1:
+        qkv2 = qkv2.contiguous()
+    pos = positions.reshape(-1).to(torch.int64).contiguous()
+    q = torch.empty((bsz, t, h, d), dtype=rdt, device=qkv.device)
+    if bsz * t == 0:
+        return q
+    qn = q_norm.contiguous() if q_norm is not None else cos
+    kn = k_norm.contiguous() if k_norm is not None else cos
+    blk = max(16, triton.next_power_of_2(d))
+    _rope_kv_kernel[(bsz * t, h + hkv)](
+        qkv2, qn, kn, cos, sin, pos, q, kc, vc, t, d, qkv2.stride(0), q.stride(1), q.stride(2),
+        kc.stride(0), kc.stride(1), kc.stride(2), float(eps), H=h, HKV=hkv,
+        QNORM=q_norm is not None, KNORM=k_norm is not None, BLOCK_D=blk, INTERP=INTERPRETED,
+        num_warps=1 if INTERPRETED or blk <= 128 else 2)
+    return q
