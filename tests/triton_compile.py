@@ -87,6 +87,12 @@ def compile_all(arch: int = 90, verbose: bool = False) -> list[str]:
             nq.rms_norm(x, w, 1e-6)
             for qt in (None, "int8", "int4"):
                 nq.add_rms_norm(x, x, w, 1e-6, qt)
+            # rows longer than one block: the multi-pass paths
+            xl, wl = torch.randn(m, 8192, dtype=dt), torch.ones(8192, dtype=dt)
+            for qt in (None, "int8"):
+                nq.add_rms_norm(xl, xl, wl, 1e-6, qt)
+                nq._silu(torch.randn(m, 2 * 20000, dtype=dt), qt)
+            nq.rms_norm(xl, wl, 1e-6)
             nq.silu_mul(torch.randn(m, 512, dtype=dt))
         note(f"norm/quant kernels {dt}")
     k, n = 512, 384

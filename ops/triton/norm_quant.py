@@ -56,13 +56,34 @@ def _load_row(xr, dr, o, K, RES: tl.constexpr, XDT: tl.constexpr, INTERP: tl.con
 @triton.jit(do_not_specialize=["K"])
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, d_ptr, r_ptr, K, stride_x, stride_y, stride_d,
                      stride_r, eps, QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
-                     INTERP: tl.constexpr, RES: tl.constexpr):
-    """RMSNorm of x (RES: of x + d, whose sum is also stored to r), optionally quantized."""
+                     INTERP: tl.constexpr, RES: tl.constexpr, ONE_PASS: tl.constexpr):
+    """RMSNorm of x (RES: of x + d, whose sum is also stored to r), optionally quantized.
+    ONE_PASS (K <= BLOCK): the row is read once and kept in registers (a step's norms are
+    latency-bound: M is 1..16 rows, one program each); else each pass re-reads it."""
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
     dr = d_ptr + row * stride_d
     XDT: tl.constexpr = x_ptr.dtype.element_ty
     YDT: tl.constexpr = y_ptr.dtype.element_ty
+    if ONE_PASS:
+        o = tl.arange(0, BLOCK)
+        v = _load_row(xr, dr, o, K, RES, XDT, INTERP)
+        if RES:
+            tl.store(r_ptr + row * stride_r + o, v.to(XDT), mask=o < K)
+        w = tl.load(w_ptr + o, mask=o < K, other=0.0).to(tl.float32)
+        ms = tl.math.div_rn(tl.sum(v * v, axis=0), K.to(tl.float32))
+        rstd = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(ms + eps))
+        y = w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32)
+        if QUANT:
+            y = to_dtype(y, YDT, INTERP).to(tl.float32)
+            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), axis=0), tl.full([], QMAX, tl.float32)), 1e-8)
+            tl.store(s_ptr + row, scale)
+            c = rint(tl.math.div_rn(y, scale))
+            c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
+            tl.store(q_ptr + row * stride_y + o, c.to(tl.int8), mask=o < K)
+        else:
+            tl.store(y_ptr + row * stride_y + o, to_dtype(y, YDT, INTERP), mask=o < K)
+        return
     ss = tl.zeros([BLOCK], tl.float32)
     for k0 in range(0, K, BLOCK):
         o = k0 + tl.arange(0, BLOCK)
@@ -102,10 +123,26 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, d_ptr, r_ptr, K, stride_
 @triton.jit(do_not_specialize=["I"])
 def _silu_mul_kernel(x_ptr, y_ptr, q_ptr, s_ptr, I, stride_x, stride_y,
                      QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
-                     INTERP: tl.constexpr):
+                     INTERP: tl.constexpr, ONE_PASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
     DT: tl.constexpr = x_ptr.dtype.element_ty
+    if ONE_PASS:     # I <= BLOCK: gate and up read once, kept in registers
+        o = tl.arange(0, BLOCK)
+        g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
+        u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
+        s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
+        y = to_dtype(s * u, DT, INTERP)
+        if QUANT:
+            y = y.to(tl.float32)
+            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), axis=0), tl.full([], QMAX, tl.float32)), 1e-8)
+            tl.store(s_ptr + row, scale)
+            c = rint(tl.math.div_rn(y, scale))
+            c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
+            tl.store(q_ptr + row * stride_y + o, c.to(tl.int8), mask=o < I)
+        else:
+            tl.store(y_ptr + row * stride_y + o, y, mask=o < I)
+        return
     if QUANT:
         amax = tl.zeros([BLOCK], tl.float32)
         for k0 in range(0, I, BLOCK):
@@ -137,13 +174,15 @@ def _silu_mul_kernel(x_ptr, y_ptr, q_ptr, s_ptr, I, stride_x, stride_y,
 
 # ------------------------------------------------------------------ launch helpers
 
-def _block(k: int) -> int:
-    cap = 1024 if INTERPRETED else 4096
+def _block(k: int, cap: int = 4096) -> int:
+    """Elements per chunk of a row: the whole row when it fits under cap (one pass, kept in
+    registers), else chunks of cap. The interpreter caps at 1024 (so the tests take both paths)."""
+    cap = 1024 if INTERPRETED else cap
     return max(16, min(cap, triton.next_power_of_2(max(int(k), 1))))
 
 
 def _warps(block: int) -> int:
-    return 1 if INTERPRETED else (4 if block <= 1024 else 8)
+    return 1 if INTERPRETED else (4 if block <= 1024 else (8 if block <= 4096 else 16))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +238,7 @@ def _norm(x, weight, eps, qtype, out=None, delta=None):
         r = torch.empty((m, k), dtype=x.dtype, device=x.device)
     else:
         d2 = r = x2
-    res = dict(RES=delta is not None, INTERP=INTERPRETED, num_warps=_warps(blk))
+    res = dict(RES=delta is not None, INTERP=INTERPRETED, ONE_PASS=k <= blk, num_warps=_warps(blk))
     if qtype is None:
         y = out.view(m, k) if out is not None else torch.empty((m, k), dtype=out_dtype, device=x.device)
         if m:
@@ -239,18 +278,18 @@ def _silu(x, qtype, out=None):
     if k2 % 2:
         raise ValueError(f"silu_mul needs an even last dimension (gate|up), got {k2}")
     i = k2 // 2
-    blk = _block(i)
+    blk = _block(i, cap=16384)      # Qwen3-8B's 12288 in one pass
     if qtype is None:
         y = out.view(m, i) if out is not None else torch.empty((m, i), dtype=x.dtype, device=x.device)
         if m:
             _silu_mul_kernel[(m,)](x2, y, y, y, i, x2.stride(0), y.stride(0), QUANT=False, QMAX=1.0,
-                                   BLOCK=blk, INTERP=INTERPRETED, num_warps=_warps(blk))
+                                   BLOCK=blk, INTERP=INTERPRETED, ONE_PASS=i <= blk, num_warps=_warps(blk))
         return y.view(*x.shape[:-1], i)
     qmax = _check_qtype(qtype)
     q, s = _qs_out(out, m, i, x.device)
     if m:
         _silu_mul_kernel[(m,)](x2, q, q, s, i, x2.stride(0), q.stride(0), QUANT=True, QMAX=qmax,
-                               BLOCK=blk, INTERP=INTERPRETED, num_warps=_warps(blk))
+                               BLOCK=blk, INTERP=INTERPRETED, ONE_PASS=i <= blk, num_warps=_warps(blk))
     return QActivation(q.view(*x.shape[:-1], i), s.view(*x.shape[:-1], 1), qtype, x.dtype)
 
 
