@@ -1,6 +1,6 @@
 """Per-token activation quantization, RMSNorm and SiLU*mul, plain and fused with quantization.
 
-One program per row (token). All math in fp32, exactly in the order of quasar.ops.reference:
+One program per row (token; plain SiLU*mul also splits the row across programs). All math in fp32, exactly in the order of quasar.ops.reference:
 - quantize_per_token: scale = max(amax / qmax, 1e-8), q = clamp(round_half_even(x / scale)),
   int8 codes in [-128, 127], int4 codes in [-8, 7] held one per int8 element. Divisions are
   IEEE-rounded (div_rn), so codes match torch's bit for bit given the same scale.
@@ -163,13 +163,12 @@ def _silu_mul_kernel(x_ptr, y_ptr, q_ptr, s_ptr, I, stride_x, stride_y,
             c = rint(tl.math.div_rn(y, scale))
             c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
             tl.store(q_ptr + row * stride_y + o, c.to(tl.int8), mask=o < I)
-    else:
-        for k0 in range(0, I, BLOCK):
-            o = k0 + tl.arange(0, BLOCK)
-            g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
-            u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
-            s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
-            tl.store(y_ptr + row * stride_y + o, to_dtype(s * u, DT, INTERP), mask=o < I)
+    else:   # no row reduction: programs along the row too (grid axis 1), one chunk each
+        o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
+        u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
+        s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
+        tl.store(y_ptr + row * stride_y + o, to_dtype(s * u, DT, INTERP), mask=o < I)
 
 
 # ------------------------------------------------------------------ launch helpers
@@ -282,8 +281,10 @@ def _silu(x, qtype, out=None):
     if qtype is None:
         y = out.view(m, i) if out is not None else torch.empty((m, i), dtype=x.dtype, device=x.device)
         if m:
-            _silu_mul_kernel[(m,)](x2, y, y, y, i, x2.stride(0), y.stride(0), QUANT=False, QMAX=1.0,
-                                   BLOCK=blk, INTERP=INTERPRETED, ONE_PASS=i <= blk, num_warps=_warps(blk))
+            blk = _block(i, cap=1024)
+            _silu_mul_kernel[(m, triton.cdiv(i, blk))](x2, y, y, y, i, x2.stride(0), y.stride(0), QUANT=False,
+                                                       QMAX=1.0, BLOCK=blk, INTERP=INTERPRETED, ONE_PASS=False,
+                                                       num_warps=_warps(blk))
         return y.view(*x.shape[:-1], i)
     qmax = _check_qtype(qtype)
     q, s = _qs_out(out, m, i, x.device)
