@@ -288,9 +288,10 @@ ROPE = [  # (B, T, H, Hkv, D, starts, norms)
 ]
 
 
+@pytest.mark.parametrize("hb", [None, 1, 2], ids=["hb-all", "hb1-gpu", "hb2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 @pytest.mark.parametrize("case", range(len(ROPE)))
-def test_rope_kv_write(case, dtype):
+def test_rope_kv_write(case, dtype, hb):
     from quasar.model.args import ModelArgs
     from quasar.model.decoder import rope_table
     b, t, h, hkv, d, starts, norms = ROPE[case]
@@ -306,7 +307,7 @@ def test_rope_kv_write(case, dtype):
     got, want = _cache(b, hkv, s, d, dtype, seed=case), _cache(b, hkv, s, d, dtype, seed=case)
     got.k = torch.cat([got.k, got.k.clone()]); got.v = torch.cat([got.v, got.v.clone()])   # 2 layers
     want.k = torch.cat([want.k, want.k.clone()]); want.v = torch.cat([want.v, want.v.clone()])
-    q = rope.rope_kv_write(qkv, qn, kn, 1e-6, cos, sin, pos, got, 1)
+    q = rope.rope_kv_write(qkv, qn, kn, 1e-6, cos, sin, pos, got, 1, heads_per_program=hb)
     qr = R.rope_kv_write(qkv, qn, kn, 1e-6, cos, sin, pos, want, 1)
     assert q.shape == (b, t, h, d) and q.dtype == qr.dtype == dtype
     assert torch.equal(got.k[0], want.k[0]) and torch.equal(got.v[0], want.v[0])   # layer 0 untouched

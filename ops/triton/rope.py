@@ -3,8 +3,9 @@ rotate-half RoPE from the fp32 cos/sin tables at each token's position, and the 
 rotated k and of v into the static cache. Replaces ~10 small torch kernels per layer (gathers of
 cos/sin, neg/cat/mul/add, two index_put) with one.
 
-One program per (token, head) over the H query heads and the Hkv key/value heads; each reads its
-head's D values of the fused qkv projection output (and the rotate-half partner values, from L1).
+One program per (token, block of HB heads) over the H query heads and the Hkv key/value heads (HB
+= 1 on the GPU; all heads under the interpreter); each reads its heads' D values of the fused qkv
+projection output (and the rotate-half partner values, from L1).
 Arithmetic follows quasar.ops.reference.rope_kv_write in order and rounding: the norm's
 normalized value is rounded to the input dtype before the weight multiplies it, cos/sin are
 rounded to the rope dtype, and x*cos, rotate_half(x)*sin and their sum are each rounded to it, as
@@ -22,22 +23,24 @@ from ._common import INTERPRETED, to_dtype
 
 
 @triton.jit
-def _head(src, offs, partner, sign, dmask, n_ptr, cos_ptr, sin_ptr, pos, D, eps,
-          NORM: tl.constexpr, XDT: tl.constexpr, RDT: tl.constexpr, INTERP: tl.constexpr):
-    """Normalize (optionally) and rotate one head's D values; returns them in fp32 (RDT-exact)."""
-    x = tl.load(src + offs, mask=dmask, other=0.0).to(tl.float32)
-    xr = tl.load(src + partner, mask=dmask, other=0.0).to(tl.float32)
+def _heads(src, heads, hmask, offs, partner, sign, dmask, n_ptr, cos_ptr, sin_ptr, pos, D, eps,
+           NORM: tl.constexpr, XDT: tl.constexpr, RDT: tl.constexpr, INTERP: tl.constexpr):
+    """Normalize (optionally) and rotate a block of heads [HB, D]; returns fp32 (RDT-exact)."""
+    m2 = hmask[:, None] & dmask[None, :]
+    base = src + heads[:, None] * D
+    x = tl.load(base + offs[None, :], mask=m2, other=0.0).to(tl.float32)
+    xr = tl.load(base + partner[None, :], mask=m2, other=0.0).to(tl.float32)
     if NORM:
-        ms = tl.math.div_rn(tl.sum(x * x, axis=0), D.to(tl.float32))
-        rstd = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(ms + eps))
-        w = tl.load(n_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
-        wr = tl.load(n_ptr + partner, mask=dmask, other=0.0).to(tl.float32)
+        ms = tl.math.div_rn(tl.sum(x * x, axis=1), D.to(tl.float32))
+        rstd = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(ms + eps))[:, None]
+        w = tl.load(n_ptr + offs, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        wr = tl.load(n_ptr + partner, mask=dmask, other=0.0).to(tl.float32)[None, :]
         x = to_dtype(w * to_dtype(x * rstd, XDT, INTERP).to(tl.float32), RDT, INTERP).to(tl.float32)
         xr = to_dtype(wr * to_dtype(xr * rstd, XDT, INTERP).to(tl.float32), RDT, INTERP).to(tl.float32)
-    c = to_dtype(tl.load(cos_ptr + pos * D + offs, mask=dmask, other=0.0), RDT, INTERP).to(tl.float32)
-    s = to_dtype(tl.load(sin_ptr + pos * D + offs, mask=dmask, other=0.0), RDT, INTERP).to(tl.float32)
+    c = to_dtype(tl.load(cos_ptr + pos * D + offs, mask=dmask, other=0.0), RDT, INTERP).to(tl.float32)[None, :]
+    s = to_dtype(tl.load(sin_ptr + pos * D + offs, mask=dmask, other=0.0), RDT, INTERP).to(tl.float32)[None, :]
     a = to_dtype(x * c, RDT, INTERP).to(tl.float32)
-    b = to_dtype((sign * xr) * s, RDT, INTERP).to(tl.float32)
+    b = to_dtype((sign[None, :] * xr) * s, RDT, INTERP).to(tl.float32)
     return to_dtype(a + b, RDT, INTERP).to(tl.float32)
 
 
@@ -45,9 +48,10 @@ def _head(src, offs, partner, sign, dmask, n_ptr, cos_ptr, sin_ptr, pos, D, eps,
 def _rope_kv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
                     T, D, stride_row, stride_qm, stride_qh, stride_cb, stride_ch, stride_cs, eps,
                     H: tl.constexpr, HKV: tl.constexpr, QNORM: tl.constexpr, KNORM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+                    HB: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)           # token row (b * T + t)
-    h = tl.program_id(1)                        # query head, then key/value head - H
+    hb = tl.program_id(1)                       # block of HB query heads, then of key/value heads
+    QB: tl.constexpr = (H + HB - 1) // HB
     XDT: tl.constexpr = qkv_ptr.dtype.element_ty
     RDT: tl.constexpr = q_ptr.dtype.element_ty
     CDT: tl.constexpr = kc_ptr.dtype.element_ty
@@ -59,24 +63,31 @@ def _rope_kv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k
     sign = tl.where(lower, -1.0, 1.0)
     pos = tl.load(pos_ptr + m)
     row = qkv_ptr + m * stride_row
-    if h < H:
-        y = _head(row + h * D, offs, partner, sign, dmask, qn_ptr, cos_ptr, sin_ptr, pos, D, eps,
-                  QNORM, XDT, RDT, INTERP)
-        tl.store(q_ptr + m * stride_qm + h * stride_qh + offs, to_dtype(y, RDT, INTERP), mask=dmask)
+    if hb < QB:
+        heads = hb * HB + tl.arange(0, HB)
+        hmask = heads < H
+        y = _heads(row, heads, hmask, offs, partner, sign, dmask, qn_ptr, cos_ptr, sin_ptr, pos, D, eps,
+                   QNORM, XDT, RDT, INTERP)
+        ptrs = q_ptr + m * stride_qm + heads[:, None] * stride_qh + offs[None, :]
+        tl.store(ptrs, to_dtype(y, RDT, INTERP), mask=hmask[:, None] & dmask[None, :])
     else:
-        j = h - H
-        y = _head(row + (H + j) * D, offs, partner, sign, dmask, kn_ptr, cos_ptr, sin_ptr, pos, D,
-                  eps, KNORM, XDT, RDT, INTERP)
+        j = (hb - QB) * HB + tl.arange(0, HB)
+        hmask = j < HKV
+        m2 = hmask[:, None] & dmask[None, :]
+        y = _heads(row + H * D, j, hmask, offs, partner, sign, dmask, kn_ptr, cos_ptr, sin_ptr, pos, D,
+                   eps, KNORM, XDT, RDT, INTERP)
         b = m // T
-        slot = b * stride_cb + j * stride_ch + pos * stride_cs
-        tl.store(kc_ptr + slot + offs, to_dtype(y, CDT, INTERP), mask=dmask)
-        v = tl.load(row + (H + HKV + j) * D + offs, mask=dmask, other=0.0).to(tl.float32)
-        tl.store(vc_ptr + slot + offs, to_dtype(v, CDT, INTERP), mask=dmask)
+        slot = b * stride_cb + j[:, None] * stride_ch + pos * stride_cs + offs[None, :]
+        tl.store(kc_ptr + slot, to_dtype(y, CDT, INTERP), mask=m2)
+        v = tl.load(row + (H + HKV) * D + j[:, None] * D + offs[None, :], mask=m2, other=0.0).to(tl.float32)
+        tl.store(vc_ptr + slot, to_dtype(v, CDT, INTERP), mask=m2)
 
 
 def rope_kv_write(qkv: torch.Tensor, q_norm, k_norm, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                  positions: torch.Tensor, cache, layer: int) -> torch.Tensor:
-    """See quasar.ops (op rope_kv_write). qkv [B, T, (H + 2 Hkv) D]; cos/sin [S, D] fp32 tables."""
+                  positions: torch.Tensor, cache, layer: int, heads_per_program: int | None = None) -> torch.Tensor:
+    """See quasar.ops (op rope_kv_write). qkv [B, T, (H + 2 Hkv) D]; cos/sin [S, D] fp32 tables.
+    heads_per_program (a power of two) overrides the default (tests run the GPU's choice, 1, under
+    the interpreter too)."""
     bsz, t, width = qkv.shape
     kc, vc = cache.k[layer], cache.v[layer]             # [B, Hkv, S, D]
     hkv, d = kc.shape[1], kc.shape[3]
@@ -103,9 +114,15 @@ def rope_kv_write(qkv: torch.Tensor, q_norm, k_norm, eps: float, cos: torch.Tens
     qn = q_norm.contiguous() if q_norm is not None else cos
     kn = k_norm.contiguous() if k_norm is not None else cos
     blk = max(16, triton.next_power_of_2(d))
-    _rope_kv_kernel[(bsz * t, h + hkv)](
+    # one head per program on the GPU (many small programs hide latency); all heads of a token
+    # in one program under the interpreter (it runs programs one after another)
+    hb = triton.next_power_of_2(max(h, hkv)) if INTERPRETED else 1
+    if heads_per_program is not None:
+        hb = int(heads_per_program)
+    grid = (bsz * t, triton.cdiv(h, hb) + triton.cdiv(hkv, hb))
+    _rope_kv_kernel[grid](
         qkv2, qn, kn, cos, sin, pos, q, kc, vc, t, d, qkv2.stride(0), q.stride(1), q.stride(2),
         kc.stride(0), kc.stride(1), kc.stride(2), float(eps), H=h, HKV=hkv,
-        QNORM=q_norm is not None, KNORM=k_norm is not None, BLOCK_D=blk, INTERP=INTERPRETED,
+        QNORM=q_norm is not None, KNORM=k_norm is not None, HB=hb, BLOCK_D=blk, INTERP=INTERPRETED,
         num_warps=1 if INTERPRETED or blk <= 128 else 2)
     return q
