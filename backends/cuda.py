@@ -140,9 +140,11 @@ def make_backend(device: str = "cuda", interpret: bool | None = None) -> Backend
         return nq.rms_norm_quant(x, weight, eps, qtype)
 
     def add_rms_norm(x, delta, weight, eps, qtype=None):
-        if qtype == "fp8":
+        if qtype == "fp8":      # the fused add + norm, then torch's fp8 quantization (as rms_norm_quant)
+            if not fp8_ok:
+                _no_fp8("add_rms_norm")
             y, s = nq.add_rms_norm(x, delta, weight, eps)
-            return rms_norm_quant(s, weight, eps, "fp8"), s
+            return R.quantize_per_token(y, "fp8"), s
         return nq.add_rms_norm(x, delta, weight, eps, qtype)
 
     def silu_mul(x):

@@ -254,20 +254,11 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
     cfg = tuning.pick("w4a4" if act_int4 else "w4a16", m, n, k, x.device, config)
     bm = tuning.block_m(m)
     kb = w.packed.shape[0]
-    split = max(1, min(cfg.split_k, kb))
-    per = triton.cdiv(kb, split)
-    split = triton.cdiv(kb, per)
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    grid = (triton.cdiv(n, cfg.bn), split, triton.cdiv(m, bm))
-    if split > 1:
-        ws = torch.empty(split * m * n, dtype=torch.int32 if act_int4 else torch.float32, device=x.device)
-        cnt = tuning.counters(x.device)
-        assert grid[0] * grid[2] <= cnt.numel()
-    else:
-        ws, cnt = out, out
+    grid, per, split, ws, cnt = tuning.split_plan(m, n, kb, cfg, out, act_int4)
     per_channel = w.group_size == -1
     group = w.group
     f32dot = bool(((x.dtype == torch.float32) or (INTERPRETED and x.dtype == torch.bfloat16))

@@ -116,20 +116,11 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
     if kpad % bk:
         raise ValueError(f"BK={bk} does not divide the padded K={kpad}")
     nkb = kpad // bk
-    split = max(1, min(cfg.split_k, nkb))
-    per = triton.cdiv(nkb, split)
-    split = triton.cdiv(nkb, per)          # no empty splits
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    grid = (triton.cdiv(n, cfg.bn), split, triton.cdiv(m, bm))
-    if split > 1:
-        ws = torch.empty(split * m * n, dtype=torch.int32 if act_int8 else torch.float32, device=x.device)
-        cnt = tuning.counters(x.device)
-        assert grid[0] * grid[2] <= cnt.numel()
-    else:
-        ws, cnt = out, out
+    grid, per, split, ws, cnt = tuning.split_plan(m, n, nkb, cfg, out, act_int8)
     f32dot = (x.dtype == torch.float32) or (INTERPRETED and x.dtype == torch.bfloat16)
     _int8_weight_kernel[grid](
         x, xs if xs is not None else w.scale, w.codes, w.scale, bias if bias is not None else w.scale,

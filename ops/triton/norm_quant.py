@@ -23,6 +23,19 @@ from ._common import INTERPRETED, rint, to_dtype
 _QMAX = {"int8": 127.0, "int4": 7.0}
 
 
+@triton.jit
+def _scale(amax, QMAX: tl.constexpr):
+    """Per-row scale = max(amax / qmax, 1e-8) (a zero row quantizes to zeros, not NaN)."""
+    return tl.maximum(tl.math.div_rn(amax, tl.full([], QMAX, tl.float32)), 1e-8)
+
+
+@triton.jit
+def _codes(y, scale, QMAX: tl.constexpr):
+    """clamp(round_half_even(y / scale)) as int8 codes."""
+    c = rint(tl.math.div_rn(y, scale))
+    return tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX).to(tl.int8)
+
+
 @triton.jit(do_not_specialize=["K"])
 def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
                   QMAX: tl.constexpr, BLOCK: tl.constexpr):
@@ -34,14 +47,12 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
         v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
     a = tl.max(amax, axis=0)
-    scale = tl.maximum(tl.math.div_rn(a, tl.full([], QMAX, tl.float32)), 1e-8)
+    scale = _scale(a, QMAX)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         o = k0 + tl.arange(0, BLOCK)
         v = tl.load(xr + o, mask=o < K, other=0.0).to(tl.float32)
-        c = rint(tl.math.div_rn(v, scale))
-        c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
-        tl.store(q_ptr + row * stride_q + o, c.to(tl.int8), mask=o < K)
+        tl.store(q_ptr + row * stride_q + o, _codes(v, scale, QMAX), mask=o < K)
 
 
 @triton.jit
@@ -76,11 +87,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, d_ptr, r_ptr, K, stride_
         y = w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32)
         if QUANT:
             y = to_dtype(y, YDT, INTERP).to(tl.float32)
-            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), axis=0), tl.full([], QMAX, tl.float32)), 1e-8)
+            scale = _scale(tl.max(tl.abs(y), axis=0), QMAX)
             tl.store(s_ptr + row, scale)
-            c = rint(tl.math.div_rn(y, scale))
-            c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
-            tl.store(q_ptr + row * stride_y + o, c.to(tl.int8), mask=o < K)
+            tl.store(q_ptr + row * stride_y + o, _codes(y, scale, QMAX), mask=o < K)
         else:
             tl.store(y_ptr + row * stride_y + o, to_dtype(y, YDT, INTERP), mask=o < K)
         return
@@ -101,16 +110,14 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, d_ptr, r_ptr, K, stride_
             w = tl.load(w_ptr + o, mask=o < K, other=0.0).to(tl.float32)
             y = to_dtype(w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32), YDT, INTERP).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(y))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), tl.full([], QMAX, tl.float32)), 1e-8)
+        scale = _scale(tl.max(amax, axis=0), QMAX)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             o = k0 + tl.arange(0, BLOCK)
             v = _load_row(xr, dr, o, K, RES, XDT, INTERP)
             w = tl.load(w_ptr + o, mask=o < K, other=0.0).to(tl.float32)
             y = to_dtype(w * to_dtype(v * rstd, XDT, INTERP).to(tl.float32), YDT, INTERP).to(tl.float32)
-            c = rint(tl.math.div_rn(y, scale))
-            c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
-            tl.store(q_ptr + row * stride_y + o, c.to(tl.int8), mask=o < K)
+            tl.store(q_ptr + row * stride_y + o, _codes(y, scale, QMAX), mask=o < K)
     else:
         for k0 in range(0, K, BLOCK):
             o = k0 + tl.arange(0, BLOCK)
@@ -127,21 +134,15 @@ def _silu_mul_kernel(x_ptr, y_ptr, q_ptr, s_ptr, I, stride_x, stride_y,
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    if ONE_PASS:     # I <= BLOCK: gate and up read once, kept in registers
+    if QUANT and ONE_PASS:     # I <= BLOCK: gate and up read once, kept in registers
         o = tl.arange(0, BLOCK)
         g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
         u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
         s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
-        y = to_dtype(s * u, DT, INTERP)
-        if QUANT:
-            y = y.to(tl.float32)
-            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), axis=0), tl.full([], QMAX, tl.float32)), 1e-8)
-            tl.store(s_ptr + row, scale)
-            c = rint(tl.math.div_rn(y, scale))
-            c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
-            tl.store(q_ptr + row * stride_y + o, c.to(tl.int8), mask=o < I)
-        else:
-            tl.store(y_ptr + row * stride_y + o, y, mask=o < I)
+        y = to_dtype(s * u, DT, INTERP).to(tl.float32)
+        scale = _scale(tl.max(tl.abs(y), axis=0), QMAX)
+        tl.store(s_ptr + row, scale)
+        tl.store(q_ptr + row * stride_y + o, _codes(y, scale, QMAX), mask=o < I)
         return
     if QUANT:
         amax = tl.zeros([BLOCK], tl.float32)
@@ -152,7 +153,7 @@ def _silu_mul_kernel(x_ptr, y_ptr, q_ptr, s_ptr, I, stride_x, stride_y,
             s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
             y = to_dtype(s * u, DT, INTERP).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(y))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), tl.full([], QMAX, tl.float32)), 1e-8)
+        scale = _scale(tl.max(amax, axis=0), QMAX)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, I, BLOCK):
             o = k0 + tl.arange(0, BLOCK)
@@ -160,9 +161,7 @@ def _silu_mul_kernel(x_ptr, y_ptr, q_ptr, s_ptr, I, stride_x, stride_y,
             u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
             s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
             y = to_dtype(s * u, DT, INTERP).to(tl.float32)
-            c = rint(tl.math.div_rn(y, scale))
-            c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
-            tl.store(q_ptr + row * stride_y + o, c.to(tl.int8), mask=o < I)
+            tl.store(q_ptr + row * stride_y + o, _codes(y, scale, QMAX), mask=o < I)
     else:   # no row reduction: programs along the row too (grid axis 1), one chunk each
         o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)

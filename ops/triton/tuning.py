@@ -116,6 +116,23 @@ def pick(kind: str, m: int, n: int, k: int, device, config: Optional[GemmConfig]
     return hit if hit is not None else heuristic(kind, m, n, k, device)
 
 
+def split_plan(m: int, n: int, nkb: int, cfg: GemmConfig, out: torch.Tensor, int_partials: bool):
+    """The split-K launch shared by the weight-streaming GEMMs: at most cfg.split_k programs along
+    K, each taking `per` of the nkb K blocks (no empty splits); with split > 1, the workspace of
+    partial sums (int32 for integer dots) and the tile counters. Returns (grid, per, split, ws, cnt)."""
+    split = max(1, min(cfg.split_k, nkb))
+    per = triton.cdiv(nkb, split)
+    split = triton.cdiv(nkb, per)
+    grid = (triton.cdiv(n, cfg.bn), split, triton.cdiv(m, block_m(m)))
+    if split > 1:
+        ws = torch.empty(split * m * n, dtype=torch.int32 if int_partials else torch.float32, device=out.device)
+        cnt = counters(out.device)
+        assert grid[0] * grid[2] <= cnt.numel()
+    else:
+        ws, cnt = out, out
+    return grid, per, split, ws, cnt
+
+
 # ------------------------------------------------------------------ split-K tile counters
 
 _COUNTERS: dict = {}
