@@ -17,6 +17,7 @@ setup(
         "quasar.backends", "quasar.ops", "quasar.ops.triton",
     ],
     package_dir={"quasar.backends": "backends", "quasar.ops": "ops"},
+    package_data={"quasar.ops.triton": ["tuned/*.json"]},
     install_requires=[
         # Install torch first for your hardware (README); this range then installs nothing more.
         "torch>=2.4",

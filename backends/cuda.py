@@ -1,14 +1,15 @@
 """CUDA backend: Triton kernels (quasar.ops.triton) for the quantized GEMMs, the fused
 norm / activation quantization and decode / verify attention; cuBLAS for bf16 linears;
-torch._scaled_mm for FP8 W8A8 (compute capability >= 8.9); one Triton kernel for the q/k norms,
+the int8 kernel's fp8 x fp8 variant for FP8 W8A8 (compute capability >= 8.9); one Triton kernel for the q/k norms,
 RoPE and the KV-cache write (rope_kv_write); torch SDPA for prefill attention; CUDA graphs for the decode / draft / verify steps (make_runner ->
 quasar.backends.cuda_graphs.GraphRunner; the attention kernel reads the visible length from the
 positions tensor, so one capture with kv_len = the whole cache serves every context length).
 
 CPU mode for CI: with TRITON_INTERPRET=1 in the environment (or make_backend(interpret=True)) the
 backend is built on the CPU and every Triton kernel runs under Triton's interpreter, so the whole
-model goes through this backend's code paths on CPU tensors. FP8 has no interpreter path (it is
-torch._scaled_mm) and is reported as unsupported there.
+model goes through this backend's code paths on CPU tensors. The backend does not offer FP8 there
+(it needs FP8 tensor cores on a GPU; its GEMM kernel is still checked under the interpreter in
+tests/test_triton_kernels.py).
 
 Prepared weights (Backend.prepare, scheme -> fn(QuantizedWeight) -> object):
   bf16              the dense [N, K] tensor itself
@@ -17,7 +18,7 @@ Prepared weights (Backend.prepare, scheme -> fn(QuantizedWeight) -> object):
   w4a16, w4a4       gemm_int4.Int4Weight: packed int32 [K_pad/256, N, 32] (8 codes per word,
                     nibble j of word (b, n, w) = code(n, 256 b + 32 j + w) + 8), scale fp32 [G, N],
                     zero fp32 [G, N] = 8 + zero point (or None)
-  w8a8-fp8          Fp8Weight: codes float8_e4m3fn [N, K_pad16], scale fp32 [1, N]
+  w8a8-fp8          gemm_int8.Int8Weight with float8_e4m3fn codes [N, K_pad] (K padded to 256)
 The int8 layouts are shared by w8a8-int8/w8a16 and the int4 layouts by w4a16/w4a4; preparing the
 same QuantizedWeight object twice (QSpec: one set of int4 codes run as w4a16 and as w4a4) returns
 the same prepared object, so the packed codes exist once.
@@ -25,7 +26,6 @@ the same prepared object, so the packed codes exist once.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,19 +37,6 @@ from quasar.quant.format import QActivation, QuantizedWeight
 
 SCHEMES = ("bf16", "w8a8-int8", "w8a8-fp8", "w8a16", "w4a16", "w4a4")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-@dataclass
-class Fp8Weight:
-    codes: torch.Tensor       # float8_e4m3fn [N, K_pad] (K padded to a multiple of 16)
-    scale: torch.Tensor       # fp32 [1, N]
-    n: int
-    k: int
-    hadamard: bool = False
-
-    @property
-    def shape(self):
-        return (self.n, self.k)
 
 
 def _rotate(x: torch.Tensor, w) -> torch.Tensor:
@@ -104,14 +91,15 @@ def make_backend(device: str = "cuda", interpret: bool | None = None) -> Backend
     notes: dict[str, str] = {}
     if interp:
         fp8_ok = False
-        notes["w8a8-fp8"] = ("FP8 W8A8 runs on torch._scaled_mm, which the Triton interpreter (CPU "
-                             "mode) cannot run; use w8a8-int8 (same weight bytes) or w4a16")
+        notes["w8a8-fp8"] = ("FP8 W8A8 needs FP8 tensor cores (compute capability >= 8.9), which the "
+                             "Triton interpreter (CPU mode) does not offer; use w8a8-int8 (same weight "
+                             "bytes) or w4a16")
     else:
         cc = torch.cuda.get_device_capability(dev)
         fp8_ok = cc >= (8, 9)
         if not fp8_ok:
-            notes["w8a8-fp8"] = (f"FP8 W8A8 needs compute capability >= 8.9 (Ada / Hopper) for "
-                                 f"torch._scaled_mm; {torch.cuda.get_device_name(dev)} is "
+            notes["w8a8-fp8"] = (f"FP8 W8A8 needs compute capability >= 8.9 (Ada / Hopper: FP8 "
+                                 f"tensor cores); {torch.cuda.get_device_name(dev)} is "
                                  f"{cc[0]}.{cc[1]}; use w8a8-int8 (same weight bytes) or w4a16")
     schemes = tuple(s for s in SCHEMES if s != "w8a8-fp8" or fp8_ok)
 
@@ -122,39 +110,30 @@ def make_backend(device: str = "cuda", interpret: bool | None = None) -> Backend
         return qw if qw.codes.device == dev else qw.to(dev)
 
     # ------------------------------------------------------------------ activations
+    def _fp8_gate(qtype, op):
+        if qtype == "fp8" and not fp8_ok:
+            _no_fp8(op)
+
     def quantize_per_token(x, qtype):
-        if qtype == "fp8":
-            if not fp8_ok:
-                _no_fp8("quantize_per_token")
-            return R.quantize_per_token(x, "fp8")
+        _fp8_gate(qtype, "quantize_per_token")
         return nq.quantize_per_token(x, qtype)
 
     def rms_norm(x, weight, eps):
         return nq.rms_norm(x, weight, eps)
 
     def rms_norm_quant(x, weight, eps, qtype):
-        if qtype == "fp8":
-            if not fp8_ok:
-                _no_fp8("rms_norm_quant")
-            return R.quantize_per_token(nq.rms_norm(x, weight, eps), "fp8")
+        _fp8_gate(qtype, "rms_norm_quant")
         return nq.rms_norm_quant(x, weight, eps, qtype)
 
     def add_rms_norm(x, delta, weight, eps, qtype=None):
-        if qtype == "fp8":      # the fused add + norm, then torch's fp8 quantization (as rms_norm_quant)
-            if not fp8_ok:
-                _no_fp8("add_rms_norm")
-            y, s = nq.add_rms_norm(x, delta, weight, eps)
-            return R.quantize_per_token(y, "fp8"), s
+        _fp8_gate(qtype, "add_rms_norm")
         return nq.add_rms_norm(x, delta, weight, eps, qtype)
 
     def silu_mul(x):
         return nq.silu_mul(x)
 
     def silu_mul_quant(x, qtype):
-        if qtype == "fp8":
-            if not fp8_ok:
-                _no_fp8("silu_mul_quant")
-            return R.quantize_per_token(nq.silu_mul(x), "fp8")
+        _fp8_gate(qtype, "silu_mul_quant")
         return nq.silu_mul_quant(x, qtype)
 
     def _activation(x, qtype: str, w) -> QActivation:
@@ -170,6 +149,13 @@ def make_backend(device: str = "cuda", interpret: bool | None = None) -> Backend
 
     # ------------------------------------------------------------------ GEMMs
     def gemm_bf16(x, w, bias=None):
+        # cuBLAS, except at the few-row shapes where the tuned table for this GPU measured the
+        # weight-streaming Triton kernel faster (kind "bf16"; none on GPUs without a table)
+        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if (not interp and 0 < m <= 16 and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
+                and w.is_contiguous() and w.shape[1] % 256 == 0
+                and kn.tuning.tuned("bf16", m, w.shape[0], w.shape[1], x.device) is not None):
+            return g8.gemm_dense_stream(_rows(x), w, bias).view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w, bias)
 
     def gemm_w8a8_int8(x, w, bias=None):
@@ -194,22 +180,7 @@ def make_backend(device: str = "cuda", interpret: bool | None = None) -> Backend
         if not fp8_ok:
             _no_fp8("gemm_w8a8_fp8")
         lead = x.shape[:-1]
-        a = _activation(x, "fp8", w)
-        q = _rows(a.q)
-        s = a.scale.reshape(-1, 1).float()
-        kp = w.codes.shape[1]
-        if q.shape[1] != kp:
-            q = F.pad(q.view(torch.uint8), (0, kp - q.shape[1])).view(torch.float8_e4m3fn)
-        if a.dtype == torch.bfloat16 and bias is None:
-            y = torch._scaled_mm(q, w.codes.t(), scale_a=s, scale_b=w.scale, out_dtype=torch.bfloat16)
-        else:   # fp32 accumulator out, then the reference epilogue (exact order)
-            one = torch.ones((), dtype=torch.float32, device=q.device)
-            acc = torch._scaled_mm(q, w.codes.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
-            acc = acc * s * w.scale
-            if bias is not None:
-                acc = acc + bias.to(torch.float32)
-            y = acc.to(a.dtype)
-        return y.view(*lead, w.n)
+        return g8.gemm_w8a8_fp8(_activation(x, "fp8", w), w, bias).view(*lead, w.n)
 
     # ------------------------------------------------------------------ attention, cache, rope
     def attention(q, cache, layer, positions, kv_len, mask=None):
@@ -236,12 +207,7 @@ def make_backend(device: str = "cuda", interpret: bool | None = None) -> Backend
         qw = _on_device(qw)
         if not qw.is_fp8 or qw.scale.shape[1] != 1:
             raise UnsupportedError("w8a8-fp8 needs float8_e4m3fn per-channel weights")
-        n, k = qw.codes.shape
-        kp = -(-k // 16) * 16
-        codes = qw.codes
-        if kp != k:
-            codes = F.pad(codes.view(torch.uint8), (0, kp - k)).view(torch.float8_e4m3fn)
-        return Fp8Weight(codes.contiguous(), qw.scale.reshape(1, n).float().contiguous(), n, k, qw.hadamard)
+        return g8.pack_fp8(qw)
 
     ops = {
         "rms_norm": rms_norm, "rms_norm_quant": rms_norm_quant, "add_rms_norm": add_rms_norm, "rope": R.rope,

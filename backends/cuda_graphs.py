@@ -6,8 +6,18 @@ through static buffers; the graph runs the attention over the whole static cache
 reads each query's visible length from the positions buffer on the device, so one capture serves
 every context length. Captures happen once, before the first prefill (a warm-up forward writes
 KV slots, which the prefill then overwrites), and share one memory pool.
+
+Capture hygiene: a runner holds its model by weak reference (the model owns the runner, so a
+strong one would make a cycle that only Python's cyclic GC frees), and the cyclic GC is
+collected before and disabled during each capture. Otherwise a collection that happens to run
+mid-capture can free another model's graphs, whose reset is not permitted while a stream
+captures and invalidates the capture (cudaErrorStreamCaptureInvalidated, seen once in the step
+benchmark, which builds one model after another).
 """
 from __future__ import annotations
+
+import gc
+import weakref
 
 import torch
 
@@ -20,7 +30,7 @@ class StaticStepRunner:
     runner in tests, and its base class."""
 
     def __init__(self, model, chunk_lengths, modes=("verify",)):
-        self.model = model
+        self._model = weakref.ref(model)
         dev = model.device
         t_max = max(chunk_lengths)
         self.ids = torch.zeros(1, t_max, dtype=torch.int64, device=dev)
@@ -28,6 +38,13 @@ class StaticStepRunner:
         self.pos = torch.arange(model.max_seq_len - t_max, model.max_seq_len, device=dev).view(1, -1)
         self.lengths = sorted(set(chunk_lengths), reverse=True)
         self.modes = tuple(modes)
+
+    @property
+    def model(self):
+        m = self._model()
+        if m is None:
+            raise RuntimeError("the model this step runner was built for has been freed")
+        return m
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mode: str = "verify") -> torch.Tensor:
         t = input_ids.shape[1]
@@ -62,9 +79,16 @@ class GraphRunner(StaticStepRunner):
             for _ in range(2):                      # compile / autotune outside the capture
                 m.forward(ids, pos, kv_len=m.max_seq_len)
         torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = m.forward(ids, pos, kv_len=m.max_seq_len)
+        gc.collect()                 # free dead graphs now, not in the middle of the capture
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                out = m.forward(ids, pos, kv_len=m.max_seq_len)
+        finally:
+            if enabled:
+                gc.enable()
         self.graphs[(mode, t)] = (g, out)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mode: str = "verify") -> torch.Tensor:

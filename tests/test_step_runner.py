@@ -1,6 +1,9 @@
 """Captured step execution. On a GPU: CUDA-graph replay gives the same tokens as eager execution.
 Its CPU twin: the static-buffer step function (whole-cache attention, visibility from positions,
 exactly what a graph replays) matches the plain forward."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -50,6 +53,27 @@ def test_static_step_runner_matches_plain_forward(tiny_root, quant, draft, kw):
     assert torch.allclose(m.step(ids, pos, kv_len=45), plain, atol=1e-5, rtol=1e-5)
 
 
+def test_a_dropped_model_with_a_runner_is_freed_without_the_cyclic_gc(tiny_root):
+    """The model owns its runner; the runner must not own the model back. A cycle there is freed
+    only by the cyclic GC, at a moment nobody chooses: on a GPU, possibly in the middle of the
+    next model's graph capture, whose stream capture it then invalidates."""
+    path = make_tiny(tiny_root, "qwen3", seed=3)
+    m = build(path, "cpu", torch.float32)
+    m.runner = StaticStepRunner(m, [1, 2])
+    runner = m.runner
+    ref = weakref.ref(m)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del m
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()
+    with pytest.raises(RuntimeError, match="has been freed"):
+        runner(torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64))
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs, compiled Triton)")
 
 
@@ -66,6 +90,39 @@ def test_cuda_graph_replay_gives_the_same_tokens_as_eager(tiny_root, quant, draf
     m.runner = GraphRunner(m, list(range(1, k + 2)), ("verify", "draft") if draft else ("verify",))
     graphed, st_g = Scheduler(m, mk(), G, k, set()).generate(prompt(1), 40)
     assert graphed == eager and st_g.steps == st_e.steps
+
+
+@gpu
+def test_capture_is_not_invalidated_by_a_collection_of_another_models_graphs(tiny_root):
+    """Regression (seen once in the step benchmark: cudaErrorStreamCaptureInvalidated): a dead
+    reference cycle holds a model with captured graphs, and an automatic collection runs in the
+    middle of the next capture (a hook collects whenever the GC is enabled, as Python's
+    allocation-triggered collections would). Freeing a graph while a stream captures invalidates
+    the capture; the runner collects before capturing and keeps the GC off during it."""
+    from quasar.backends.cuda_graphs import GraphRunner
+    path = make_tiny(tiny_root, "qwen3", seed=5, hidden_size=128, intermediate_size=256, head_dim=32)
+    old = build(path, "cuda", torch.bfloat16)
+    old.runner = GraphRunner(old, [1, 2])
+    junk = [old]
+    junk.append(junk)                  # a dead cycle holding the old graphs
+    del old, junk
+    m = build(path, "cuda", torch.bfloat16)
+
+    def collect_mid_capture(*_):
+        if torch.cuda.is_current_stream_capturing() and gc.isenabled():
+            gc.collect()
+    hook = m.layers[0].register_forward_pre_hook(collect_mid_capture)
+    try:
+        m.runner = GraphRunner(m, [1, 2])
+    finally:
+        hook.remove()
+    ids = torch.tensor([[5, 6]], device="cuda")
+    pos = torch.tensor([[0, 1]], device="cuda")
+    graphed = m.step(ids, pos, 2).clone()
+    m.runner = None
+    eager = m.step(ids, pos, 2)
+    assert torch.equal(graphed.argmax(-1), eager.argmax(-1))
+    assert torch.allclose(graphed.float(), eager.float(), atol=3e-2, rtol=3e-2)
 
 
 @gpu
@@ -104,3 +161,39 @@ def test_greedy_agreement_bf16_spec_vs_ar_on_gpu_is_reported(tiny_root):
     ar, _ = Scheduler(m, Drafter(), G, 0, set()).generate(prompt(2), 24)
     sp, _ = Scheduler(m, NgramDrafter(m.device, 1, 3), G, 4, set()).generate(prompt(2), 24)
     assert ar[:4] == sp[:4]
+
+
+@gpu
+def test_dense_gemms_routed_by_a_tuned_table_match_cublas(tiny_root, monkeypatch):
+    """Where a tuned table has a "bf16" entry, the CUDA backend runs a dense few-row GEMM on the
+    weight-streaming Triton kernel instead of cuBLAS: the logits stay those of cuBLAS (bf16
+    rounding and summation order aside), also when replayed from a CUDA graph."""
+    from quasar.backends.cuda_graphs import GraphRunner
+    path = make_tiny(tiny_root, "qwen3", seed=9, hidden_size=256, intermediate_size=512, head_dim=32)
+    m = build(path, "cuda", torch.bfloat16, "bf16")
+    be = backends.get("cuda")
+    g8, tuning = be.kernels.gemm_int8, be.kernels.tuning
+    ids = torch.randint(0, 256, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    pos = torch.arange(20, 26, device="cuda").view(1, -1)
+    ref = m(ids, pos, 26).float()
+    calls = []
+    real = g8.gemm_dense_stream
+    monkeypatch.setattr(g8, "gemm_dense_stream", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    from quasar.quant import QuantLinear
+    shapes = {tuple(q.weight.shape) for q in m.modules() if isinstance(q, QuantLinear)}
+    added = [("bf16", tuning.m_bucket(6), n, k) for (n, k) in shapes if k % 256 == 0]
+    assert added
+    for key in added:
+        tuning.TABLE[key] = tuning.GemmConfig(bn=64, split_k=2, bk=256)
+    try:
+        got = m(ids, pos, 26).float()
+        assert calls, "no dense GEMM took the streaming kernel"
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < 2e-2, err
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+        m.runner = GraphRunner(m, [6])
+        graphed = m.step(ids, pos, 26).float()
+        assert ((graphed - ref).norm() / ref.norm()).item() < 2e-2
+    finally:
+        for key in added:
+            tuning.TABLE.pop(key, None)

@@ -13,5 +13,5 @@ def test_all_kernels_compile_for_sm90():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     line = next(x for x in r.stdout.splitlines() if "kernel variants compiled" in x)
     for kernel in ("_int8_weight_kernel", "_int4_kernel", "_attn_kernel", "_quant_kernel", "_rms_norm_kernel",
-                   "_silu_mul_kernel", "_rope_kv_kernel"):
+                   "_silu_mul_kernel", "_quant_chunks_kernel", "_rope_kv_kernel"):
         assert kernel in line, line

@@ -80,16 +80,16 @@ def compile_all(arch: int = 90, verbose: bool = False) -> list[str]:
         for m in (1, 33):
             x = torch.randn(m, 256, dtype=dt)
             w = torch.ones(256, dtype=dt)
-            for qt in ("int8", "int4"):
+            for qt in ("int8", "int4", "fp8"):
                 nq.quantize_per_token(x, qt)
                 nq.rms_norm_quant(x, w, 1e-6, qt)
                 nq.silu_mul_quant(torch.randn(m, 512, dtype=dt), qt)
             nq.rms_norm(x, w, 1e-6)
-            for qt in (None, "int8", "int4"):
+            for qt in (None, "int8", "int4", "fp8"):
                 nq.add_rms_norm(x, x, w, 1e-6, qt)
             # rows longer than one block: the multi-pass paths
             xl, wl = torch.randn(m, 8192, dtype=dt), torch.ones(8192, dtype=dt)
-            for qt in (None, "int8"):
+            for qt in (None, "int8", "fp8"):
                 nq.add_rms_norm(xl, xl, wl, 1e-6, qt)
                 nq._silu(torch.randn(m, 2 * 20000, dtype=dt), qt)
             nq.rms_norm(xl, wl, 1e-6)
@@ -106,9 +106,15 @@ def compile_all(arch: int = 90, verbose: bool = False) -> list[str]:
         g8.gemm_w8a8_int8(a8, p8)
         g8.gemm_w8a8_int8(a8, p8, bias=torch.randn(n))
         g4.gemm_w4a4(a4, p4[(-1, True)])
+        if arch >= 89:         # fp8 x fp8 tensor-core dot
+            from quasar.ops import reference as R
+            pf = g8.pack_fp8(rtn.fp8_per_channel(wf))
+            for dt in (torch.bfloat16, torch.float32):
+                g8.gemm_w8a8_fp8(R.quantize_per_token(torch.randn(m, k, dtype=dt), "fp8"), pf, bias=torch.randn(n))
         for dt in (torch.bfloat16, torch.float32):
             x = torch.randn(m, k, dtype=dt)
             g8.gemm_w8a16(x, p8)
+            g8.gemm_dense_stream(x, torch.randn(n, k, dtype=dt))
             for key, p in p4.items():
                 g4.gemm_w4a16(x, p)
         note(f"GEMMs M={m}")

@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 
 CASES = [("decode bf16 (T=1)", "bf16", 1), ("verify w8a8-int8 (T=6)", "w8a8-int8", 6),
-         ("verify w4a16 g128 (T=6)", "w4a16", 6)]
+         ("verify w8a8-fp8 (T=6)", "w8a8-fp8", 6), ("verify w4a16 g128 (T=6)", "w4a16", 6)]
 
 
 def group(name: str) -> str:

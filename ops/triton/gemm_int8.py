@@ -1,4 +1,5 @@
-"""GEMMs over int8 per-output-channel weights: w8a8-int8 and w8a16.
+"""GEMMs over 8-bit per-output-channel weights: w8a8-int8, w8a16 and w8a8-fp8 (e4m3 weights and
+per-token e4m3 activations; the same kernel with an fp8 x fp8 -> fp32 tl.dot).
 
 Weight-streaming design for M = 1..64 rows (decode / verify), one launch per GEMM:
 - the operands are swapped: each program computes the transposed tile acc[BN, BM] =
@@ -12,9 +13,13 @@ Weight-streaming design for M = 1..64 rows (decode / verify), one launch per GEM
 - w8a16: the int8 tile is converted to the activation dtype in registers (exact: |c| <= 128)
   and multiplied with the activations on the tensor cores in fp32 accumulation; the per-channel
   scale is applied once in the epilogue.
+- w8a8-fp8: e4m3 x e4m3 on the tensor cores with fp32 accumulation (max_num_imprecise_acc = 0:
+  Hopper's fast FP8 accumulation is not used), the epilogue as w8a8-int8's. On an H100 at M = 6
+  cuBLAS (torch._scaled_mm) reached about half of the bandwidth on these shapes (BENCHMARKS.md).
 
 Prepared layout (`Int8Weight`): codes int8 [N, K_pad] (K contiguous, zero-padded to a multiple
-of 256, so K blocks need no mask), scale fp32 [N]. The same object serves both schemes.
+of 256, so K blocks need no mask), scale fp32 [N]. The same object serves both int8 schemes;
+w8a8-fp8 uses it with float8_e4m3fn codes.
 """
 from __future__ import annotations
 
@@ -62,11 +67,24 @@ def pack_int8(qw: QuantizedWeight) -> Int8Weight:
     return Int8Weight(codes.contiguous(), qw.scale.reshape(n).float().contiguous(), n, k, qw.hadamard)
 
 
+def pack_fp8(qw: QuantizedWeight) -> Int8Weight:
+    if not qw.is_fp8 or qw.group_size != -1 or qw.scale.shape[1] != 1:
+        raise UnsupportedError("the FP8 GEMM kernel needs float8_e4m3fn per-output-channel weights")
+    n, k = qw.codes.shape
+    kp = triton.cdiv(k, tuning.KBLOCK) * tuning.KBLOCK
+    codes = qw.codes
+    if kp != k:
+        codes = torch.nn.functional.pad(codes.view(torch.uint8), (0, kp - k)).view(torch.float8_e4m3fn)
+    tuning.counters(codes.device)
+    return Int8Weight(codes.contiguous(), qw.scale.reshape(n).float().contiguous(), n, k, qw.hadamard)
+
+
 @triton.jit(do_not_specialize=["M", "NKB", "blocks_per_split", "split_k"])
 def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                         M, N, K, KPAD, NKB, blocks_per_split, split_k,
                         stride_xm, stride_xk, stride_om, stride_on,
-                        ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                        ACT_INT8: tl.constexpr, ACT_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SPLIT: tl.constexpr,
                         BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                         F32DOT: tl.constexpr, INTERP: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -93,6 +111,13 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
                      other=0)
         if ACT_INT8:
             acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
+        elif ACT_FP8:   # the codes arrive as uint8 (a masked load's zero fill is then +0.0)
+            w = w.to(tl.float8e4nv, bitcast=True)
+            xt = xt.to(tl.float8e4nv, bitcast=True)
+            if F32DOT:
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc, max_num_imprecise_acc=0)
         else:
             if F32DOT:
                 acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
@@ -100,16 +125,20 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
                 acc = tl.dot(w.to(XDT), xt, acc)
     gemm_finish(acc, offs_m, offs_n, m_mask, n_mask, M, N, pid_k, split_k, ws_ptr, cnt_ptr,
                 xs_ptr, s_ptr, b_ptr, out_ptr, stride_om, stride_on,
-                SPLIT, ACT_INT8, True, HAS_BIAS, INTERP)
+                SPLIT, ACT_INT8 or ACT_FP8, True, HAS_BIAS, INTERP)
 
 
-def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, config=None):
+def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, config=None, kind=None,
+            act_fp8: bool = False):
     m, k = x.shape
     if k != w.k:
         raise ValueError(f"GEMM: activation has {k} features, the weight expects {w.k}")
     n = w.n
-    kind = "w8a8_int8" if act_int8 else "w8a16"
-    cfg = tuning.pick(kind, m, n, k, x.device, config)
+    kind = kind or ("w8a8_int8" if act_int8 else ("w8a8_fp8" if act_fp8 else "w8a16"))
+    # FP8 streams the same bytes through the same loop as int8: without an entry of its own it
+    # takes int8's tuned configuration
+    cfg = config or tuning.tuned(kind, m, n, k, x.device) or (
+        tuning.pick("w8a8_int8", m, n, k, x.device) if act_fp8 else tuning.pick(kind, m, n, k, x.device))
     bm = tuning.block_m(m)
     bk = cfg.bk
     kpad = w.codes.shape[1]
@@ -121,12 +150,15 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
     if m == 0:
         return out
     grid, per, split, ws, cnt = tuning.split_plan(m, n, nkb, cfg, out, act_int8)
-    f32dot = (x.dtype == torch.float32) or (INTERPRETED and x.dtype == torch.bfloat16)
+    f32dot = (x.dtype == torch.float32) or INTERPRETED
+    codes = w.codes
+    if act_fp8:
+        x, codes = x.view(torch.uint8), codes.view(torch.uint8)
     _int8_weight_kernel[grid](
-        x, xs if xs is not None else w.scale, w.codes, w.scale, bias if bias is not None else w.scale,
+        x, xs if xs is not None else w.scale, codes, w.scale, bias if bias is not None else w.scale,
         out, ws, cnt, m, n, k, kpad, nkb, per, split, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        ACT_INT8=act_int8, HAS_BIAS=bias is not None, SPLIT=split > 1, BN=cfg.bn, BM=bm, BK=bk,
-        F32DOT=bool(f32dot and not act_int8), INTERP=INTERPRETED,
+        ACT_INT8=act_int8, ACT_FP8=act_fp8, HAS_BIAS=bias is not None, SPLIT=split > 1, BN=cfg.bn, BM=bm,
+        BK=bk, F32DOT=bool(f32dot and not act_int8), INTERP=INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -138,6 +170,36 @@ def gemm_w8a8_int8(a: QActivation, w: Int8Weight, bias=None, out=None, config=No
     return _launch(q, s, w, bias, a.dtype, True, out, config)
 
 
+def gemm_w8a8_fp8(a: QActivation, w: Int8Weight, bias=None, out=None, config=None) -> torch.Tensor:
+    """a: per-token e4m3 activation (q[M, K] float8_e4m3fn, scale[M, 1] fp32); w: pack_fp8's;
+    output in a.dtype, as quasar.ops.reference.gemm_w8a8_fp8 (fp32 accumulation, then
+    (acc * x_scale) * w_scale (+ bias))."""
+    if a.q.dtype != torch.float8_e4m3fn or w.codes.dtype != torch.float8_e4m3fn:
+        raise UnsupportedError(f"w8a8-fp8 needs e4m3 activations and weights, got {a.q.dtype} x {w.codes.dtype}")
+    q = a.q.reshape(-1, a.q.shape[-1])
+    s = a.scale.reshape(-1).float().contiguous()
+    return _launch(q, s, w, bias, a.dtype, False, out, config, act_fp8=True)
+
+
 def gemm_w8a16(x: torch.Tensor, w: Int8Weight, bias=None, out=None, config=None) -> torch.Tensor:
     """x[M, K] in bf16/fp16/fp32; output in x.dtype."""
     return _launch(x, None, w, bias, x.dtype, False, out, config)
+
+
+_ONES: dict = {}
+
+
+def gemm_dense_stream(x: torch.Tensor, w: torch.Tensor, bias=None, out=None, config=None) -> torch.Tensor:
+    """x[M, K] @ w[N, K]^T for a dense bf16/fp16 weight through the same weight-streaming kernel
+    (the w8a16 path without the int8 -> float conversion; the per-channel scale is 1.0, an exact
+    multiply). cuBLAS picks tiles for large M; at M = 1..16 on the small projections it reaches
+    about half of the bandwidth (BENCHMARKS.md), so the CUDA backend routes a dense GEMM here
+    only where a tuned table says this kernel is faster (kind "bf16")."""
+    n, k = w.shape
+    if w.stride(1) != 1 or w.stride(0) != k or w.dtype != x.dtype:
+        raise ValueError("gemm_dense_stream needs a row-major weight in the activation dtype")
+    key = (n, str(w.device))
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = torch.ones(n, dtype=torch.float32, device=w.device)
+    return _launch(x, None, Int8Weight(w, ones, n, k), bias, x.dtype, False, out, config, kind="bf16")

@@ -1,6 +1,7 @@
 """Per-token activation quantization, RMSNorm and SiLU*mul, plain and fused with quantization.
 
-One program per row (token; plain SiLU*mul also splits the row across programs). All math in fp32, exactly in the order of quasar.ops.reference:
+One program per row (token) for the norms and plain quantization; SiLU*mul (plain and
+quantizing) splits each row into chunks across programs. All math in fp32, exactly in the order of quasar.ops.reference:
 - quantize_per_token: scale = max(amax / qmax, 1e-8), q = clamp(round_half_even(x / scale)),
   int8 codes in [-128, 127], int4 codes in [-8, 7] held one per int8 element. Divisions are
   IEEE-rounded (div_rn), so codes match torch's bit for bit given the same scale.
@@ -20,7 +21,7 @@ import triton.language as tl
 from quasar.quant.format import QMAX, QActivation
 from ._common import INTERPRETED, rint, to_dtype
 
-_QMAX = {"int8": 127.0, "int4": 7.0}
+_QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
 
 
 @triton.jit
@@ -31,9 +32,29 @@ def _scale(amax, QMAX: tl.constexpr):
 
 @triton.jit
 def _codes(y, scale, QMAX: tl.constexpr):
-    """clamp(round_half_even(y / scale)) as int8 codes."""
+    """int8 / int4: clamp(round_half_even(y / scale)) as int8 codes. fp8 (QMAX = 448): the bits of
+    clamp(y / scale, -448, 448) rounded to e4m3 (nearest, ties to even; torch's cast), held in int8."""
+    if QMAX == 448.0:
+        v = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
+        return _e4m3_bits(v)
     c = rint(tl.math.div_rn(y, scale))
     return tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX).to(tl.int8)
+
+
+@triton.jit
+def _e4m3_bits(v):
+    """float8_e4m3fn bits of v (|v| <= 448), round to nearest even, by exact fp32 arithmetic (no
+    reliance on the hardware / interpreter conversion): with e = max(floor(log2 |v|), -6), the
+    multiple q = rint(|v| * 2^(3 - e)) of the e4m3 spacing gives bits ((e + 6) << 3) + q, which
+    also covers subnormals (e = -6, q < 8) and a mantissa that rounds up into the next binade."""
+    a = tl.abs(v)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)
+    step = ((130 - e) << 23).to(tl.float32, bitcast=True)          # 2^(3 - e), exact
+    q = rint(a * step).to(tl.int32)
+    bits = ((e + 6) << 3) + q
+    bits = tl.where(v.to(tl.int32, bitcast=True) < 0, bits | 0x80, bits)     # sign bit (also of -0.0)
+    return bits.to(tl.int8)        # the low 8 bits (one return type for every qtype)
 
 
 @triton.jit(do_not_specialize=["K"])
@@ -128,46 +149,41 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, d_ptr, r_ptr, K, stride_
 
 
 @triton.jit(do_not_specialize=["I"])
-def _silu_mul_kernel(x_ptr, y_ptr, q_ptr, s_ptr, I, stride_x, stride_y,
-                     QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
-                     INTERP: tl.constexpr, ONE_PASS: tl.constexpr):
+def _silu_mul_kernel(x_ptr, y_ptr, p_ptr, I, stride_x, stride_y, NCH,
+                     AMAX: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+    """y = silu(gate) * up, one chunk of BLOCK features of one row per program (grid: rows x
+    chunks; SiLU*mul has no row reduction, and at M = 1..16 rows one program per row would leave
+    the GPU idle). AMAX: also store the chunk's max |y| (of the dtype-rounded y) to p[row, chunk]
+    for _quant_chunks_kernel, which then quantizes the row without another pass over it."""
     row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
     xr = x_ptr + row * stride_x
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    if QUANT and ONE_PASS:     # I <= BLOCK: gate and up read once, kept in registers
-        o = tl.arange(0, BLOCK)
-        g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
-        u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
-        s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
-        y = to_dtype(s * u, DT, INTERP).to(tl.float32)
-        scale = _scale(tl.max(tl.abs(y), axis=0), QMAX)
+    o = ch * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
+    u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
+    s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
+    y = to_dtype(s * u, DT, INTERP)
+    tl.store(y_ptr + row * stride_y + o, y, mask=o < I)
+    if AMAX:
+        tl.store(p_ptr + row * NCH + ch, tl.max(tl.abs(y.to(tl.float32)), axis=0))
+
+
+@triton.jit(do_not_specialize=["K"])
+def _quant_chunks_kernel(y_ptr, p_ptr, q_ptr, s_ptr, K, stride_y, stride_q, NCH,
+                         QMAX: tl.constexpr, BLOCK: tl.constexpr, PCH: tl.constexpr):
+    """Per-token quantization of y[row] from its per-chunk amax partials p[row, :NCH]: grid rows x
+    chunks, each program quantizes one chunk (the row's scale is the same in all of them)."""
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    pc = tl.arange(0, PCH)
+    a = tl.max(tl.load(p_ptr + row * NCH + pc, mask=pc < NCH, other=0.0), axis=0)
+    scale = _scale(a, QMAX)
+    if ch == 0:
         tl.store(s_ptr + row, scale)
-        tl.store(q_ptr + row * stride_y + o, _codes(y, scale, QMAX), mask=o < I)
-        return
-    if QUANT:
-        amax = tl.zeros([BLOCK], tl.float32)
-        for k0 in range(0, I, BLOCK):
-            o = k0 + tl.arange(0, BLOCK)
-            g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
-            u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
-            s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
-            y = to_dtype(s * u, DT, INTERP).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(y))
-        scale = _scale(tl.max(amax, axis=0), QMAX)
-        tl.store(s_ptr + row, scale)
-        for k0 in range(0, I, BLOCK):
-            o = k0 + tl.arange(0, BLOCK)
-            g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
-            u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
-            s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
-            y = to_dtype(s * u, DT, INTERP).to(tl.float32)
-            tl.store(q_ptr + row * stride_y + o, _codes(y, scale, QMAX), mask=o < I)
-    else:   # no row reduction: programs along the row too (grid axis 1), one chunk each
-        o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        g = tl.load(xr + o, mask=o < I, other=0.0).to(tl.float32)
-        u = tl.load(xr + I + o, mask=o < I, other=0.0).to(tl.float32)
-        s = to_dtype(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERP).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + o, to_dtype(s * u, DT, INTERP), mask=o < I)
+    o = ch * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(y_ptr + row * stride_y + o, mask=o < K, other=0.0).to(tl.float32)
+    tl.store(q_ptr + row * stride_q + o, _codes(v, scale, QMAX), mask=o < K)
 
 
 # ------------------------------------------------------------------ launch helpers
@@ -180,7 +196,10 @@ def _block(k: int, cap: int = 4096) -> int:
 
 
 def _warps(block: int) -> int:
-    return 1 if INTERPRETED else (4 if block <= 1024 else (8 if block <= 4096 else 16))
+    """~128 elements of a row per warp, 4..32 warps: these kernels are latency-bound (a few rows
+    of 4096..12288), and on an H100 32 warps beat 8 or 16 on a 4096-wide row by 1.3..1.9x
+    (tools/bench_norms.py)."""
+    return 1 if INTERPRETED else min(32, max(4, block // 128))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -193,29 +212,36 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _check_qtype(qtype: str) -> float:
     if qtype not in _QMAX:
-        raise ValueError(f"the Triton quantization kernels produce int8 or int4 codes, not {qtype!r}")
+        raise ValueError(f"the Triton quantization kernels produce int8, int4 or fp8 codes, not {qtype!r}")
     return _QMAX[qtype]
 
 
-def _qs_out(out, m, k, device):
-    """(q [m, k] int8, scale [m, 1] fp32): the caller's (tests poison them) or fresh ones."""
+def _qs_out(out, m, k, device, qtype="int8"):
+    """(q [m, k] int8 / float8_e4m3fn, scale [m, 1] fp32): the caller's (tests poison them) or
+    fresh ones."""
+    dt = torch.float8_e4m3fn if qtype == "fp8" else torch.int8
     if out is not None:
         q, s = out
-        assert q.shape == (m, k) and q.dtype == torch.int8 and q.is_contiguous()
+        assert q.shape == (m, k) and q.dtype == dt and q.is_contiguous()
         assert s.shape == (m, 1) and s.dtype == torch.float32 and s.is_contiguous()
         return q, s
-    return (torch.empty((m, k), dtype=torch.int8, device=device),
+    return (torch.empty((m, k), dtype=dt, device=device),
             torch.empty((m, 1), dtype=torch.float32, device=device))
+
+
+def _kq(q: torch.Tensor) -> torch.Tensor:
+    """The codes buffer as the kernels write it (e4m3 codes as their bits, in int8)."""
+    return q.view(torch.int8) if q.dtype == torch.float8_e4m3fn else q
 
 
 def quantize_per_token(x: torch.Tensor, qtype: str, out=None) -> QActivation:
     qmax = _check_qtype(qtype)
     x2 = _rows(x)
     m, k = x2.shape
-    q, s = _qs_out(out, m, k, x.device)
+    q, s = _qs_out(out, m, k, x.device, qtype)
     if m:
         blk = _block(k)
-        _quant_kernel[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), QMAX=qmax, BLOCK=blk,
+        _quant_kernel[(m,)](x2, _kq(q), s, k, x2.stride(0), q.stride(0), QMAX=qmax, BLOCK=blk,
                             num_warps=_warps(blk))
     return QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, x.dtype)
 
@@ -245,11 +271,11 @@ def _norm(x, weight, eps, qtype, out=None, delta=None):
         y = y.view(x.shape)
     else:
         qmax = _check_qtype(qtype)
-        q, s = _qs_out(out, m, k, x.device)
+        q, s = _qs_out(out, m, k, x.device, qtype)
         # y_ptr only carries the output dtype here (nothing is stored through it)
         ydt = torch.empty(0, dtype=out_dtype, device=x.device)
         if m:
-            _rms_norm_kernel[(m,)](x2, w, ydt, q, s, d2, r, k, x2.stride(0), q.stride(0), d2.stride(0),
+            _rms_norm_kernel[(m,)](x2, w, ydt, _kq(q), s, d2, r, k, x2.stride(0), q.stride(0), d2.stride(0),
                                    r.stride(0), float(eps), QUANT=True, QMAX=qmax, BLOCK=blk, **res)
         y = QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, out_dtype)
     return y if delta is None else (y, r.view(x.shape))
@@ -271,25 +297,32 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, qtype: str
 
 
 def _silu(x, qtype, out=None):
+    """SiLU*mul over row chunks of 1024 (all programs busy at M = 1..16); with qtype, the chunks
+    also emit their amax and a second row-chunked kernel quantizes. Measured on an H100 at M = 6,
+    I = 12288 (tools/bench_norms.py): one program per row doing SiLU and quantization in one pass
+    took 11.7 us at its best; the row-chunked pair takes less (see BENCHMARKS.md)."""
     x2 = _rows(x)
     m, k2 = x2.shape
     if k2 % 2:
         raise ValueError(f"silu_mul needs an even last dimension (gate|up), got {k2}")
     i = k2 // 2
-    blk = _block(i, cap=16384)      # Qwen3-8B's 12288 in one pass
+    blk = _block(i, cap=1024)
+    nch = triton.cdiv(i, blk)
     if qtype is None:
         y = out.view(m, i) if out is not None else torch.empty((m, i), dtype=x.dtype, device=x.device)
         if m:
-            blk = _block(i, cap=1024)
-            _silu_mul_kernel[(m, triton.cdiv(i, blk))](x2, y, y, y, i, x2.stride(0), y.stride(0), QUANT=False,
-                                                       QMAX=1.0, BLOCK=blk, INTERP=INTERPRETED, ONE_PASS=False,
-                                                       num_warps=_warps(blk))
+            _silu_mul_kernel[(m, nch)](x2, y, y, i, x2.stride(0), y.stride(0), nch, AMAX=False, BLOCK=blk,
+                                       INTERP=INTERPRETED, num_warps=_warps(blk))
         return y.view(*x.shape[:-1], i)
     qmax = _check_qtype(qtype)
-    q, s = _qs_out(out, m, i, x.device)
+    q, s = _qs_out(out, m, i, x.device, qtype)
     if m:
-        _silu_mul_kernel[(m,)](x2, q, q, s, i, x2.stride(0), q.stride(0), QUANT=True, QMAX=qmax,
-                               BLOCK=blk, INTERP=INTERPRETED, ONE_PASS=i <= blk, num_warps=_warps(blk))
+        y = torch.empty((m, i), dtype=x.dtype, device=x.device)
+        part = torch.empty((m, nch), dtype=torch.float32, device=x.device)
+        _silu_mul_kernel[(m, nch)](x2, y, part, i, x2.stride(0), y.stride(0), nch, AMAX=True, BLOCK=blk,
+                                   INTERP=INTERPRETED, num_warps=_warps(blk))
+        _quant_chunks_kernel[(m, nch)](y, part, _kq(q), s, i, y.stride(0), q.stride(0), nch, QMAX=qmax, BLOCK=blk,
+                                       PCH=triton.next_power_of_2(nch), num_warps=_warps(blk))
     return QActivation(q.view(*x.shape[:-1], i), s.view(*x.shape[:-1], 1), qtype, x.dtype)
 
 

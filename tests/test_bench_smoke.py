@@ -1,0 +1,38 @@
+"""The speed benchmark harness in its CPU smoke mode (issue 6: "CI keeps it working"): every mode
+(ops under the Triton interpreter, step, e2e with the transformers peers, project) on tiny
+models, through the real command line. The timings mean nothing here; what is checked is that
+each mode produces complete, well-formed results and plots."""
+import json
+import subprocess
+import sys
+
+
+def test_speed_benchmark_smoke_runs_every_mode(tmp_path):
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "-m", "quasar.bench", "speed", "--mode", "ops,step,e2e,project", "--smoke",
+                        "--out", str(out), "--per-category", "1", "--max-new-tokens", "8"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads((out / "speed.json").read_text())
+    # step: every case at both smoke contexts, each with a time and a floor
+    rows = d["step"]["rows"]
+    assert not [x for x in rows if "error" in x], rows
+    cases = {x["case"] for x in rows}
+    assert len(cases) == 7 and {x["ctx"] for x in rows} == {16, 48}
+    assert all(x["ms"] > 0 and x["floor_ms"] > 0 and x["ratio_to_floor"] > 0 for x in rows)
+    # e2e: the five configs and the two transformers peers on the same prompts
+    names = {x["config"] for x in d["e2e"]["rows"]}
+    assert {"AR bf16", "Quasar (ngram + w8a8-int8)", "QSpec (w4a4 -> w4a16)",
+            "transformers generate (greedy)", "transformers prompt-lookup (k=5)"} <= names, names
+    assert all(x["tok_s"] > 0 for x in d["e2e"]["rows"])
+    # project: labelled, with the formula
+    assert d["project"]["rows"] and all("formula" in x for x in d["project"]["rows"])
+    # ops: interpreter kernels checked against the reference, every scheme but FP8 (torch._scaled_mm)
+    ops = d["ops"]
+    assert ops["copy"]["GBps"] > 0
+    timed = {x["scheme"] for s in ops["gemm"].values() for x in s.get("rows", [])}
+    assert {"bf16", "w8a8-int8", "w4a16", "w4a4", "w8a16"} <= timed, timed
+    assert all(e.startswith("w8a8-fp8: skipped") for e in ops["errors"]), ops["errors"]
+    for s in ("w8a8-int8", "w4a16", "w4a4"):
+        assert ops["gemm"][s]["check"]["max_rel"] < 1e-3
+    assert list(out.glob("*.png"))
