@@ -264,7 +264,11 @@ def e2e_bench(a, backend, dtype) -> dict:
         if a.smoke:
             cfg.chat = False
         llm = LLM(cfg)
-        llm.generate(prompts[0]["prompt"], max_new_tokens=8)           # warm-up (autotune, caches)
+        # warm-up: autotune / caches, and every prompt's prefill shape once (cuBLAS and SDPA pick
+        # their kernels on a shape's first call; untimed, the first config would pay it for all)
+        llm.generate(prompts[0]["prompt"], max_new_tokens=8)
+        for rec in prompts:
+            llm.generate(rec["prompt"], max_new_tokens=1)
         tot = {"new": 0, "decode_tokens": 0, "steps": 0, "prefill_s": 0.0, "decode_s": 0.0, "draft_s": 0.0}
         outs = []
         per_task: dict = {}
