@@ -206,40 +206,35 @@ def _poison(m, n, dtype):
     return torch.full((m, n), float("nan"), dtype=dtype)
 
 
+W8A8 = {"int8": (rtn.int8_per_channel, g8.pack_int8, g8.gemm_w8a8_int8, R.gemm_w8a8_int8),
+        "fp8": (rtn.fp8_per_channel, g8.pack_fp8, g8.gemm_w8a8_fp8, R.gemm_w8a8_fp8)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-def test_gemm_w8a8_int8_is_exact(dtype):
+@pytest.mark.parametrize("qtype", ["int8", "fp8"])
+def test_gemm_w8a8(dtype, qtype):
+    """int8: int32 accumulation, bit-exact. fp8 (e4m3 x e4m3, fp32 accumulation): the products
+    are exact in fp32, so only the summation order differs from the reference."""
+    quantize, pack, gemm, ref_gemm = W8A8[qtype]
     n, k = 40, 200                               # K not a multiple of the 256 pad / the BK
-    qw = rtn.int8_per_channel(randn(n, k, seed=1))
-    w = g8.pack_int8(qw)
-    assert w.codes.shape == (n, 256) and (w.codes[:, k:] == 0).all()
-    for i, m in enumerate([1, 2, 5, 6, 16, 33]):
-        x, b = _gemm_case(n, k, m, dtype, 100 + i, bias=i % 2 == 0)
-        a = R.quantize_per_token(x, "int8")
-        ref = R.gemm_w8a8_int8(a, qw, b)
-        for cfg in (ONE, SPLIT):
-            y = g8.gemm_w8a8_int8(a, w, b, out=_poison(m, n, dtype), config=cfg)
-            assert y.dtype == dtype and torch.equal(y, ref), (m, cfg)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-def test_gemm_w8a8_fp8(dtype):
-    """The fp8 variant of the weight-streaming kernel (e4m3 x e4m3, fp32 accumulation): the
-    products are exact in fp32, so only the summation order differs from the reference."""
-    n, k = 40, 200
-    qw = rtn.fp8_per_channel(randn(n, k, seed=3))
-    w = g8.pack_fp8(qw)
-    assert w.codes.dtype == torch.float8_e4m3fn and w.codes.shape == (n, 256)
+    qw = quantize(randn(n, k, seed=1))
+    w = pack(qw)
+    assert w.codes.dtype == qw.codes.dtype and w.codes.shape == (n, 256)
     assert (w.codes[:, k:].float() == 0).all()
     for i, m in enumerate([1, 2, 5, 6, 16, 33]):
-        x, b = _gemm_case(n, k, m, dtype, 300 + i, bias=i % 2 == 0)
-        a = R.quantize_per_token(x, "fp8")
-        ref = R.gemm_w8a8_fp8(a, qw, b)
+        x, b = _gemm_case(n, k, m, dtype, 100 + i, bias=i % 2 == 0)
+        a = R.quantize_per_token(x, qtype)
+        ref = ref_gemm(a, qw, b)
         for cfg in (ONE, SPLIT):
-            y = g8.gemm_w8a8_fp8(a, w, b, out=_poison(m, n, dtype), config=cfg)
+            y = gemm(a, w, b, out=_poison(m, n, dtype), config=cfg)
             assert y.dtype == dtype and not torch.isnan(y).any()
-            assert rel(y, ref) <= (1e-6 if dtype == torch.float32 else TOL[dtype] / 4), (m, cfg)
-    with pytest.raises(UnsupportedError, match="e4m3"):
-        g8.gemm_w8a8_fp8(R.quantize_per_token(randn(2, k, seed=4), "int8"), w)
+            if qtype == "int8":
+                assert torch.equal(y, ref), (m, cfg)
+            else:
+                assert rel(y, ref) <= (1e-6 if dtype == torch.float32 else TOL[dtype] / 4), (m, cfg)
+    if qtype == "fp8":
+        with pytest.raises(UnsupportedError, match="e4m3"):
+            g8.gemm_w8a8_fp8(R.quantize_per_token(randn(2, k, seed=4), "int8"), w)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
