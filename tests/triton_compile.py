@@ -16,6 +16,7 @@ import os
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("QUASAR_PDL", "force")   # sm_90: kernels launch with programmatic dependent launch
 
 
 def install_fake_driver(arch: int = 90):

@@ -1,6 +1,9 @@
 """Small @triton.jit helpers shared by the kernel modules (rounding, dtype casts)."""
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -20,6 +23,42 @@ def is_interpreted(fn) -> bool:
 
 # Whether this copy of the kernel package was decorated for the interpreter (see __init__).
 INTERPRETED = is_interpreted(_probe)
+
+# Programmatic dependent launch (Hopper+): each kernel is launched with launch_pdl and starts with
+# pdl_prologue, so its launch and set-up overlap the tail of the kernel before it in the stream
+# (and in a CUDA graph, which keeps the programmatic edges). QUASAR_PDL=0 turns it off;
+# QUASAR_PDL=force turns it on without asking the device (the sm_90 compile check).
+_PDL: dict = {}
+
+
+def pdl(device) -> bool:
+    mode = os.environ.get("QUASAR_PDL", "auto").strip().lower()
+    if INTERPRETED or mode in ("0", "off", "false", "no"):
+        return False
+    if mode == "force":
+        return True
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _PDL:
+        _PDL[key] = torch.cuda.get_device_capability(key) >= (9, 0)
+    return _PDL[key]
+
+
+def pdl_kw(device) -> dict:
+    """Launch keywords: the PDL constexpr of the kernel, and Triton's launch_pdl option."""
+    return {"PDL": True, "launch_pdl": True} if pdl(device) else {"PDL": False}
+
+
+@triton.jit
+def pdl_prologue(PDL: tl.constexpr):
+    """Wait until the previous kernel's writes are visible (griddepcontrol.wait), then let the next
+    kernel start launching. Every kernel launched with launch_pdl must call this before it touches
+    global memory: nothing it reads or writes may race with the kernel before it."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from quasar.errors import UnsupportedError
-from ._common import INTERPRETED, to_dtype
+from ._common import pdl_kw, pdl_prologue, INTERPRETED, to_dtype
 
 MAX_ROWS = 128      # T * (H / Hkv) handled by one program
 MAX_T = 16
@@ -37,7 +37,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
                  sm_b, sm_t, sm_s, so_b, so_t, so_h,
                  G: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                  NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, F32DOT: tl.constexpr,
-                 INTERP: tl.constexpr):
+                 INTERP: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -107,7 +108,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
 @triton.jit
 def _attn_combine_kernel(wacc_ptr, wml_ptr, o_ptr, HKV, D, so_b, so_t, so_h,
                          G: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, NSP: tl.constexpr, INTERP: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, NSP: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     r = tl.program_id(1)
     b = pid_bh // HKV
@@ -203,10 +205,10 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
         v.stride(0), v.stride(1), v.stride(2), positions.stride(0), positions.stride(1),
         sm[0], sm[1], sm[2], out.stride(0), out.stride(1), out.stride(2),
         G=g, BR=br, BS=bs, BD=bd, NUM_SPLITS=ns, HAS_MASK=mask is not None, F32DOT=bool(f32dot),
-        INTERP=INTERPRETED, num_warps=nw, num_stages=nst)
+        INTERP=INTERPRETED, num_warps=nw, num_stages=nst, **pdl_kw(q.device))
     if ns > 1:
         _attn_combine_kernel[(bsz * hkv, t * g)](
             wacc, wml, out, hkv, dh, out.stride(0), out.stride(1), out.stride(2),
             G=g, BR=br, BD=bd, NUM_SPLITS=ns, NSP=max(2, triton.next_power_of_2(ns)),
-            INTERP=INTERPRETED, num_warps=1 if INTERPRETED else 4)
+            INTERP=INTERPRETED, num_warps=1 if INTERPRETED else 4, **pdl_kw(q.device))
     return out

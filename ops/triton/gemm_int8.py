@@ -32,7 +32,7 @@ import triton.language as tl
 from quasar.errors import UnsupportedError
 from quasar.quant.format import QActivation, QuantizedWeight
 from . import tuning
-from ._common import INTERPRETED, gemm_finish
+from ._common import pdl_kw, pdl_prologue, INTERPRETED, gemm_finish
 
 
 @dataclass
@@ -86,7 +86,8 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
                         ACT_INT8: tl.constexpr, ACT_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr,
                         BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                        F32DOT: tl.constexpr, INTERP: tl.constexpr):
+                        F32DOT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -159,7 +160,7 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
         out, ws, cnt, m, n, k, kpad, nkb, per, split, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         ACT_INT8=act_int8, ACT_FP8=act_fp8, HAS_BIAS=bias is not None, SPLIT=split > 1, BN=cfg.bn, BM=bm,
         BK=bk, F32DOT=bool(f32dot and not act_int8), INTERP=INTERPRETED,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kw(out.device))
     return out
 
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from quasar.quant.format import QMAX, QActivation
-from ._common import INTERPRETED, rint, to_dtype
+from ._common import pdl_kw, pdl_prologue, INTERPRETED, rint, to_dtype
 
 _QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
 
@@ -59,7 +59,8 @@ def _e4m3_bits(v):
 
 @triton.jit(do_not_specialize=["K"])
 def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-                  QMAX: tl.constexpr, BLOCK: tl.constexpr):
+                  QMAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
     amax = tl.zeros([BLOCK], tl.float32)
@@ -88,10 +89,11 @@ def _load_row(xr, dr, o, K, RES: tl.constexpr, XDT: tl.constexpr, INTERP: tl.con
 @triton.jit(do_not_specialize=["K"])
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, d_ptr, r_ptr, K, stride_x, stride_y, stride_d,
                      stride_r, eps, QUANT: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
-                     INTERP: tl.constexpr, RES: tl.constexpr, ONE_PASS: tl.constexpr):
+                     INTERP: tl.constexpr, RES: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr):
     """RMSNorm of x (RES: of x + d, whose sum is also stored to r), optionally quantized.
     ONE_PASS (K <= BLOCK): the row is read once and kept in registers (a step's norms are
     latency-bound: M is 1..16 rows, one program each); else each pass re-reads it."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
     dr = d_ptr + row * stride_d
@@ -150,11 +152,12 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, d_ptr, r_ptr, K, stride_
 
 @triton.jit(do_not_specialize=["I"])
 def _silu_mul_kernel(x_ptr, y_ptr, p_ptr, I, stride_x, stride_y, NCH,
-                     AMAX: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+                     AMAX: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
     """y = silu(gate) * up, one chunk of BLOCK features of one row per program (grid: rows x
     chunks; SiLU*mul has no row reduction, and at M = 1..16 rows one program per row would leave
     the GPU idle). AMAX: also store the chunk's max |y| (of the dtype-rounded y) to p[row, chunk]
     for _quant_chunks_kernel, which then quantizes the row without another pass over it."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1)
     xr = x_ptr + row * stride_x
@@ -171,9 +174,10 @@ def _silu_mul_kernel(x_ptr, y_ptr, p_ptr, I, stride_x, stride_y, NCH,
 
 @triton.jit(do_not_specialize=["K"])
 def _quant_chunks_kernel(y_ptr, p_ptr, q_ptr, s_ptr, K, stride_y, stride_q, NCH,
-                         QMAX: tl.constexpr, BLOCK: tl.constexpr, PCH: tl.constexpr):
+                         QMAX: tl.constexpr, BLOCK: tl.constexpr, PCH: tl.constexpr, PDL: tl.constexpr):
     """Per-token quantization of y[row] from its per-chunk amax partials p[row, :NCH]: grid rows x
     chunks, each program quantizes one chunk (the row's scale is the same in all of them)."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1)
     pc = tl.arange(0, PCH)
@@ -242,7 +246,7 @@ def quantize_per_token(x: torch.Tensor, qtype: str, out=None) -> QActivation:
     if m:
         blk = _block(k)
         _quant_kernel[(m,)](x2, _kq(q), s, k, x2.stride(0), q.stride(0), QMAX=qmax, BLOCK=blk,
-                            num_warps=_warps(blk))
+                            num_warps=_warps(blk), **pdl_kw(x.device))
     return QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, x.dtype)
 
 
@@ -262,7 +266,8 @@ def _norm(x, weight, eps, qtype, out=None, delta=None):
         r = torch.empty((m, k), dtype=x.dtype, device=x.device)
     else:
         d2 = r = x2
-    res = dict(RES=delta is not None, INTERP=INTERPRETED, ONE_PASS=k <= blk, num_warps=_warps(blk))
+    res = dict(RES=delta is not None, INTERP=INTERPRETED, ONE_PASS=k <= blk, num_warps=_warps(blk),
+               **pdl_kw(x.device))
     if qtype is None:
         y = out.view(m, k) if out is not None else torch.empty((m, k), dtype=out_dtype, device=x.device)
         if m:
@@ -312,7 +317,7 @@ def _silu(x, qtype, out=None):
         y = out.view(m, i) if out is not None else torch.empty((m, i), dtype=x.dtype, device=x.device)
         if m:
             _silu_mul_kernel[(m, nch)](x2, y, y, i, x2.stride(0), y.stride(0), nch, AMAX=False, BLOCK=blk,
-                                       INTERP=INTERPRETED, num_warps=_warps(blk))
+                                       INTERP=INTERPRETED, num_warps=_warps(blk), **pdl_kw(x.device))
         return y.view(*x.shape[:-1], i)
     qmax = _check_qtype(qtype)
     q, s = _qs_out(out, m, i, x.device, qtype)
@@ -320,9 +325,10 @@ def _silu(x, qtype, out=None):
         y = torch.empty((m, i), dtype=x.dtype, device=x.device)
         part = torch.empty((m, nch), dtype=torch.float32, device=x.device)
         _silu_mul_kernel[(m, nch)](x2, y, part, i, x2.stride(0), y.stride(0), nch, AMAX=True, BLOCK=blk,
-                                   INTERP=INTERPRETED, num_warps=_warps(blk))
+                                   INTERP=INTERPRETED, num_warps=_warps(blk), **pdl_kw(x.device))
         _quant_chunks_kernel[(m, nch)](y, part, _kq(q), s, i, y.stride(0), q.stride(0), nch, QMAX=qmax, BLOCK=blk,
-                                       PCH=triton.next_power_of_2(nch), num_warps=_warps(blk))
+                                       PCH=triton.next_power_of_2(nch), num_warps=_warps(blk),
+                                       **pdl_kw(x.device))
     return QActivation(q.view(*x.shape[:-1], i), s.view(*x.shape[:-1], 1), qtype, x.dtype)
 
 

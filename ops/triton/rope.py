@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, to_dtype
+from ._common import pdl_kw, pdl_prologue, INTERPRETED, to_dtype
 
 
 @triton.jit
@@ -48,7 +48,8 @@ def _heads(src, heads, hmask, offs, partner, sign, dmask, n_ptr, cos_ptr, sin_pt
 def _rope_kv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
                     T, D, stride_row, stride_qm, stride_qh, stride_cb, stride_ch, stride_cs, eps,
                     H: tl.constexpr, HKV: tl.constexpr, QNORM: tl.constexpr, KNORM: tl.constexpr,
-                    HB: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+                    HB: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     m = tl.program_id(0).to(tl.int64)           # token row (b * T + t)
     hb = tl.program_id(1)                       # block of HB query heads, then of key/value heads
     QB: tl.constexpr = (H + HB - 1) // HB
@@ -124,5 +125,5 @@ def rope_kv_write(qkv: torch.Tensor, q_norm, k_norm, eps: float, cos: torch.Tens
         qkv2, qn, kn, cos, sin, pos, q, kc, vc, t, d, qkv2.stride(0), q.stride(1), q.stride(2),
         kc.stride(0), kc.stride(1), kc.stride(2), float(eps), H=h, HKV=hkv,
         QNORM=q_norm is not None, KNORM=k_norm is not None, HB=hb, BLOCK_D=blk, INTERP=INTERPRETED,
-        num_warps=1 if INTERPRETED or blk <= 128 else 2)
+        num_warps=1 if INTERPRETED or blk <= 128 else 2, **pdl_kw(qkv.device))
     return q
