@@ -29,10 +29,11 @@ INTERPRETED = is_interpreted(_probe)
 # (and in a CUDA graph, which keeps the programmatic edges). QUASAR_PDL=0 turns it off;
 # QUASAR_PDL=force turns it on without asking the device (the sm_90 compile check).
 _PDL: dict = {}
+_PDL_MODE = os.environ.get("QUASAR_PDL", "auto").strip().lower()   # read once: pdl() runs per launch
 
 
 def pdl(device) -> bool:
-    mode = os.environ.get("QUASAR_PDL", "auto").strip().lower()
+    mode = _PDL_MODE
     if INTERPRETED or mode in ("0", "off", "false", "no"):
         return False
     if mode == "force":

@@ -138,8 +138,9 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
     kind = kind or ("w8a8_int8" if act_int8 else ("w8a8_fp8" if act_fp8 else "w8a16"))
     # FP8 streams the same bytes through the same loop as int8: without an entry of its own it
     # takes int8's tuned configuration
-    cfg = config or tuning.tuned(kind, m, n, k, x.device) or (
-        tuning.pick("w8a8_int8", m, n, k, x.device) if act_fp8 else tuning.pick(kind, m, n, k, x.device))
+    if act_fp8 and config is None and tuning.tuned(kind, m, n, k, x.device) is None:
+        kind = "w8a8_int8"
+    cfg = tuning.pick(kind, m, n, k, x.device, config)
     bm = tuning.block_m(m)
     bk = cfg.bk
     kpad = w.codes.shape[1]
