@@ -73,10 +73,10 @@ def _sync(backend):
 
 
 def copy_bandwidth(backend, nbytes: int = 1 << 30, iters: int = 10) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second). On a GPU the copy is
-    timed with CUDA events (kernel time only: wall time plus a synchronize would add ~20 us of
-    launch and sync to a ~0.7 ms copy, underestimate the bandwidth by a few percent and flatter
-    every ratio to the floor)."""
+    """Device-to-device copy bandwidth (bytes read + written per second). On an accelerator the
+    copy is timed with device events (torch.Event: kernel time only; wall time plus a synchronize
+    would add ~20 us of launch and sync to a ~0.7 ms copy, underestimate the bandwidth by a few
+    percent and flatter every ratio to the floor). The CPU has no events: wall time there."""
     n = nbytes // 2
     x = torch.randn(n, device=backend.device, dtype=torch.float32).to(torch.bfloat16)
     y = torch.empty_like(x)
@@ -84,8 +84,9 @@ def copy_bandwidth(backend, nbytes: int = 1 << 30, iters: int = 10) -> float:
     _sync(backend)
     ts = []
     for _ in range(iters):
-        if backend.device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if backend.device.type != "cpu":
+            a = torch.Event(device=backend.device, enable_timing=True)
+            b = torch.Event(device=backend.device, enable_timing=True)
             a.record()
             y.copy_(x)
             b.record()

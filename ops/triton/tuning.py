@@ -145,8 +145,7 @@ def tuned(kind: str, m: int, n: int, k: int, device) -> Optional[GemmConfig]:
 def pick(kind: str, m: int, n: int, k: int, device, config: Optional[GemmConfig] = None) -> GemmConfig:
     if config is not None:
         return config
-    load_default_table(device)
-    hit = TABLE.get((kind, m_bucket(m), n, k))
+    hit = tuned(kind, m, n, k, device)
     return hit if hit is not None else heuristic(kind, m, n, k, device)
 
 

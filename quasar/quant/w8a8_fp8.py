@@ -1,5 +1,6 @@
 """w8a8-fp8: e4m3 per-channel weights, per-token dynamic e4m3 activations (fp32 accumulation).
-On CUDA this needs compute capability >= 8.9 (torch._scaled_mm); other backends say so."""
+On CUDA this needs compute capability >= 8.9 (FP8 tensor cores; a Triton fp8 x fp8 GEMM); other
+backends say so."""
 from __future__ import annotations
 
 from . import rtn
