@@ -473,6 +473,29 @@ def test_attention(case, dtype):
         assert rel(o2, o) <= 1e-6
 
 
+def test_early_loads_change_no_result(monkeypatch):
+    """Loads moved before the PDL wait (the GEMM's first weight block, attention's first K/V block
+    at the slots below the chunk) give the same bits as the kernels without them."""
+    common = KN._common
+    g = gen(5)
+    qw = rtn.int8_per_channel(torch.randn(96, 1024, generator=g))
+    p8 = g8.pack_int8(qw)
+    x = torch.randn(3, 1024, generator=g)
+    a = R.quantize_per_token(x, "int8")
+    cache = _cache(1, 2, 72, 16, torch.float32, seed=5)
+    q = randn(1, 6, 4, 16, seed=6)
+    pos = torch.arange(40, 46).view(1, -1)
+    outs = {}
+    for early in (True, False):
+        monkeypatch.setattr(common, "EARLY", early)
+        outs[early] = (g8.gemm_w8a8_int8(a, p8, config=tuning.GemmConfig(32, 4, 256, 4, 2)),
+                       g8.gemm_w8a16(x, p8, config=tuning.GemmConfig(32, 8, 256, 4, 2)),
+                       attn.attention(q, cache, 0, pos, 72, num_splits=3),
+                       attn.attention(q, cache, 0, pos, 46, num_splits=1))
+    for got, want in zip(outs[True], outs[False]):
+        assert torch.equal(got, want)
+
+
 def test_attention_supports_and_limits():
     cache = _cache(1, 2, 32, 16, torch.float32, seed=0)
     assert attn.supports(torch.zeros(1, 16, 4, 16), cache)

@@ -52,6 +52,15 @@ def pdl_kw(device) -> dict:
     return {"PDL": True, "launch_pdl": True} if pdl(device) else {"PDL": False}
 
 
+# Work before the wait: a kernel may read, before pdl_prologue, what no kernel of the step writes
+# (weights; the KV slots below the chunk's positions); QUASAR_EARLY=0 turns that off (to measure it).
+EARLY = os.environ.get("QUASAR_EARLY", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def early_loads() -> bool:
+    return EARLY
+
+
 @triton.jit
 def pdl_prologue(PDL: tl.constexpr):
     """Wait until the previous kernel's writes are visible (griddepcontrol.wait), then let the next

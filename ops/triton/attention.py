@@ -24,10 +24,38 @@ import triton
 import triton.language as tl
 
 from quasar.errors import UnsupportedError
-from ._common import pdl_kw, pdl_prologue, INTERPRETED, to_dtype
+from ._common import pdl_kw, pdl_prologue, INTERPRETED, early_loads, to_dtype
 
 MAX_ROWS = 128      # T * (H / Hkv) handled by one program
 MAX_T = 16
+
+
+@triton.jit
+def _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr, sm_b, sm_t, sm_s, qk_scale,
+                HAS_MASK: tl.constexpr, F32DOT: tl.constexpr):
+    """One block of BS cache slots: scores, visibility, online softmax, O += P @ V."""
+    if F32DOT:
+        scores = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+    else:
+        scores = tl.dot(qt, tl.trans(kt))
+    scores = scores * qk_scale
+    allow = (s[None, :] <= pos[:, None]) & s_ok[None, :]
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + s[None, :] * sm_s,
+                     mask=r_ok[:, None] & s_ok[None, :], other=0)
+        allow = allow & (mk != 0)
+    scores = tl.where(allow, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if F32DOT:
+        pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(vt.dtype), vt)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
 
 
 @triton.jit(do_not_specialize=["T", "KV_LEN"])
@@ -37,8 +65,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
                  sm_b, sm_t, sm_s, so_b, so_t, so_h,
                  G: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                  NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, F32DOT: tl.constexpr,
-                 INTERP: tl.constexpr, PDL: tl.constexpr):
-    pdl_prologue(PDL)
+                 EARLY_KV: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -49,49 +76,58 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
     r_ok = t < T
     d = tl.arange(0, BD)
     d_ok = d < D
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    if EARLY_KV:
+        # Before waiting for the previous kernel: the positions (an input no kernel writes), this
+        # split's range, and the first block of K/V at the slots the chunk does not write (slots
+        # below its lowest position: the kernel before, rope_kv_write, writes only the chunk's
+        # own slots). With programmatic dependent launch these HBM reads overlap that kernel.
+        pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=r_ok, other=-1).to(tl.int32)
+        pmin = tl.min(tl.where(r_ok, pos, 2147483647), axis=0)
+        vis = tl.minimum(tl.max(pos, axis=0) + 1, KV_LEN)
+        chunk = tl.cdiv(tl.cdiv(vis, NUM_SPLITS), BS) * BS
+        start = split * chunk
+        end = tl.minimum(start + chunk, vis)
+        s = start + tl.arange(0, BS)
+        s_ok = s < end
+        old = s_ok & (s < pmin)
+        kt = tl.load(k_base + s[:, None] * sk_s + d[None, :], mask=old[:, None] & d_ok[None, :], other=0.0)
+        vt = tl.load(v_base + s[:, None] * sv_s + d[None, :], mask=old[:, None] & d_ok[None, :], other=0.0)
+    pdl_prologue(PDL)
     qt = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :],
                  mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if F32DOT:
         qt = qt.to(tl.float32)
-    pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=r_ok, other=-1).to(tl.int32)
-    vis = tl.minimum(tl.max(pos, axis=0) + 1, KV_LEN)
-    chunk = tl.cdiv(tl.cdiv(vis, NUM_SPLITS), BS) * BS
-    start = split * chunk
-    end = tl.minimum(start + chunk, vis)
     m_i = tl.full([BR], float("-inf"), tl.float32)
     l_i = tl.zeros([BR], tl.float32)
     acc = tl.zeros([BR, BD], tl.float32)
-    k_base = k_ptr + b * sk_b + hk * sk_h
-    v_base = v_ptr + b * sv_b + hk * sv_h
-    for s0 in range(start, end, BS):
+    if EARLY_KV:
+        # the chunk's own slots in the first block, now that they are written
+        new = s_ok & (s >= pmin)
+        kt = tl.where(new[:, None], tl.load(k_base + s[:, None] * sk_s + d[None, :],
+                                            mask=new[:, None] & d_ok[None, :], other=0.0), kt)
+        vt = tl.where(new[:, None], tl.load(v_base + s[:, None] * sv_s + d[None, :],
+                                            mask=new[:, None] & d_ok[None, :], other=0.0), vt)
+        m_i, l_i, acc = _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr,
+                                    sm_b, sm_t, sm_s, qk_scale, HAS_MASK, F32DOT)
+        s_first = start + BS
+    else:
+        pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=r_ok, other=-1).to(tl.int32)
+        vis = tl.minimum(tl.max(pos, axis=0) + 1, KV_LEN)
+        chunk = tl.cdiv(tl.cdiv(vis, NUM_SPLITS), BS) * BS
+        start = split * chunk
+        end = tl.minimum(start + chunk, vis)
+        s_first = start
+    for s0 in range(s_first, end, BS):
         s = s0 + tl.arange(0, BS)
         s_ok = s < end
         kt = tl.load(k_base + s[:, None] * sk_s + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                      other=0.0)
-        if F32DOT:
-            scores = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(qt, tl.trans(kt))
-        scores = scores * qk_scale
-        allow = (s[None, :] <= pos[:, None]) & s_ok[None, :]
-        if HAS_MASK:
-            mk = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + s[None, :] * sm_s,
-                         mask=r_ok[:, None] & s_ok[None, :], other=0)
-            allow = allow & (mk != 0)
-        scores = tl.where(allow, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(v_base + s[:, None] * sv_s + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                      other=0.0)
-        if F32DOT:
-            pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(vt.dtype), vt)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr,
+                                    sm_b, sm_t, sm_s, qk_scale, HAS_MASK, F32DOT)
     if NUM_SPLITS == 1:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         ODT: tl.constexpr = o_ptr.dtype.element_ty
@@ -205,7 +241,7 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
         v.stride(0), v.stride(1), v.stride(2), positions.stride(0), positions.stride(1),
         sm[0], sm[1], sm[2], out.stride(0), out.stride(1), out.stride(2),
         G=g, BR=br, BS=bs, BD=bd, NUM_SPLITS=ns, HAS_MASK=mask is not None, F32DOT=bool(f32dot),
-        INTERP=INTERPRETED, num_warps=nw, num_stages=nst, **pdl_kw(q.device))
+        EARLY_KV=early_loads(), INTERP=INTERPRETED, num_warps=nw, num_stages=nst, **pdl_kw(q.device))
     if ns > 1:
         _attn_combine_kernel[(bsz * hkv, t * g)](
             wacc, wml, out, hkv, dh, out.stride(0), out.stride(1), out.stride(2),

@@ -32,7 +32,7 @@ import triton.language as tl
 from quasar.errors import UnsupportedError
 from quasar.quant.format import QActivation, QuantizedWeight
 from . import tuning
-from ._common import pdl_kw, pdl_prologue, INTERPRETED, gemm_finish
+from ._common import pdl_kw, pdl_prologue, INTERPRETED, early_loads, gemm_finish
 
 
 @dataclass
@@ -79,6 +79,26 @@ def pack_fp8(qw: QuantizedWeight) -> Int8Weight:
     return Int8Weight(codes.contiguous(), qw.scale.reshape(n).float().contiguous(), n, k, qw.hadamard)
 
 
+@triton.jit
+def _mac(acc, w, xt, XDT: tl.constexpr, ACT_INT8: tl.constexpr, ACT_FP8: tl.constexpr, F32DOT: tl.constexpr):
+    """acc += W[BN, BK] @ X^T[BK, BM] for one K block, in the scheme's arithmetic."""
+    if ACT_INT8:
+        acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
+    elif ACT_FP8:   # the codes arrive as uint8 (a masked load's zero fill is then +0.0)
+        w = w.to(tl.float8e4nv, bitcast=True)
+        xt = xt.to(tl.float8e4nv, bitcast=True)
+        if F32DOT:
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc, max_num_imprecise_acc=0)
+    else:
+        if F32DOT:
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(XDT), xt, acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "NKB", "blocks_per_split", "split_k"])
 def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                         M, N, K, KPAD, NKB, blocks_per_split, split_k,
@@ -86,8 +106,7 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
                         ACT_INT8: tl.constexpr, ACT_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr,
                         BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                        F32DOT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
-    pdl_prologue(PDL)
+                        F32DOT: tl.constexpr, EARLY_W: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -97,33 +116,33 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
     n_mask = offs_n < N
     m_mask = offs_m < M
     XDT: tl.constexpr = x_ptr.dtype.element_ty
-    if ACT_INT8:
-        acc = tl.zeros([BN, BM], dtype=tl.int32)
-    else:
-        acc = tl.zeros([BN, BM], dtype=tl.float32)
     w_tile = w_ptr + offs_n[:, None] * KPAD + offs_k[None, :]
     x_tile = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, NKB)
-    for b in range(b_start, b_end):
+    if EARLY_W:
+        # the first weight tile is loaded before waiting for the previous kernel (no kernel writes
+        # weights): with programmatic dependent launch its HBM latency overlaps that kernel's tail
+        # (an empty split, b_start >= b_end, loads a valid block it then does not use)
+        w0 = tl.load(w_tile + tl.minimum(b_start, NKB - 1) * BK, mask=n_mask[:, None], other=0)
+    pdl_prologue(PDL)
+    if ACT_INT8:
+        acc = tl.zeros([BN, BM], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    b_loop = b_start
+    if EARLY_W:
+        if b_start < b_end:
+            k0 = b_start * BK
+            xt = tl.load(x_tile + k0 * stride_xk, mask=((k0 + offs_k) < K)[:, None] & m_mask[None, :], other=0)
+            acc = _mac(acc, w0, xt, XDT, ACT_INT8, ACT_FP8, F32DOT)
+        b_loop = b_start + 1
+    for b in range(b_loop, b_end):
         k0 = b * BK
         w = tl.load(w_tile + k0, mask=n_mask[:, None], other=0)
         xt = tl.load(x_tile + k0 * stride_xk, mask=((k0 + offs_k) < K)[:, None] & m_mask[None, :],
                      other=0)
-        if ACT_INT8:
-            acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
-        elif ACT_FP8:   # the codes arrive as uint8 (a masked load's zero fill is then +0.0)
-            w = w.to(tl.float8e4nv, bitcast=True)
-            xt = xt.to(tl.float8e4nv, bitcast=True)
-            if F32DOT:
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc, max_num_imprecise_acc=0)
-        else:
-            if F32DOT:
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w.to(XDT), xt, acc)
+        acc = _mac(acc, w, xt, XDT, ACT_INT8, ACT_FP8, F32DOT)
     gemm_finish(acc, offs_m, offs_n, m_mask, n_mask, M, N, pid_k, split_k, ws_ptr, cnt_ptr,
                 xs_ptr, s_ptr, b_ptr, out_ptr, stride_om, stride_on,
                 SPLIT, ACT_INT8 or ACT_FP8, True, HAS_BIAS, INTERP)
@@ -160,7 +179,7 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
         x, xs if xs is not None else w.scale, codes, w.scale, bias if bias is not None else w.scale,
         out, ws, cnt, m, n, k, kpad, nkb, per, split, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         ACT_INT8=act_int8, ACT_FP8=act_fp8, HAS_BIAS=bias is not None, SPLIT=split > 1, BN=cfg.bn, BM=bm,
-        BK=bk, F32DOT=bool(f32dot and not act_int8), INTERP=INTERPRETED,
+        BK=bk, F32DOT=bool(f32dot and not act_int8), EARLY_W=early_loads(), INTERP=INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kw(out.device))
     return out
 

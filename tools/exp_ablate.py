@@ -1,0 +1,180 @@
+"""Experiment: what each small per-layer kernel costs inside the CUDA-graph step (an upper bound on
+what fusing it away could save).
+
+Each variant replaces one backend op with a stand-in that launches no kernel (a view or an
+uninitialised buffer of the right shape), re-captures the step and times it; the logits are then
+garbage, only the time means something. All variants of a scheme run in one process, in
+alternating rounds.
+
+    python tools/exp_ablate.py --out ablate.json
+    python tools/exp_ablate.py --only "combine,split,rope" --out ablate_attn.json
+    git apply tools/exp_fused_attention.patch && python tools/exp_ablate.py --only "unfused,no attention"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3-8b")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cases", default="bf16:1,w8a8-int8:6")
+    ap.add_argument("--out", default="ablate.json")
+    ap.add_argument("--only", default="", help="comma-separated substrings of the variants to run")
+    a = ap.parse_args()
+    from quasar import backends
+    from quasar.config import VerifierConfig
+    from quasar.model.loader import build_random_model
+    from quasar.quant.format import QActivation
+    from quasar.speed import SHAPES, copy_bandwidth, kv_bytes, time_step, weight_bytes
+    be = backends.get("cuda")
+    bw = copy_bandwidth(be, 1 << 30)
+    hf = SHAPES[a.shape]
+    orig = dict(be.ops)
+
+    def empty_qact(m, k, qtype, dtype, dev):
+        dt = torch.float8_e4m3fn if qtype == "fp8" else torch.int8
+        return QActivation(torch.empty((m, k), dtype=dt, device=dev), torch.empty((m, 1), device=dev), qtype, dtype)
+
+    def no_silu(x):
+        return x[..., : x.shape[-1] // 2]
+
+    def no_silu_q(x, qtype):
+        x2 = x.reshape(-1, x.shape[-1])
+        return empty_qact(x2.shape[0], x2.shape[1] // 2, qtype, x.dtype, x.device)
+
+    def no_rope(qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer):
+        bsz, t, w = qkv.shape
+        d = cache.k.shape[-1]
+        h = w // d - 2 * cache.k.shape[2]
+        return torch.empty((bsz, t, h, d), dtype=qkv.dtype, device=qkv.device)
+
+    def no_attn(q, cache, layer, positions, kv_len, mask=None):
+        if q.shape[1] > 16:
+            return orig["attention"](q, cache, layer, positions, kv_len, mask)
+        return torch.empty_like(q)
+
+    def no_rope_attn(qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer, kv_len, mask=None):
+        if qkv.shape[1] > 16:
+            return orig["rope_attention"](qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer, kv_len, mask)
+        return no_rope(qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer)
+
+    def no_norm(x, delta, w, eps, qtype=None):
+        if qtype:
+            x2 = x.reshape(-1, x.shape[-1])
+            return empty_qact(x2.shape[0], x2.shape[1], qtype, x.dtype, x.device), x
+        return x, x
+
+    def no_quant(x, qtype):
+        x2 = x.reshape(-1, x.shape[-1])
+        return empty_qact(x2.shape[0], x2.shape[1], qtype, x.dtype, x.device)
+
+    attn = be.kernels.attention
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: None
+
+    def splits(n):
+        return {"default_splits": lambda bh, kv_len, dev: n}
+
+    def splits64(bh, kv_len, dev):      # the default with 64 instead of 128 slots per split
+        from quasar.ops.triton.tuning import sm_count
+        return int(max(1, min(-(-2 * sm_count(dev) // bh), -(-kv_len // 64), 64)))
+
+    variants = {"shipped": {}}
+    if "rope_attention" in orig:
+        # the fused attention of tools/exp_fused_attention.patch (git apply it first): against the
+        # shipped composition (rope kernel, attention kernel, combine kernel) in the same process
+        import functools
+        from quasar.ops.reference import rope_attention_with
+        rope_k = be.kernels.rope.rope_kv_write
+        variants["unfused: rope kernel, attention, combine kernel"] = {
+            "rope_attention": rope_attention_with(rope_k, functools.partial(attn.attention, combine="kernel"))}
+        variants["unfused: rope kernel, attention with merge"] = {
+            "rope_attention": rope_attention_with(rope_k, attn.attention)}
+        variants["no attention (rope, attention, merge)"] = {"rope_attention": no_rope_attn}
+    else:
+        variants["no rope_kv_write"] = {"rope_kv_write": no_rope}
+        variants["no attention (both kernels)"] = {"attention": no_attn}
+        variants["no attention combine kernel"] = {"@attn": {"_attn_combine_kernel": _NoLaunch()}}
+        variants["attention 1 split (no combine)"] = {"@attn": splits(1)}
+        variants["attention 9 splits (1 block each)"] = {"@attn": splits(9)}
+        variants["attention 16 splits (engine cache 2048)"] = {"@attn": splits(16)}
+        variants["no combine, no rope"] = {"rope_kv_write": no_rope,
+                                          "@attn": {"_attn_combine_kernel": _NoLaunch()}}
+    variants["early loads off (QUASAR_EARLY=0)"] = {"@common": {"EARLY": False}}
+    variants["attention 64 slots per split"] = {"@attn": {"default_splits": splits64}}
+    variants["no silu_mul(_quant)"] = {"silu_mul": no_silu, "silu_mul_quant": no_silu_q}
+    variants["no add_rms_norm"] = {"add_rms_norm": no_norm}
+    variants["no o_proj input quant"] = {"quantize_per_token": no_quant}
+    if a.only:
+        variants = {k: v for k, v in variants.items() if k == "shipped" or any(o in k for o in a.only.split(","))}
+    attn_orig = {k: getattr(attn, k) for k in ("_attn_combine_kernel", "default_splits")}
+    common = be.kernels._common
+    early = common.EARLY
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape, "ctx": a.ctx,
+           "copy_bandwidth_GBs": bw / 1e9, "cases": []}
+    for case in a.cases.split(","):
+        scheme, t = case.split(":")
+        t = int(t)
+        m = build_random_model(hf, be, torch.bfloat16, a.ctx + 64, VerifierConfig(quant=scheme, group_size=128))
+        m.new_cache(1)
+        m.cache.k.normal_()
+        m.cache.v.normal_()
+        floor = (weight_bytes(m) + kv_bytes(m, a.ctx)) / bw * 1e3
+        times = {v: [] for v in variants}
+        outs = {}
+        for r in range(a.rounds):
+            for name, patch in variants.items():
+                be.ops.clear()
+                be.ops.update(orig)
+                be.ops.update({k: v for k, v in patch.items() if not k.startswith("@")})
+                for k, v in attn_orig.items():
+                    setattr(attn, k, v)
+                for k, v in patch.get("@attn", {}).items():
+                    setattr(attn, k, v)
+                common.EARLY = patch.get("@common", {}).get("EARLY", early)
+                m.runner = None
+                torch.cuda.empty_cache()
+                m.runner = be.make_runner(m, [t], ("verify",))
+                times[name].append(time_step(m, be, t, a.ctx, "verify", a.iters) * 1e3)
+                if r == 0 and not name.startswith("no "):
+                    ids = torch.arange(t, device="cuda").view(1, -1) + 100
+                    pos = torch.arange(a.ctx, a.ctx + t, device="cuda").view(1, -1)
+                    outs[name] = m.step(ids, pos, a.ctx + t, mode="verify").float().clone()
+        be.ops.clear()
+        be.ops.update(orig)
+        for k, v in attn_orig.items():
+            setattr(attn, k, v)
+        common.EARLY = early
+        base = statistics.median(times["shipped"])
+        for name, o in outs.items():
+            print(f"{name}: max |logit - shipped| {(o - outs['shipped']).abs().max().item():.3g}, "
+                  f"argmax equal {bool((o.argmax(-1) == outs['shipped'].argmax(-1)).all())}", flush=True)
+        rows = []
+        for name in variants:
+            med = statistics.median(times[name])
+            rows.append({"variant": name, "ms": med, "all_ms": times[name], "saved_ms": base - med,
+                         "saved_us_per_layer": (base - med) * 1e3 / m.args.num_layers, "x_floor": med / floor})
+            print(f"{scheme:10s} T={t} {name:30s} {med:7.3f} ms  saves {base - med:6.3f} ms "
+                  f"({(base - med) * 1e3 / m.args.num_layers:5.2f} us/layer)  {med / floor:.3f}x floor  "
+                  f"{['%.3f' % x for x in times[name]]}", flush=True)
+        res["cases"].append({"scheme": scheme, "T": t, "floor_ms": floor, "rows": rows})
+        del m
+        m = None
+        torch.cuda.empty_cache()
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
