@@ -110,7 +110,11 @@ def main() -> int:
         variants["attention 16 splits (engine cache 2048)"] = {"@attn": splits(16)}
         variants["no combine, no rope"] = {"rope_kv_write": no_rope,
                                           "@attn": {"_attn_combine_kernel": _NoLaunch()}}
-    variants["early loads off (QUASAR_EARLY=0)"] = {"@common": {"EARLY": False}}
+    variants["early loads off (QUASAR_EARLY=0)"] = {"@common": {"gemm_q": False, "gemm_f": False, "attention": False}}
+    variants["early loads: 8-bit GEMMs only"] = {"@common": {"gemm_f": False, "attention": False}}
+    variants["early loads: float GEMMs only"] = {"@common": {"gemm_q": False, "attention": False}}
+    variants["early loads: attention only"] = {"@common": {"gemm_q": False, "gemm_f": False}}
+    variants["early loads: 8-bit GEMMs and attention"] = {"@common": {"gemm_f": False}}
     variants["attention 64 slots per split"] = {"@attn": {"default_splits": splits64}}
     variants["no silu_mul(_quant)"] = {"silu_mul": no_silu, "silu_mul_quant": no_silu_q}
     variants["no add_rms_norm"] = {"add_rms_norm": no_norm}
@@ -119,7 +123,7 @@ def main() -> int:
         variants = {k: v for k, v in variants.items() if k == "shipped" or any(o in k for o in a.only.split(","))}
     attn_orig = {k: getattr(attn, k) for k in ("_attn_combine_kernel", "default_splits")}
     common = be.kernels._common
-    early = common.EARLY
+    early = dict(common.EARLY)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape, "ctx": a.ctx,
            "copy_bandwidth_GBs": bw / 1e9, "cases": []}
     for case in a.cases.split(","):
@@ -141,7 +145,7 @@ def main() -> int:
                     setattr(attn, k, v)
                 for k, v in patch.get("@attn", {}).items():
                     setattr(attn, k, v)
-                common.EARLY = patch.get("@common", {}).get("EARLY", early)
+                common.EARLY = {**early, **patch.get("@common", {})}
                 m.runner = None
                 torch.cuda.empty_cache()
                 m.runner = be.make_runner(m, [t], ("verify",))
@@ -154,7 +158,7 @@ def main() -> int:
         be.ops.update(orig)
         for k, v in attn_orig.items():
             setattr(attn, k, v)
-        common.EARLY = early
+        common.EARLY = dict(early)
         base = statistics.median(times["shipped"])
         for name, o in outs.items():
             print(f"{name}: max |logit - shipped| {(o - outs['shipped']).abs().max().item():.3g}, "

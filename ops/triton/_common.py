@@ -53,12 +53,17 @@ def pdl_kw(device) -> dict:
 
 
 # Work before the wait: a kernel may read, before pdl_prologue, what no kernel of the step writes
-# (weights; the KV slots below the chunk's positions); QUASAR_EARLY=0 turns that off (to measure it).
-EARLY = os.environ.get("QUASAR_EARLY", "1").strip().lower() not in ("0", "off", "false", "no")
+# (weights; the KV slots below the chunk's positions). Per kind of kernel: "gemm_q" the GEMMs on
+# 8-bit activations (w8a8-int8, w8a8-fp8), "gemm_f" those on float activations (w8a16, dense
+# bf16), "attention". Measured in the step on an H100 (BENCHMARKS.md, tools/exp_ablate.py): on for
+# gemm_q and attention (W8A8 verify 4.14 -> 4.00 ms); off for gemm_f, whose bf16 weight tile held
+# across the wait made the bf16 decode step ~1.5% slower. QUASAR_EARLY=0 turns all off.
+_EARLY_ON = os.environ.get("QUASAR_EARLY", "1").strip().lower() not in ("0", "off", "false", "no")
+EARLY = {"gemm_q": _EARLY_ON, "gemm_f": False, "attention": _EARLY_ON}
 
 
-def early_loads() -> bool:
-    return EARLY
+def early_loads(kind: str) -> bool:
+    return EARLY[kind]
 
 
 @triton.jit
@@ -69,6 +74,13 @@ def pdl_prologue(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """pdl_prologue without letting the next kernel launch early: it launches when this one ends."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit

@@ -241,7 +241,7 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
         v.stride(0), v.stride(1), v.stride(2), positions.stride(0), positions.stride(1),
         sm[0], sm[1], sm[2], out.stride(0), out.stride(1), out.stride(2),
         G=g, BR=br, BS=bs, BD=bd, NUM_SPLITS=ns, HAS_MASK=mask is not None, F32DOT=bool(f32dot),
-        EARLY_KV=early_loads(), INTERP=INTERPRETED, num_warps=nw, num_stages=nst, **pdl_kw(q.device))
+        EARLY_KV=early_loads("attention"), INTERP=INTERPRETED, num_warps=nw, num_stages=nst, **pdl_kw(q.device))
     if ns > 1:
         _attn_combine_kernel[(bsz * hkv, t * g)](
             wacc, wml, out, hkv, dh, out.stride(0), out.stride(1), out.stride(2),

@@ -179,7 +179,8 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
         x, xs if xs is not None else w.scale, codes, w.scale, bias if bias is not None else w.scale,
         out, ws, cnt, m, n, k, kpad, nkb, per, split, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         ACT_INT8=act_int8, ACT_FP8=act_fp8, HAS_BIAS=bias is not None, SPLIT=split > 1, BN=cfg.bn, BM=bm,
-        BK=bk, F32DOT=bool(f32dot and not act_int8), EARLY_W=early_loads(), INTERP=INTERPRETED,
+        BK=bk, F32DOT=bool(f32dot and not act_int8),
+        EARLY_W=early_loads("gemm_q" if (act_int8 or act_fp8) else "gemm_f"), INTERP=INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kw(out.device))
     return out
 
