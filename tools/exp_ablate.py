@@ -8,7 +8,10 @@ alternating rounds.
 
     python tools/exp_ablate.py --out ablate.json
     python tools/exp_ablate.py --only "combine,split,rope" --out ablate_attn.json
-    git apply tools/exp_fused_attention.patch && python tools/exp_ablate.py --only "unfused,no attention"
+    python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6 --only early --out early_by_kind.json
+    # the fused attention (applies to 6f26654, the tree before the early loads):
+    git checkout 6f26654 -- ops backends quasar tests && git apply tools/exp_fused_attention.patch
+    python tools/exp_ablate.py --only "unfused,no attention"
 """
 from __future__ import annotations
 
@@ -123,7 +126,9 @@ def main() -> int:
         variants = {k: v for k, v in variants.items() if k == "shipped" or any(o in k for o in a.only.split(","))}
     attn_orig = {k: getattr(attn, k) for k in ("_attn_combine_kernel", "default_splits")}
     common = be.kernels._common
-    early = dict(common.EARLY)
+    early = dict(getattr(common, "EARLY", {}))
+    if not early:       # an older tree (the fused-attention patch): no early loads to switch
+        variants = {k: v for k, v in variants.items() if "@common" not in v}
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape, "ctx": a.ctx,
            "copy_bandwidth_GBs": bw / 1e9, "cases": []}
     for case in a.cases.split(","):
@@ -145,7 +150,8 @@ def main() -> int:
                     setattr(attn, k, v)
                 for k, v in patch.get("@attn", {}).items():
                     setattr(attn, k, v)
-                common.EARLY = {**early, **patch.get("@common", {})}
+                if early:
+                    common.EARLY = {**early, **patch.get("@common", {})}
                 m.runner = None
                 torch.cuda.empty_cache()
                 m.runner = be.make_runner(m, [t], ("verify",))
@@ -158,7 +164,8 @@ def main() -> int:
         be.ops.update(orig)
         for k, v in attn_orig.items():
             setattr(attn, k, v)
-        common.EARLY = dict(early)
+        if early:
+            common.EARLY = dict(early)
         base = statistics.median(times["shipped"])
         for name, o in outs.items():
             print(f"{name}: max |logit - shipped| {(o - outs['shipped']).abs().max().item():.3g}, "
