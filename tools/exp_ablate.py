@@ -80,6 +80,8 @@ def main() -> int:
         return empty_qact(x2.shape[0], x2.shape[1], qtype, x.dtype, x.device)
 
     attn = be.kernels.attention
+    attn_attention = attn.attention
+    import functools
 
     class _NoLaunch:
         def __getitem__(self, grid):
@@ -96,7 +98,6 @@ def main() -> int:
     if "rope_attention" in orig:
         # the fused attention of tools/exp_fused_attention.patch (git apply it first): against the
         # shipped composition (rope kernel, attention kernel, combine kernel) in the same process
-        import functools
         from quasar.ops.reference import rope_attention_with
         rope_k = be.kernels.rope.rope_kv_write
         variants["unfused: rope kernel, attention, combine kernel"] = {
@@ -118,13 +119,16 @@ def main() -> int:
     variants["early loads: float GEMMs only"] = {"@common": {"gemm_q": False, "attention": False}}
     variants["early loads: attention only"] = {"@common": {"gemm_q": False, "gemm_f": False}}
     variants["early loads: 8-bit GEMMs and attention"] = {"@common": {"gemm_f": False}}
+    variants["attention BS 128"] = {"@attn": {"attention": functools.partial(attn_attention, block_s=128)}}
+    variants["attention BS 128, 8 warps"] = {"@attn": {"attention": functools.partial(attn_attention, block_s=128,
+                                                                                    num_warps=8)}}
     variants["attention 64 slots per split"] = {"@attn": {"default_splits": splits64}}
     variants["no silu_mul(_quant)"] = {"silu_mul": no_silu, "silu_mul_quant": no_silu_q}
     variants["no add_rms_norm"] = {"add_rms_norm": no_norm}
     variants["no o_proj input quant"] = {"quantize_per_token": no_quant}
     if a.only:
         variants = {k: v for k, v in variants.items() if k == "shipped" or any(o in k for o in a.only.split(","))}
-    attn_orig = {k: getattr(attn, k) for k in ("_attn_combine_kernel", "default_splits")}
+    attn_orig = {k: getattr(attn, k) for k in ("_attn_combine_kernel", "default_splits", "attention")}
     common = be.kernels._common
     early = dict(getattr(common, "EARLY", {}))
     if not early:       # an older tree (the fused-attention patch): no early loads to switch

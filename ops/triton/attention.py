@@ -184,11 +184,14 @@ def default_splits(batch_heads: int, kv_len: int, device) -> int:
     if INTERPRETED or torch.device(device).type != "cuda":
         return 1
     from .tuning import sm_count
-    # ~2 programs per SM, at least 128 slots of the launch's kv_len per split (a CUDA graph
+    # ~2 programs per SM, at least 64 slots of the launch's kv_len per split (a CUDA graph
     # launches with kv_len = the whole cache; splits past the visible length exit at once).
-    # H100, 8 kv heads, ctx 4096: 33 splits 8.7 us vs 17 splits 10.3 (tools/tune_attention.py)
+    # H100, 8 kv heads, ctx 4096: 33 splits 8.7 us vs 17 splits 10.3 (tools/tune_attention.py).
+    # 64 slots = one block, which each program loads before its PDL wait: with 128 slots per split
+    # the Qwen3-8B step at ctx 512 (cache 576: 5 -> 9 splits) was 0.8% slower in bf16 decode and
+    # 0.5% in W8A8 verify (same process, BENCHMARKS.md)
     want = triton.cdiv(2 * sm_count(device), batch_heads)
-    return int(max(1, min(want, triton.cdiv(kv_len, 128), 64)))
+    return int(max(1, min(want, triton.cdiv(kv_len, 64), 64)))
 
 
 def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_len: int,
