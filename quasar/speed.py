@@ -142,6 +142,41 @@ def time_step(model, backend, t: int, ctx: int, mode: str, iters: int) -> float:
     return statistics.median(ts)
 
 
+def random_step_model(hf: dict, backend, dtype, max_seq_len: int, verifier, draft_scheme=None):
+    """A model of the shape `hf` with random weights and a random (full) KV cache, for timing steps."""
+    from quasar.model.loader import build_random_model
+    m = build_random_model(hf, backend, dtype, max_seq_len, verifier, draft_scheme=draft_scheme)
+    m.new_cache(1)
+    m.cache.k.normal_()
+    m.cache.v.normal_()
+    return m
+
+
+def time_variants(model, backend, t: int, ctx: int, variants: dict, iters: int = 50, rounds: int = 3,
+                  mode: str = "verify"):
+    """A/B of a step in one process: for each round, for each variant, `variants[name]()` sets it
+    up, the step runner is rebuilt (re-captured: CUDA graphs) and the step timed (time_step).
+    Returns ({name: [ms per round]}, {name: fp32 logits of one fixed step, from round 0})."""
+    times: dict = {v: [] for v in variants}
+    logits: dict = {}
+    dev = model.device
+    for r in range(rounds):
+        for name, setup in variants.items():
+            setup()
+            model.runner = None
+            if backend.make_runner is not None:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                model.runner = backend.make_runner(model, [t], (mode,))
+            times[name].append(time_step(model, backend, t, ctx, mode, iters) * 1e3)
+            if r == 0:
+                ids = torch.arange(t, device=dev).view(1, -1) + 100
+                pos = torch.arange(ctx, ctx + t, device=dev).view(1, -1)
+                logits[name] = model.step(ids, pos, ctx + t, mode=mode).float().clone()
+    model.runner = None
+    return times, logits
+
+
 # ------------------------------------------------------------------ step
 
 QSPEC_K = 3          # QSpec drafts fewer tokens (its configs use k = 3)
@@ -161,7 +196,6 @@ def step_bench(a, backend, dtype) -> dict:
 
     from quasar.config import VerifierConfig
     from quasar.errors import QuasarError
-    from quasar.model.loader import build_random_model
     shapes = ["tiny"] if a.smoke else a.shapes.split(",")
     contexts = [16, 48] if a.smoke else [int(c) for c in a.contexts.split(",")]
     iters = 3 if a.smoke else a.iters
@@ -174,10 +208,7 @@ def step_bench(a, backend, dtype) -> dict:
             gs = -1 if draft else 128
             try:
                 vcfg = VerifierConfig(quant=scheme, group_size=gs)
-                m = build_random_model(hf, backend, dtype, max(contexts) + 2 * k + 8, vcfg, draft_scheme=draft)
-                m.new_cache(1)
-                m.cache.k.normal_()
-                m.cache.v.normal_()
+                m = random_step_model(hf, backend, dtype, max(contexts) + 2 * k + 8, vcfg, draft_scheme=draft)
                 t = tfn(k)
                 if backend.make_runner is not None:
                     m.runner = backend.make_runner(m, [t], (mode,))

@@ -29,3 +29,23 @@ def test_weight_bytes_count_each_linear_once():
     want4 = sum(n * k // 2 + 4 * n for n, k in _linears(w4)) + head + norms
     assert weight_bytes(w4) == want4
     assert weight_bytes(qspec) == want4     # the draft (w4a4) reads the same codes: not twice
+
+
+def test_time_variants_sets_up_each_variant_per_round_and_keeps_its_logits():
+    """The in-process A/B helper of the step experiments (tools/exp_*.py), on the CPU backend."""
+    from quasar.speed import random_step_model, time_variants
+    be = backends.get("cpu")
+    m = random_step_model(SHAPES["tiny"], be, torch.float32, 64, VerifierConfig(quant="bf16"))
+    assert m.cache.k.abs().sum() > 0          # the cache is filled, not zeros
+    calls, scale = [], {"a": 1.0, "b": 2.0}
+    norm = m.norm.clone()
+
+    def setup(name):
+        calls.append(name)
+        m.norm.copy_(norm * scale[name])      # b changes the final norm: different logits
+
+    times, logits = time_variants(m, be, 2, 16, {n: (lambda n=n: setup(n)) for n in "ab"}, iters=1, rounds=2)
+    assert calls == ["a", "b", "a", "b"]
+    assert set(times) == {"a", "b"} and all(len(v) == 2 and min(v) > 0 for v in times.values())
+    assert logits["a"].shape == (1, 2, SHAPES["tiny"]["vocab_size"]) and logits["a"].dtype == torch.float32
+    assert not torch.equal(logits["a"], logits["b"]) and m.runner is None

@@ -10,12 +10,13 @@ alternating rounds.
     python tools/exp_ablate.py --only "combine,split,rope" --out ablate_attn.json
     python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6 --only early --out early_by_kind.json
     # the fused attention (applies to 6f26654, the tree before the early loads):
-    git checkout 6f26654 -- ops backends quasar tests && git apply tools/exp_fused_attention.patch
+    git checkout 6f26654 -- ops backends quasar/model tests && git apply tools/exp_fused_attention.patch
     python tools/exp_ablate.py --only "unfused,no attention"
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 
@@ -34,9 +35,8 @@ def main() -> int:
     a = ap.parse_args()
     from quasar import backends
     from quasar.config import VerifierConfig
-    from quasar.model.loader import build_random_model
     from quasar.quant.format import QActivation
-    from quasar.speed import SHAPES, copy_bandwidth, kv_bytes, time_step, weight_bytes
+    from quasar.speed import SHAPES, copy_bandwidth, kv_bytes, random_step_model, time_variants, weight_bytes
     be = backends.get("cuda")
     bw = copy_bandwidth(be, 1 << 30)
     hf = SHAPES[a.shape]
@@ -81,7 +81,6 @@ def main() -> int:
 
     attn = be.kernels.attention
     attn_attention = attn.attention
-    import functools
 
     class _NoLaunch:
         def __getitem__(self, grid):
@@ -138,32 +137,23 @@ def main() -> int:
     for case in a.cases.split(","):
         scheme, t = case.split(":")
         t = int(t)
-        m = build_random_model(hf, be, torch.bfloat16, a.ctx + 64, VerifierConfig(quant=scheme, group_size=128))
-        m.new_cache(1)
-        m.cache.k.normal_()
-        m.cache.v.normal_()
+        m = random_step_model(hf, be, torch.bfloat16, a.ctx + 64, VerifierConfig(quant=scheme, group_size=128))
         floor = (weight_bytes(m) + kv_bytes(m, a.ctx)) / bw * 1e3
-        times = {v: [] for v in variants}
-        outs = {}
-        for r in range(a.rounds):
-            for name, patch in variants.items():
-                be.ops.clear()
-                be.ops.update(orig)
-                be.ops.update({k: v for k, v in patch.items() if not k.startswith("@")})
-                for k, v in attn_orig.items():
-                    setattr(attn, k, v)
-                for k, v in patch.get("@attn", {}).items():
-                    setattr(attn, k, v)
-                if early:
-                    common.EARLY = {**early, **patch.get("@common", {})}
-                m.runner = None
-                torch.cuda.empty_cache()
-                m.runner = be.make_runner(m, [t], ("verify",))
-                times[name].append(time_step(m, be, t, a.ctx, "verify", a.iters) * 1e3)
-                if r == 0 and not name.startswith("no "):
-                    ids = torch.arange(t, device="cuda").view(1, -1) + 100
-                    pos = torch.arange(a.ctx, a.ctx + t, device="cuda").view(1, -1)
-                    outs[name] = m.step(ids, pos, a.ctx + t, mode="verify").float().clone()
+
+        def setup(patch):
+            be.ops.clear()
+            be.ops.update(orig)
+            be.ops.update({k: v for k, v in patch.items() if not k.startswith("@")})
+            for k, v in attn_orig.items():
+                setattr(attn, k, v)
+            for k, v in patch.get("@attn", {}).items():
+                setattr(attn, k, v)
+            if early:
+                common.EARLY = {**early, **patch.get("@common", {})}
+
+        times, logits = time_variants(m, be, t, a.ctx, {name: functools.partial(setup, patch)
+                                                        for name, patch in variants.items()}, a.iters, a.rounds)
+        outs = {name: o for name, o in logits.items() if not name.startswith("no ")}
         be.ops.clear()
         be.ops.update(orig)
         for k, v in attn_orig.items():
@@ -184,7 +174,6 @@ def main() -> int:
                   f"{['%.3f' % x for x in times[name]]}", flush=True)
         res["cases"].append({"scheme": scheme, "T": t, "floor_ms": floor, "rows": rows})
         del m
-        m = None
         torch.cuda.empty_cache()
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)

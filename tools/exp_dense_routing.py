@@ -11,6 +11,7 @@ set per variant, the step is re-captured, and all variants are timed in one proc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 
@@ -28,10 +29,9 @@ def main() -> int:
     a = ap.parse_args()
     from quasar import backends
     from quasar.config import VerifierConfig
-    from quasar.model.loader import build_random_model
     from quasar.ops.triton import tuning
     from quasar.ops.triton.tuning import GemmConfig
-    from quasar.speed import SHAPES, copy_bandwidth, kv_bytes, time_step, weight_bytes
+    from quasar.speed import SHAPES, copy_bandwidth, kv_bytes, random_step_model, time_variants, weight_bytes
     be = backends.get("cuda")
     bw = copy_bandwidth(be, 1 << 30)
     hf = SHAPES[a.shape]
@@ -48,28 +48,19 @@ def main() -> int:
         "qkv bn32 s4 bk256 w4 st3": {qkv: GemmConfig(32, 4, 256, 4, 3)},
         "lm_head bn64 s1 bk256 w4 st3": {lm: GemmConfig(64, 1, 256, 4, 3)},
     }
-    m = build_random_model(hf, be, torch.bfloat16, a.ctx + 64, VerifierConfig(quant="bf16"))
-    m.new_cache(1)
-    m.cache.k.normal_()
-    m.cache.v.normal_()
+    m = random_step_model(hf, be, torch.bfloat16, a.ctx + 64, VerifierConfig(quant="bf16"))
     floor = (weight_bytes(m) + kv_bytes(m, a.ctx)) / bw * 1e3
     base = dict(tuning.TABLE)
-    times = {v: [] for v in variants}
-    outs = {}
-    for r in range(a.rounds):
-        for name, extra in variants.items():
-            tuning.TABLE.clear()
-            tuning.TABLE.update(base)
-            for (n, k), cfg in extra.items():
-                tuning.TABLE[("bf16", bucket, n, k)] = cfg
-            m.runner = None
-            torch.cuda.empty_cache()
-            m.runner = be.make_runner(m, [a.t], ("verify",))
-            times[name].append(time_step(m, be, a.t, a.ctx, "verify", a.iters) * 1e3)
-            if r == 0:
-                ids = torch.arange(a.t, device="cuda").view(1, -1) + 100
-                pos = torch.arange(a.ctx, a.ctx + a.t, device="cuda").view(1, -1)
-                outs[name] = m.step(ids, pos, a.ctx + a.t, mode="verify").float().clone()
+
+    def setup(extra):
+        tuning.TABLE.clear()
+        tuning.TABLE.update(base)
+        for (n, k), cfg in extra.items():
+            tuning.TABLE[("bf16", bucket, n, k)] = cfg
+
+    times, outs = time_variants(m, be, a.t, a.ctx, {name: functools.partial(setup, extra)
+                                                    for name, extra in variants.items()}, a.iters, a.rounds)
+    setup({})
     ref = outs[next(iter(variants))]
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape, "ctx": a.ctx,
            "T": a.t, "copy_bandwidth_GBs": bw / 1e9, "floor_ms": floor, "rows": []}

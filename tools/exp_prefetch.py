@@ -18,6 +18,7 @@ Run from outside the repository root on a GPU machine (the installed package is 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 
@@ -177,8 +178,7 @@ def main() -> int:
     PLAN["per"] = a.per
     from quasar import backends
     from quasar.config import VerifierConfig
-    from quasar.model.loader import build_random_model
-    from quasar.speed import SHAPES, copy_bandwidth, kv_bytes, time_step, weight_bytes
+    from quasar.speed import SHAPES, copy_bandwidth, kv_bytes, random_step_model, time_variants, weight_bytes
     be = backends.get("cuda")
     bw = copy_bandwidth(be, 1 << 30)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape, "ctx": a.ctx,
@@ -187,30 +187,15 @@ def main() -> int:
     for case in a.cases.split(","):
         scheme, t = case.split(":")
         t = int(t)
-        m = build_random_model(SHAPES[a.shape], be, torch.bfloat16, a.ctx + 64,
-                               VerifierConfig(quant=scheme, group_size=128))
-        m.new_cache(1)
-        m.cache.k.normal_()
-        m.cache.v.normal_()
+        m = random_step_model(SHAPES[a.shape], be, torch.bfloat16, a.ctx + 64,
+                              VerifierConfig(quant=scheme, group_size=128))
         blocks = list(m.layers)
         for i, blk in enumerate(blocks):
             blk.attn._gate_up = blk.mlp.gate_up_proj
             blk.mlp._next_qkv = blocks[i + 1].attn.qkv_proj if i + 1 < len(blocks) else None
         floor = (weight_bytes(m) + kv_bytes(m, a.ctx)) / bw * 1e3
-        times = {p: [] for p in plans}
-        outs = {}
-        for r in range(a.rounds):
-            for p in plans:
-                PLAN["name"] = p
-                m.runner = None
-                torch.cuda.empty_cache()
-                m.runner = be.make_runner(m, [t], ("verify",))
-                ms = time_step(m, be, t, a.ctx, "verify", a.iters) * 1e3
-                times[p].append(ms)
-                if r == 0:
-                    ids = torch.arange(t, device="cuda").view(1, -1) + 100
-                    pos = torch.arange(a.ctx, a.ctx + t, device="cuda").view(1, -1)
-                    outs[p] = m.step(ids, pos, a.ctx + t, mode="verify").float().clone()
+        times, outs = time_variants(m, be, t, a.ctx, {p: functools.partial(PLAN.__setitem__, "name", p)
+                                                      for p in plans}, a.iters, a.rounds)
         same = all(torch.equal(outs[p], outs[plans[0]]) for p in plans)
         for p in plans:
             med = statistics.median(times[p])

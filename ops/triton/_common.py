@@ -77,13 +77,6 @@ def pdl_prologue(PDL: tl.constexpr):
 
 
 @triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """pdl_prologue without letting the next kernel launch early: it launches when this one ends."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
 def rint(x):
     """Round half to even (torch.round) for fp32 values of moderate size (|x| < 2**22), with
     floor only: exact, and identical under the interpreter and on the GPU."""

@@ -58,6 +58,18 @@ def _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr, s
     return m_new, l_i, acc
 
 
+@triton.jit
+def _split_range(pos_ptr, b, t, r_ok, sp_b, sp_t, split, KV_LEN, NUM_SPLITS: tl.constexpr, BS: tl.constexpr):
+    """The rows' positions, the visible length (max position + 1, capped at KV_LEN) and this
+    split's slot range [start, end) of it, in whole blocks."""
+    pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=r_ok, other=-1).to(tl.int32)
+    vis = tl.minimum(tl.max(pos, axis=0) + 1, KV_LEN)
+    chunk = tl.cdiv(tl.cdiv(vis, NUM_SPLITS), BS) * BS
+    start = split * chunk
+    end = tl.minimum(start + chunk, vis)
+    return pos, start, end
+
+
 @triton.jit(do_not_specialize=["T", "KV_LEN"])
 def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_ptr,
                  T, HKV, KV_LEN, D, qk_scale,
@@ -83,12 +95,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
         # split's range, and the first block of K/V at the slots the chunk does not write (slots
         # below its lowest position: the kernel before, rope_kv_write, writes only the chunk's
         # own slots). With programmatic dependent launch these HBM reads overlap that kernel.
-        pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=r_ok, other=-1).to(tl.int32)
+        pos, start, end = _split_range(pos_ptr, b, t, r_ok, sp_b, sp_t, split, KV_LEN, NUM_SPLITS, BS)
         pmin = tl.min(tl.where(r_ok, pos, 2147483647), axis=0)
-        vis = tl.minimum(tl.max(pos, axis=0) + 1, KV_LEN)
-        chunk = tl.cdiv(tl.cdiv(vis, NUM_SPLITS), BS) * BS
-        start = split * chunk
-        end = tl.minimum(start + chunk, vis)
         s = start + tl.arange(0, BS)
         s_ok = s < end
         old = s_ok & (s < pmin)
@@ -113,11 +121,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
                                     sm_b, sm_t, sm_s, qk_scale, HAS_MASK, F32DOT)
         s_first = start + BS
     else:
-        pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=r_ok, other=-1).to(tl.int32)
-        vis = tl.minimum(tl.max(pos, axis=0) + 1, KV_LEN)
-        chunk = tl.cdiv(tl.cdiv(vis, NUM_SPLITS), BS) * BS
-        start = split * chunk
-        end = tl.minimum(start + chunk, vis)
+        pos, start, end = _split_range(pos_ptr, b, t, r_ok, sp_b, sp_t, split, KV_LEN, NUM_SPLITS, BS)
         s_first = start
     for s0 in range(s_first, end, BS):
         s = s0 + tl.arange(0, BS)

@@ -38,7 +38,7 @@ import triton.language as tl
 from quasar.errors import UnsupportedError
 from quasar.quant.format import QActivation, QuantizedWeight
 from . import tuning
-from ._common import pdl_prologue, INTERPRETED, gemm_finish
+from ._common import INTERPRETED, gemm_finish
 
 PLANE = 32
 KBLOCK = tuning.KBLOCK       # 8 planes of 32
@@ -163,8 +163,7 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                  GROUP: tl.constexpr, PPG: tl.constexpr, PER_CHANNEL: tl.constexpr,
                  HAS_ZERO: tl.constexpr, ACT_INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, MAGIC: tl.constexpr,
-                 F32DOT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
-    pdl_prologue(PDL)
+                 F32DOT: tl.constexpr, INTERP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -273,9 +272,10 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
         GROUP=group, PPG=8 if per_channel else _ppg(group), PER_CHANNEL=per_channel,
         HAS_ZERO=w.zero is not None, ACT_INT4=act_int4, HAS_BIAS=bias is not None,
         SPLIT=split > 1, BN=cfg.bn, BM=bm, MAGIC=magic, F32DOT=f32dot, INTERP=INTERPRETED,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=False)
-    # no programmatic dependent launch here: with it the W4A16 verify step got 4% slower on an
-    # H100 (the next kernels' CTAs, launched early, sit on the SMs this GEMM streams through)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # no programmatic dependent launch here (unlike the other kernels): with it the W4A16 verify
+    # step got 4% slower on an H100 (the next kernels' CTAs, launched early, sit on the SMs this
+    # GEMM streams through), and 10% slower with a wait-only prologue (BENCHMARKS.md)
     return out
 
 

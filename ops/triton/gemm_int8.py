@@ -52,31 +52,30 @@ class Int8Weight:
         return self.codes.numel() + self.scale.numel() * 4
 
 
+def _pack(qw: QuantizedWeight) -> Int8Weight:
+    """The codes K-padded to a multiple of KBLOCK (with zeros: +0.0 for e4m3), per-channel scales."""
+    n, k = qw.codes.shape
+    kp = triton.cdiv(k, tuning.KBLOCK) * tuning.KBLOCK
+    codes = qw.codes
+    if kp != k:
+        codes = torch.nn.functional.pad(codes.view(torch.uint8), (0, kp - k)).view(codes.dtype)
+    tuning.counters(codes.device)
+    return Int8Weight(codes.contiguous(), qw.scale.reshape(n).float().contiguous(), n, k, qw.hadamard)
+
+
 def pack_int8(qw: QuantizedWeight) -> Int8Weight:
     if qw.is_fp8 or qw.bits != 8 or qw.codes.dtype != torch.int8:
         raise UnsupportedError("the int8 GEMM kernels need int8 codes (bits=8)")
     if qw.group_size != -1 or qw.scale.shape[1] != 1 or qw.zero is not None:
         raise UnsupportedError("the int8 GEMM kernels need symmetric per-output-channel int8 weights "
                                f"(got group_size={qw.group_size}, zero points={qw.zero is not None})")
-    n, k = qw.codes.shape
-    kp = triton.cdiv(k, tuning.KBLOCK) * tuning.KBLOCK
-    codes = qw.codes
-    if kp != k:
-        codes = torch.nn.functional.pad(codes, (0, kp - k))
-    tuning.counters(codes.device)
-    return Int8Weight(codes.contiguous(), qw.scale.reshape(n).float().contiguous(), n, k, qw.hadamard)
+    return _pack(qw)
 
 
 def pack_fp8(qw: QuantizedWeight) -> Int8Weight:
     if not qw.is_fp8 or qw.group_size != -1 or qw.scale.shape[1] != 1:
         raise UnsupportedError("the FP8 GEMM kernel needs float8_e4m3fn per-output-channel weights")
-    n, k = qw.codes.shape
-    kp = triton.cdiv(k, tuning.KBLOCK) * tuning.KBLOCK
-    codes = qw.codes
-    if kp != k:
-        codes = torch.nn.functional.pad(codes.view(torch.uint8), (0, kp - k)).view(torch.float8_e4m3fn)
-    tuning.counters(codes.device)
-    return Int8Weight(codes.contiguous(), qw.scale.reshape(n).float().contiguous(), n, k, qw.hadamard)
+    return _pack(qw)
 
 
 @triton.jit
