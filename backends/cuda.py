@@ -16,7 +16,8 @@ Prepared weights (Backend.prepare, scheme -> fn(QuantizedWeight) -> object):
   w8a8-int8, w8a16  gemm_int8.Int8Weight: codes int8 [N, K_pad] (K zero-padded to a multiple
                     of 256), scale fp32 [N]
   w4a16, w4a4       gemm_int4.Int4Weight: packed int32 [K_pad/256, N, 32] (8 codes per word,
-                    nibble j of word (b, n, w) = code(n, 256 b + 32 j + w) + 8), scale fp32 [G, N],
+                    nibble q + 4h of word (b, n, w) = code(n, 256 b + 64 q + 2 w + h) + 8),
+                    scale fp32 [G, N],
                     zero fp32 [G, N] = 8 + zero point (or None)
   w8a8-fp8          gemm_int8.Int8Weight with float8_e4m3fn codes [N, K_pad] (K padded to 256)
 The int8 layouts are shared by w8a8-int8/w8a16 and the int4 layouts by w4a16/w4a4; preparing the

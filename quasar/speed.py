@@ -61,6 +61,9 @@ def add_args(ap) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--no-peers", action="store_true", help="e2e: skip the transformers peers")
     ap.add_argument("--configs", default=None, help="e2e: comma-separated subset of the config names")
+    ap.add_argument("--cases", default=None,
+                    help="step: comma-separated subset of the step cases, matched as substrings of their "
+                         "labels (e.g. 'w4a16,decode bf16')")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
 
 
@@ -191,6 +194,18 @@ STEP_CASES = [  # (label, scheme, draft scheme, T as a function of k, mode)
 ]
 
 
+def step_cases(a) -> list:
+    """STEP_CASES, or those whose label contains one of --cases' comma-separated strings."""
+    want = [w.strip() for w in (getattr(a, "cases", None) or "").split(",") if w.strip()]
+    if not want:
+        return STEP_CASES
+    cases = [c for c in STEP_CASES if any(w in c[0] for w in want)]
+    if not cases:
+        raise SystemExit(f"--cases {a.cases!r} matches no step case; the cases are: "
+                         + "; ".join(c[0] for c in STEP_CASES))
+    return cases
+
+
 def step_bench(a, backend, dtype) -> dict:
     from tqdm.auto import tqdm
 
@@ -204,7 +219,7 @@ def step_bench(a, backend, dtype) -> dict:
     rows = []
     for shape in shapes:
         hf = SHAPES[shape]
-        for label, scheme, draft, tfn, mode in tqdm(STEP_CASES, desc=f"step {shape}"):
+        for label, scheme, draft, tfn, mode in tqdm(step_cases(a), desc=f"step {shape}"):
             gs = -1 if draft else 128
             try:
                 vcfg = VerifierConfig(quant=scheme, group_size=gs)

@@ -37,3 +37,17 @@ def test_speed_benchmark_smoke_runs_every_mode(tmp_path):
     for s in ("w8a8-int8", "w4a16", "w4a4"):
         assert ops["gemm"][s]["check"]["max_rel"] < 1e-3
     assert list(out.glob("*.png"))
+
+
+def test_step_cases_filter(tmp_path):
+    """--cases picks step cases by label; a filter that matches nothing is refused, naming the
+    cases there are."""
+    out = tmp_path / "bench"
+    base = [sys.executable, "-m", "quasar.bench", "speed", "--mode", "step", "--smoke", "--out", str(out)]
+    r = subprocess.run(base + ["--cases", "w4a16,decode bf16"], capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cases = {x["case"] for x in json.loads((out / "speed.json").read_text())["step"]["rows"]}
+    assert cases == {"decode bf16 (T=1)", "verify w4a16 g128", "QSpec verify w4a16 per-channel (k=3)"}, cases
+    r = subprocess.run(base + ["--cases", "w9a9"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode != 0 and "matches no step case" in r.stderr and "verify w8a8-int8" in r.stderr

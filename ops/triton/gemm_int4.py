@@ -2,28 +2,32 @@
 int4 x int4 -> int32). Both read the same prepared object, so QSpec's draft (w4a4) and verify
 (w4a16) passes share one copy of the packed codes.
 
-Prepared layout (`Int4Weight`), "planar in 256-wide K blocks":
-  packed int32 [KB, N, 32], KB = ceil(K / 256). Word (b, n, w) holds, in nibble j (bits 4j..4j+3),
-  code(n, k = 256 b + 32 j + w) + 8 (unsigned). K is zero-padded (code 0) to a multiple of 256.
-  A program's tile for one K block is BN * 128 contiguous bytes (16-byte vector loads), and
-  nibble j of the [BN, 32] word tile is "plane j": the weights of the 32 consecutive k's
-  256 b + 32 j + [0, 32), so every plane multiplies a contiguous slice of x and lies inside one
-  quantization group for any group size that is a multiple of 32.
+Prepared layout (`Int4Weight`), "k-pairs in 256-wide K blocks":
+  packed int32 [KB, N, 32], KB = ceil(K / 256). Word (b, n, w) holds, in nibble j = q + 4 h
+  (bits 4j..4j+3, q in 0..3, h in 0..1), code(n, k = 256 b + 64 q + 2 w + h) + 8 (unsigned).
+  K is zero-padded (code 0) to a multiple of 256. A program's tile for one K block is BN * 128
+  contiguous bytes (16-byte vector loads). For each q, t = (word >> 4q) & 0x000F000F holds the
+  codes of two *consecutive* k's (2w, 2w + 1 of chunk q) in its low and high 16-bit halves:
+  exactly the pair of 16-bit values one register of a tensor-core A fragment holds. So chunk q
+  of the tile, the weights of k = 256 b + 64 q + [0, 64), is one [BN, 64] dot operand built in
+  registers (join of the two halves, no shared-memory round trip, no byte permutes), and it
+  multiplies a contiguous slice of x.
   scale fp32 [G, N] (G = K / group, 1 for per channel); zero fp32 [G, N] = 8 + zero point
   (None when symmetric).
 
 Kernel (weight streaming, one launch; see gemm_int8 for the split-K / swapped-operand scheme):
-  per K block: load the word tile once; for q in 0..3 extract planes q and q+4 together,
-  t = (words >> 4q) & 0x000F000F, so that the low and high 16-bit halves hold one nibble each;
+  per K block: load the word tile once; for each chunk q:
   - w4a16 on fp16/bf16 activations: t | 0x64006400 (fp16 1024.0) or 0x43004300 (bf16 128.0)
     turns each half into the float (magic + nibble) with a bitcast, and one subtraction of
     (magic + 8 + zero) gives the exact integer weight (code - zero) in the activation dtype
-    (no int->float conversion); each plane is one tl.dot [BN, 32] x [32, BM] with fp32
-    accumulation; the group scale multiplies the partial sums per group (per block for
-    group >= 128, per plane for 32/64, once in the epilogue for per-channel weights);
+    (no int->float conversion); one tl.dot [BN, 64] x [64, BM] per chunk with fp32
+    accumulation. Per-channel weights accumulate all chunks and scale once in the epilogue;
+    grouped weights scale each chunk's partial sums (a chunk lies in one group when the group
+    size is a multiple of 64; for other multiples of 32 the chunk's two halves of 32 are dotted
+    separately against x masked to each half);
   - fp32 activations (and bf16 under the interpreter, whose bf16 arithmetic is unusable) take
-    the same path with fp32 planes and IEEE fp32 dots;
-  - w4a4: planes are int8 (nibble - 8) and the dot is int8 x int8 -> int32 against the int4
+    the same path with fp32 operands and IEEE fp32 dots;
+  - w4a4: the chunk is int8 (nibble - 8) and the dot is int8 x int8 -> int32 against the int4
     activation codes; the epilogue applies (acc * x_scale[m]) * w_scale[n] like w8a8.
 """
 from __future__ import annotations
@@ -40,8 +44,8 @@ from quasar.quant.format import QActivation, QuantizedWeight
 from . import tuning
 from ._common import INTERPRETED, gemm_finish
 
-PLANE = 32
-KBLOCK = tuning.KBLOCK       # 8 planes of 32
+PLANE = 32                   # the smallest group size: half a chunk
+KBLOCK = tuning.KBLOCK       # 4 chunks of 64
 
 
 @dataclass
@@ -86,7 +90,8 @@ def pack_int4(qw: QuantizedWeight) -> Int4Weight:
     u = (qw.codes.to(torch.int32) + 8) & 0xF                       # [N, K] unsigned nibbles
     if kp != k:
         u = torch.nn.functional.pad(u, (0, kp - k), value=8)       # code 0
-    u = u.view(n, kb, 8, PLANE).permute(1, 0, 3, 2).to(torch.int64)   # [KB, N, 32(w), 8(j)]
+    # k = 256 b + 64 q + 2 w + h  ->  word (b, n, w), nibble j = q + 4 h
+    u = u.view(n, kb, 4, 32, 2).permute(1, 0, 3, 4, 2).reshape(kb, n, 32, 8).to(torch.int64)
     shifts = torch.arange(0, 32, 4, device=u.device, dtype=torch.int64)
     words = (u << shifts).sum(-1)                                  # < 2**32
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
@@ -100,38 +105,70 @@ def unpack_int4(w: Int4Weight) -> torch.Tensor:
     """The int4 codes [N, K] back from the packed layout (tests, debugging)."""
     kb = w.packed.shape[0]
     shifts = torch.arange(0, 32, 4, device=w.packed.device, dtype=torch.int32)
-    u = (w.packed.unsqueeze(-1) >> shifts) & 0xF                   # [KB, N, 32, 8]
-    c = (u.permute(1, 0, 3, 2).reshape(w.n, kb * KBLOCK) - 8).to(torch.int8)
+    u = (w.packed.unsqueeze(-1) >> shifts) & 0xF                   # [KB, N, 32(w), 8(j = q + 4h)]
+    u = u.view(kb, w.n, 32, 2, 4).permute(1, 0, 4, 2, 3)            # [N, KB, q, w, h]
+    c = (u.reshape(w.n, kb * KBLOCK) - 8).to(torch.int8)
     return c[:, :w.k].contiguous()
 
 
 @triton.jit
-def _xplane(x_ptr, offs_m, m_mask, k0, offs_w, K, stride_xm, stride_xk, F32DOT: tl.constexpr):
-    """x[m, k0 + w] as the transposed tile [32, BM] (zero outside K / M)."""
-    ks = k0 + offs_w
-    t = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None] * stride_xk,
-                mask=(ks < K)[:, None] & m_mask[None, :], other=0)
+def _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk, EVEN_K: tl.constexpr,
+            F32DOT: tl.constexpr):
+    """x[m, k0 + c] as the transposed tile [64, BM] (zero outside K / M)."""
+    ks = k0 + offs_c
+    if EVEN_K:
+        mask = m_mask[None, :]
+    else:
+        mask = (ks < K)[:, None] & m_mask[None, :]
+    t = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None] * stride_xk, mask=mask, other=0)
     if F32DOT:
         t = t.to(tl.float32)
     return t
 
 
 @triton.jit
-def _planes(words, Q: tl.constexpr, off_lo, off_hi, XDT: tl.constexpr, F32DOT: tl.constexpr):
-    """Planes Q and Q + 4 of the word tile as (code - zero) in the dot dtype; off_* = [BN] vectors
-    of (8 + zero) (F32DOT) or (magic + 8 + zero) in XDT (the magic-number path)."""
-    if F32DOT:
+def _chunk(words, words8, Q: tl.constexpr, off, BN: tl.constexpr, XDT: tl.constexpr,
+           F32DOT: tl.constexpr, ACT_INT4: tl.constexpr):
+    """Chunk Q of the word tile as the [BN, 64] operand (code - zero), k = 64 Q + 2 w + h: the two
+    16-bit halves of (words >> 4Q) & 0x000F000F, joined. words8 = words >> 8. off: (8 + zero)
+    (F32DOT), or (magic + 8 + zero) in XDT (odd Q: magic / 16 + 8 + zero), as [BN, 1] (or
+    [BN, 64] when it varies along the chunk); unused for w4a4.
+    On fp16 the magic-number path takes odd chunks without a shift: t = words & 0x00F000F0 |
+    magic is magic + 16 * nibble, and t / 16 - (magic / 16 + 8 + zero) is the same exact integer
+    (one multiply-add), so a word costs 1 shift, 4 and-or and 4 subtract/multiply-adds of fp16
+    pairs; bf16 (7 mantissa bits) shifts the odd chunks too (3 shifts)."""
+    if ACT_INT4:
         t = (words >> (4 * Q)) & 0x000F000F
-        lo = (t & 0xFFFF).to(tl.float32) - off_lo[:, None]
-        hi = (t >> 16).to(tl.float32) - off_hi[:, None]
+        lo = ((t & 0xFFFF) - 8).to(tl.int8)
+        hi = ((t >> 16) - 8).to(tl.int8)
+        a = tl.reshape(tl.join(lo, hi), (BN, 64))
+    elif F32DOT:
+        t = (words >> (4 * Q)) & 0x000F000F
+        lo = (t & 0xFFFF).to(tl.float32)
+        hi = (t >> 16).to(tl.float32)
+        a = tl.reshape(tl.join(lo, hi), (BN, 64)) - off
     else:
+        src = words if Q < 2 else words8
         if XDT == tl.float16:
-            t = ((words >> (4 * Q)) & 0x000F000F) | 0x64006400
+            if Q % 2 == 0:
+                t = (src & 0x000F000F) | 0x64006400
+            else:
+                t = (src & 0x00F000F0) | 0x64006400
         else:
-            t = ((words >> (4 * Q)) & 0x000F000F) | 0x43004300
-        lo = t.to(tl.int16).to(XDT, bitcast=True) - off_lo[:, None]
-        hi = (t >> 16).to(tl.int16).to(XDT, bitcast=True) - off_hi[:, None]
-    return lo, hi
+            # bf16 has 7 mantissa bits: 16 * nibble does not fit under the exponent, so the odd
+            # chunks are shifted down like the even ones
+            if Q % 2 == 0:
+                t = (src & 0x000F000F) | 0x43004300
+            else:
+                t = ((src >> 4) & 0x000F000F) | 0x43004300
+        lo = t.to(tl.int16).to(XDT, bitcast=True)
+        hi = (t >> 16).to(tl.int16).to(XDT, bitcast=True)
+        a = tl.reshape(tl.join(lo, hi), (BN, 64))
+        if Q % 2 == 0 or XDT != tl.float16:
+            a = a - off
+        else:
+            a = a * 0.0625 - off
+    return a
 
 
 @triton.jit
@@ -144,32 +181,32 @@ def _dot(a, b, acc, F32DOT: tl.constexpr):
 
 
 @triton.jit
-def _group_params(s_ptr, z_ptr, offs_n, n_mask, k0, N, NG, GROUP: tl.constexpr,
-                  HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr, DDT: tl.constexpr):
-    """(scale[g, n], magic + 8 + zero[g, n] in the dot dtype) for the group holding k0."""
+def _group_sz(s_ptr, z_ptr, offs_n, n_mask, k0, N, NG, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """(scale[g, n], 8 + zero[g, n]) in fp32 for the group holding k0."""
     g = tl.minimum(k0 // GROUP, NG - 1)
     s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)
     if HAS_ZERO:
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=8.0)
     else:
         z = tl.full(s.shape, 8.0, tl.float32)
-    return s, (z + MAGIC).to(DDT)
+    return s, z
 
 
 @triton.jit(do_not_specialize=["M", "KB", "NG", "blocks_per_split", "split_k"])
 def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K, KB, NG, blocks_per_split, split_k,
                  stride_xm, stride_xk, stride_om, stride_on,
-                 GROUP: tl.constexpr, PPG: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                 GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HALF: tl.constexpr, QPG: tl.constexpr,
                  HAS_ZERO: tl.constexpr, ACT_INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, MAGIC: tl.constexpr,
-                 F32DOT: tl.constexpr, INTERP: tl.constexpr):
+                 EVEN_K: tl.constexpr, F32DOT: tl.constexpr, INTERP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_w = tl.arange(0, 32)
+    offs_c = tl.arange(0, 64)
     n_mask = offs_n < N
     m_mask = offs_m < M
     XDT: tl.constexpr = x_ptr.dtype.element_ty
@@ -181,66 +218,63 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
     w_tile = w_ptr + offs_n[:, None] * 32 + offs_w[None, :]
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, KB)
+    # the odd chunks' offset on the magic-number path (see _chunk)
+    MAGIC_ODD: tl.constexpr = MAGIC / 16 if (XDT == tl.float16 and not F32DOT) else MAGIC
+    if PER_CHANNEL:
+        # one (8 + zero) per output channel for the whole of K
+        if HAS_ZERO:
+            z0 = tl.load(z_ptr + offs_n, mask=n_mask, other=8.0)
+        else:
+            z0 = tl.full([BN], 8.0, tl.float32)
+        off_e = (z0 + MAGIC).to(DDT)[:, None]
+        off_o = (z0 + MAGIC_ODD).to(DDT)[:, None]
     for b in range(b_start, b_end):
         words = tl.load(w_tile + b * N * 32, mask=n_mask[:, None], other=0)
+        words8 = words >> 8
         kb0 = b * 256
-        if ACT_INT4:
-            for q in tl.static_range(4):
-                t = (words >> (4 * q)) & 0x000F000F
-                lo = ((t & 0xFFFF) - 8).to(tl.int8)
-                hi = ((t >> 16) - 8).to(tl.int8)
-                acc = tl.dot(lo, _xplane(x_ptr, offs_m, m_mask, kb0 + 32 * q, offs_w, K,
-                                         stride_xm, stride_xk, False), acc, out_dtype=tl.int32)
-                acc = tl.dot(hi, _xplane(x_ptr, offs_m, m_mask, kb0 + 32 * (q + 4), offs_w, K,
-                                         stride_xm, stride_xk, False), acc, out_dtype=tl.int32)
-        else:
-            if PPG >= 4:
-                # planes 0..3 lie in one group, planes 4..7 in one group (the same when PPG == 8)
-                s_lo, off_lo = _group_params(s_ptr, z_ptr, offs_n, n_mask, kb0, N, NG, GROUP,
-                                             HAS_ZERO, MAGIC, DDT)
-                s_hi, off_hi = _group_params(s_ptr, z_ptr, offs_n, n_mask, kb0 + 128, N, NG, GROUP,
-                                             HAS_ZERO, MAGIC, DDT)
-                if PER_CHANNEL:
-                    for q in tl.static_range(4):
-                        lo, hi = _planes(words, q, off_lo, off_hi, XDT, F32DOT)
-                        acc = _dot(lo, _xplane(x_ptr, offs_m, m_mask, kb0 + 32 * q, offs_w, K,
-                                               stride_xm, stride_xk, F32DOT), acc, F32DOT)
-                        acc = _dot(hi, _xplane(x_ptr, offs_m, m_mask, kb0 + 32 * (q + 4), offs_w, K,
-                                               stride_xm, stride_xk, F32DOT), acc, F32DOT)
-                else:
-                    part_lo = tl.zeros([BN, BM], dtype=tl.float32)
-                    part_hi = tl.zeros([BN, BM], dtype=tl.float32)
-                    for q in tl.static_range(4):
-                        lo, hi = _planes(words, q, off_lo, off_hi, XDT, F32DOT)
-                        part_lo = _dot(lo, _xplane(x_ptr, offs_m, m_mask, kb0 + 32 * q, offs_w, K,
-                                                   stride_xm, stride_xk, F32DOT), part_lo, F32DOT)
-                        part_hi = _dot(hi, _xplane(x_ptr, offs_m, m_mask, kb0 + 32 * (q + 4), offs_w,
-                                                   K, stride_xm, stride_xk, F32DOT), part_hi, F32DOT)
-                    acc += part_lo * s_lo[:, None] + part_hi * s_hi[:, None]
+        if not (ACT_INT4 or PER_CHANNEL or HALF):
+            part = tl.zeros([BN, BM], dtype=tl.float32)
+        for q in tl.static_range(4):
+            k0 = kb0 + 64 * q
+            if ACT_INT4:
+                a = _chunk(words, words8, q, 0, BN, XDT, False, True)
+                acc = tl.dot(a, _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk,
+                                        EVEN_K, False), acc, out_dtype=tl.int32)
+            elif PER_CHANNEL:
+                a = _chunk(words, words8, q, off_e if q % 2 == 0 else off_o, BN, XDT, F32DOT, False)
+                acc = _dot(a, _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk,
+                                      EVEN_K, F32DOT), acc, F32DOT)
+            elif HALF:
+                # a group boundary can fall in the middle of the chunk (group 32, 96, ...): the
+                # first 32 k's (w < 16) take one group's (scale, zero), the last 32 the next's
+                s_a, z_a = _group_sz(s_ptr, z_ptr, offs_n, n_mask, k0, N, NG, GROUP, HAS_ZERO)
+                s_b, z_b = _group_sz(s_ptr, z_ptr, offs_n, n_mask, k0 + 32, N, NG, GROUP, HAS_ZERO)
+                off = tl.where(offs_w[None, :] < 16, (z_a + (MAGIC if q % 2 == 0 else MAGIC_ODD)).to(DDT)[:, None],
+                               (z_b + (MAGIC if q % 2 == 0 else MAGIC_ODD)).to(DDT)[:, None])
+                # one offset per pair (w): the chunk operand has the pair's two k's side by side
+                off = tl.reshape(tl.join(off, off), (BN, 64))
+                a = _chunk(words, words8, q, off, BN, XDT, F32DOT, False)
+                xt = _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk, EVEN_K, F32DOT)
+                first = (offs_c < 32)[:, None]
+                zero = tl.zeros([BN, BM], dtype=tl.float32)
+                p_a = _dot(a, tl.where(first, xt, 0), zero, F32DOT)
+                p_b = _dot(a, tl.where(first, 0, xt), zero, F32DOT)
+                acc += p_a * s_a[:, None] + p_b * s_b[:, None]
             else:
-                # groups of 32 or 64: scale each plane's partial sums
-                for q in tl.static_range(4):
-                    s_lo, off_lo = _group_params(s_ptr, z_ptr, offs_n, n_mask, kb0 + 32 * q, N, NG,
-                                                 GROUP, HAS_ZERO, MAGIC, DDT)
-                    s_hi, off_hi = _group_params(s_ptr, z_ptr, offs_n, n_mask, kb0 + 32 * (q + 4), N,
-                                                 NG, GROUP, HAS_ZERO, MAGIC, DDT)
-                    lo, hi = _planes(words, q, off_lo, off_hi, XDT, F32DOT)
-                    zero = tl.zeros([BN, BM], dtype=tl.float32)
-                    p_lo = _dot(lo, _xplane(x_ptr, offs_m, m_mask, kb0 + 32 * q, offs_w, K,
-                                            stride_xm, stride_xk, F32DOT), zero, F32DOT)
-                    p_hi = _dot(hi, _xplane(x_ptr, offs_m, m_mask, kb0 + 32 * (q + 4), offs_w, K,
-                                            stride_xm, stride_xk, F32DOT), zero, F32DOT)
-                    acc += p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
+                # QPG consecutive chunks lie in one group: their dots chain, then one scaling
+                if q % QPG == 0:
+                    s_g, z_g = _group_sz(s_ptr, z_ptr, offs_n, n_mask, k0, N, NG, GROUP, HAS_ZERO)
+                    off_ge = (z_g + MAGIC).to(DDT)[:, None]
+                    off_go = (z_g + MAGIC_ODD).to(DDT)[:, None]
+                a = _chunk(words, words8, q, off_ge if q % 2 == 0 else off_go, BN, XDT, F32DOT, False)
+                part = _dot(a, _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk,
+                                       EVEN_K, F32DOT), part, F32DOT)
+                if q % QPG == QPG - 1:
+                    acc += part * s_g[:, None]
+                    part = tl.zeros([BN, BM], dtype=tl.float32)
     gemm_finish(acc, offs_m, offs_n, m_mask, n_mask, M, N, pid_k, split_k, ws_ptr, cnt_ptr,
                 xs_ptr, s_ptr, b_ptr, out_ptr, stride_om, stride_on,
                 SPLIT, ACT_INT4, PER_CHANNEL, HAS_BIAS, INTERP)
-
-
-def _ppg(group: int) -> int:
-    for p in (8, 4, 2):
-        if group % (PLANE * p) == 0:
-            return p
-    return 1
 
 
 def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, config=None):
@@ -269,9 +303,11 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
         w.zero if w.zero is not None else w.scale, bias if bias is not None else w.scale,
         out, ws, cnt, m, n, k, kb, w.scale.shape[0], per, split,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        GROUP=group, PPG=8 if per_channel else _ppg(group), PER_CHANNEL=per_channel,
+        GROUP=group, PER_CHANNEL=per_channel, HALF=(not per_channel) and group % 64 != 0,
+        QPG=4 if group % 256 == 0 else (2 if group % 128 == 0 else 1),
         HAS_ZERO=w.zero is not None, ACT_INT4=act_int4, HAS_BIAS=bias is not None,
-        SPLIT=split > 1, BN=cfg.bn, BM=bm, MAGIC=magic, F32DOT=f32dot, INTERP=INTERPRETED,
+        SPLIT=split > 1, BN=cfg.bn, BM=bm, MAGIC=magic, EVEN_K=k % KBLOCK == 0, F32DOT=f32dot,
+        INTERP=INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # no programmatic dependent launch here (unlike the other kernels): with it the W4A16 verify
     # step got 4% slower on an H100 (the next kernels' CTAs, launched early, sit on the SMs this

@@ -32,7 +32,7 @@ KBLOCK = 256          # K granularity of the packed layouts (and the split-K uni
 class GemmConfig:
     bn: int = 64            # output features per program
     split_k: int = 1        # programs along K (partials reduced by the last one to finish)
-    bk: int = 256           # K per iteration (int8 weights; int4 is always 256 = 8 planes of 32)
+    bk: int = 256           # K per iteration (int8 weights; int4 is always 256 = 4 chunks of 64)
     num_warps: int = 4
     num_stages: int = 3
 
