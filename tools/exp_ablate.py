@@ -9,6 +9,7 @@ alternating rounds.
     python tools/exp_ablate.py --out ablate.json
     python tools/exp_ablate.py --only "combine,split,rope" --out ablate_attn.json
     python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6 --only early --out early_by_kind.json
+    python tools/exp_ablate.py --cases w4a16:6 --only "int4 GEMM" --out int4_pdl.json
     # the fused attention (applies to 6f26654, the tree before the early loads):
     git checkout 6f26654 -- ops backends quasar/model tests && git apply tools/exp_fused_attention.patch
     python tools/exp_ablate.py --only "unfused,no attention"
@@ -122,6 +123,7 @@ def main() -> int:
     variants["attention BS 128, 8 warps"] = {"@attn": {"attention": functools.partial(attn_attention, block_s=128,
                                                                                     num_warps=8)}}
     variants["attention 64 slots per split"] = {"@attn": {"default_splits": splits64}}
+    variants["int4 GEMM without PDL"] = {"@int4_pdl": False}
     variants["no silu_mul(_quant)"] = {"silu_mul": no_silu, "silu_mul_quant": no_silu_q}
     variants["no add_rms_norm"] = {"add_rms_norm": no_norm}
     variants["no o_proj input quant"] = {"quantize_per_token": no_quant}
@@ -130,6 +132,9 @@ def main() -> int:
     attn_orig = {k: getattr(attn, k) for k in ("_attn_combine_kernel", "default_splits", "attention")}
     common = be.kernels._common
     early = dict(getattr(common, "EARLY", {}))
+    int4_pdl = getattr(common, "INT4_PDL", False)
+    if not hasattr(common, "INT4_PDL"):
+        variants = {k: v for k, v in variants.items() if "@int4_pdl" not in v}
     if not early:       # an older tree (the fused-attention patch): no early loads to switch
         variants = {k: v for k, v in variants.items() if "@common" not in v}
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape, "ctx": a.ctx,
@@ -150,6 +155,8 @@ def main() -> int:
                 setattr(attn, k, v)
             if early:
                 common.EARLY = {**early, **patch.get("@common", {})}
+            if hasattr(common, "INT4_PDL"):
+                common.INT4_PDL = patch.get("@int4_pdl", int4_pdl)
 
         times, logits = time_variants(m, be, t, a.ctx, {name: functools.partial(setup, patch)
                                                         for name, patch in variants.items()}, a.iters, a.rounds)
@@ -160,6 +167,8 @@ def main() -> int:
             setattr(attn, k, v)
         if early:
             common.EARLY = dict(early)
+        if hasattr(common, "INT4_PDL"):
+            common.INT4_PDL = int4_pdl
         base = statistics.median(times["shipped"])
         for name, o in outs.items():
             print(f"{name}: max |logit - shipped| {(o - outs['shipped']).abs().max().item():.3g}, "

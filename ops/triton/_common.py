@@ -66,6 +66,13 @@ def early_loads(kind: str) -> bool:
     return EARLY[kind]
 
 
+# The int4 GEMM with programmatic dependent launch or without. On (the default) since the k-pair
+# layout (session 6): H100, one process, W4A16 verify T=6 3.460 -> 3.400 ms, T=1 3.244 -> 3.016
+# (the planar-layout kernel had been 4% slower with it). Its first word tile loaded before the
+# wait was 13-15% slower. QUASAR_INT4_PDL=0 turns it off (experiments: tools/exp_ablate.py).
+INT4_PDL = os.environ.get("QUASAR_INT4_PDL", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
 @triton.jit
 def pdl_prologue(PDL: tl.constexpr):
     """Wait until the previous kernel's writes are visible (griddepcontrol.wait), then let the next

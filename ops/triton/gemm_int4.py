@@ -42,7 +42,8 @@ import triton.language as tl
 from quasar.errors import UnsupportedError
 from quasar.quant.format import QActivation, QuantizedWeight
 from . import tuning
-from ._common import INTERPRETED, gemm_finish
+from . import _common
+from ._common import INTERPRETED, gemm_finish, pdl_kw, pdl_prologue
 
 PLANE = 32                   # the smallest group size: half a chunk
 KBLOCK = tuning.KBLOCK       # 4 chunks of 64
@@ -199,7 +200,8 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                  GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HALF: tl.constexpr, QPG: tl.constexpr,
                  HAS_ZERO: tl.constexpr, ACT_INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, MAGIC: tl.constexpr,
-                 EVEN_K: tl.constexpr, F32DOT: tl.constexpr, INTERP: tl.constexpr):
+                 EVEN_K: tl.constexpr, F32DOT: tl.constexpr, INTERP: tl.constexpr,
+                 PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -228,6 +230,7 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
             z0 = tl.full([BN], 8.0, tl.float32)
         off_e = (z0 + MAGIC).to(DDT)[:, None]
         off_o = (z0 + MAGIC_ODD).to(DDT)[:, None]
+    pdl_prologue(PDL)
     for b in range(b_start, b_end):
         words = tl.load(w_tile + b * N * 32, mask=n_mask[:, None], other=0)
         words8 = words >> 8
@@ -308,10 +311,8 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
         HAS_ZERO=w.zero is not None, ACT_INT4=act_int4, HAS_BIAS=bias is not None,
         SPLIT=split > 1, BN=cfg.bn, BM=bm, MAGIC=magic, EVEN_K=k % KBLOCK == 0, F32DOT=f32dot,
         INTERP=INTERPRETED,
+        **(pdl_kw(out.device) if _common.INT4_PDL else {"PDL": False}),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    # no programmatic dependent launch here (unlike the other kernels): with it the W4A16 verify
-    # step got 4% slower on an H100 (the next kernels' CTAs, launched early, sit on the SMs this
-    # GEMM streams through), and 10% slower with a wait-only prologue (BENCHMARKS.md)
     return out
 
 
