@@ -124,6 +124,7 @@ def main() -> int:
                                                                                     num_warps=8)}}
     variants["attention 64 slots per split"] = {"@attn": {"default_splits": splits64}}
     variants["int4 GEMM without PDL"] = {"@int4_pdl": False}
+    variants["int4 GEMM pure-Triton dequantization"] = {"@set": {("gemm_int4", "ASM_DEQUANT"): False}}
     variants["no silu_mul(_quant)"] = {"silu_mul": no_silu, "silu_mul_quant": no_silu_q}
     variants["no add_rms_norm"] = {"add_rms_norm": no_norm}
     variants["no o_proj input quant"] = {"quantize_per_token": no_quant}
@@ -133,6 +134,10 @@ def main() -> int:
     common = be.kernels._common
     early = dict(getattr(common, "EARLY", {}))
     int4_pdl = getattr(common, "INT4_PDL", False)
+    # module attributes the "@set" variants change, with their shipped values
+    saved = {key: getattr(getattr(be.kernels, key[0]), key[1]) for v in variants.values()
+             for key in v.get("@set", {}) if hasattr(getattr(be.kernels, key[0]), key[1])}
+    variants = {k: v for k, v in variants.items() if all(key in saved for key in v.get("@set", {}))}
     if not hasattr(common, "INT4_PDL"):
         variants = {k: v for k, v in variants.items() if "@int4_pdl" not in v}
     if not early:       # an older tree (the fused-attention patch): no early loads to switch
@@ -157,6 +162,8 @@ def main() -> int:
                 common.EARLY = {**early, **patch.get("@common", {})}
             if hasattr(common, "INT4_PDL"):
                 common.INT4_PDL = patch.get("@int4_pdl", int4_pdl)
+            for (mod, attr), v in saved.items():
+                setattr(getattr(be.kernels, mod), attr, patch.get("@set", {}).get((mod, attr), v))
 
         times, logits = time_variants(m, be, t, a.ctx, {name: functools.partial(setup, patch)
                                                         for name, patch in variants.items()}, a.iters, a.rounds)
@@ -169,6 +176,8 @@ def main() -> int:
             common.EARLY = dict(early)
         if hasattr(common, "INT4_PDL"):
             common.INT4_PDL = int4_pdl
+        for (mod, attr), v in saved.items():
+            setattr(getattr(be.kernels, mod), attr, v)
         base = statistics.median(times["shipped"])
         for name, o in outs.items():
             print(f"{name}: max |logit - shipped| {(o - outs['shipped']).abs().max().item():.3g}, "

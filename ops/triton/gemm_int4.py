@@ -21,7 +21,11 @@ Kernel (weight streaming, one launch; see gemm_int8 for the split-K / swapped-op
     turns each half into the float (magic + nibble) with a bitcast, and one subtraction of
     (magic + 8 + zero) gives the exact integer weight (code - zero) in the activation dtype
     (no int->float conversion); one tl.dot [BN, 64] x [64, BM] per chunk with fp32
-    accumulation. Per-channel weights accumulate all chunks and scale once in the epilogue;
+    accumulation. On the GPU this dequantization is three PTX instructions per 32-bit register
+    (_chunk_asm: shift, lop3, and the pair subtraction), on the tile read as int16 so that each
+    register is one pair; Triton's own lowering of the same arithmetic (_chunk, which the
+    interpreter runs, and which the GPU runs with ASM_DEQUANT = False) splits and re-packs the
+    16-bit halves: H100 W4A16 verify step 3.344 -> 3.105 ms with the PTX (BENCHMARKS.md). Per-channel weights accumulate all chunks and scale once in the epilogue;
     grouped weights scale each chunk's partial sums (a chunk lies in one group when the group
     size is a multiple of 64; for other multiples of 32 the chunk's two halves of 32 are dotted
     separately against x masked to each half);
@@ -46,6 +50,7 @@ from . import _common
 from ._common import INTERPRETED, gemm_finish, pdl_kw, pdl_prologue
 
 PLANE = 32                   # the smallest group size: half a chunk
+ASM_DEQUANT = True           # the PTX dequantization on the GPU (_chunk_asm); False: pure Triton
 KBLOCK = tuning.KBLOCK       # 4 chunks of 64
 
 
@@ -173,6 +178,42 @@ def _chunk(words, words8, Q: tl.constexpr, off, BN: tl.constexpr, XDT: tl.conste
 
 
 @triton.jit
+def _chunk_asm(h, Q: tl.constexpr, off, XDT: tl.constexpr):
+    """_chunk's magic-number path in PTX, on the GPU: h is the word tile read as int16 [BN, 64]
+    (element c = half c % 2 of word c // 2), and each pair of elements is one 32-bit register, so
+    a register costs one shift, one and-or (lop3) and one subtraction of a bf16/fp16 pair: the
+    compiler's own lowering of the pure-Triton path splits each word into 16-bit halves and
+    re-packs them (shifts and byte permutes per half)."""
+    if XDT == tl.float16:
+        if Q == 0:
+            t = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xEA;", "=r,r", [h],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+        elif Q == 1:
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
+                                          "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        elif Q == 2:
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
+                                          "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
+                                          "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        if Q == 0:
+            t = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r", [h],
+                                          dtype=tl.bfloat16, is_pure=True, pack=2)
+        elif Q == 1:
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
+                                          "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+        elif Q == 2:
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
+                                          "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
+                                          "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return t - off
+
+
+@triton.jit
 def _dot(a, b, acc, F32DOT: tl.constexpr):
     if F32DOT:
         r = tl.dot(a, b, acc, input_precision="ieee")
@@ -201,7 +242,7 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                  HAS_ZERO: tl.constexpr, ACT_INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, MAGIC: tl.constexpr,
                  EVEN_K: tl.constexpr, F32DOT: tl.constexpr, INTERP: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PDL: tl.constexpr, ASM: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -221,7 +262,9 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, KB)
     # the odd chunks' offset on the magic-number path (see _chunk)
-    MAGIC_ODD: tl.constexpr = MAGIC / 16 if (XDT == tl.float16 and not F32DOT) else MAGIC
+    MAGIC_ODD: tl.constexpr = MAGIC / 16 if (XDT == tl.float16 and not F32DOT and not ASM) else MAGIC
+    # ASM: the tile read as int16 [BN, 64] (see _chunk_asm)
+    h_tile = w_ptr.to(tl.pointer_type(tl.int16)) + offs_n[:, None] * 64 + offs_c[None, :]
     if PER_CHANNEL:
         # one (8 + zero) per output channel for the whole of K
         if HAS_ZERO:
@@ -232,8 +275,11 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
         off_o = (z0 + MAGIC_ODD).to(DDT)[:, None]
     pdl_prologue(PDL)
     for b in range(b_start, b_end):
-        words = tl.load(w_tile + b * N * 32, mask=n_mask[:, None], other=0)
-        words8 = words >> 8
+        if ASM:
+            h = tl.load(h_tile + b * N * 64, mask=n_mask[:, None], other=0)
+        else:
+            words = tl.load(w_tile + b * N * 32, mask=n_mask[:, None], other=0)
+            words8 = words >> 8
         kb0 = b * 256
         if not (ACT_INT4 or PER_CHANNEL or HALF):
             part = tl.zeros([BN, BM], dtype=tl.float32)
@@ -244,7 +290,10 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                 acc = tl.dot(a, _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk,
                                         EVEN_K, False), acc, out_dtype=tl.int32)
             elif PER_CHANNEL:
-                a = _chunk(words, words8, q, off_e if q % 2 == 0 else off_o, BN, XDT, F32DOT, False)
+                if ASM:
+                    a = _chunk_asm(h, q, off_e, XDT)
+                else:
+                    a = _chunk(words, words8, q, off_e if q % 2 == 0 else off_o, BN, XDT, F32DOT, False)
                 acc = _dot(a, _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk,
                                       EVEN_K, F32DOT), acc, F32DOT)
             elif HALF:
@@ -256,7 +305,10 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                                (z_b + (MAGIC if q % 2 == 0 else MAGIC_ODD)).to(DDT)[:, None])
                 # one offset per pair (w): the chunk operand has the pair's two k's side by side
                 off = tl.reshape(tl.join(off, off), (BN, 64))
-                a = _chunk(words, words8, q, off, BN, XDT, F32DOT, False)
+                if ASM:
+                    a = _chunk_asm(h, q, off, XDT)
+                else:
+                    a = _chunk(words, words8, q, off, BN, XDT, F32DOT, False)
                 xt = _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk, EVEN_K, F32DOT)
                 first = (offs_c < 32)[:, None]
                 zero = tl.zeros([BN, BM], dtype=tl.float32)
@@ -269,7 +321,10 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                     s_g, z_g = _group_sz(s_ptr, z_ptr, offs_n, n_mask, k0, N, NG, GROUP, HAS_ZERO)
                     off_ge = (z_g + MAGIC).to(DDT)[:, None]
                     off_go = (z_g + MAGIC_ODD).to(DDT)[:, None]
-                a = _chunk(words, words8, q, off_ge if q % 2 == 0 else off_go, BN, XDT, F32DOT, False)
+                if ASM:
+                    a = _chunk_asm(h, q, off_ge, XDT)
+                else:
+                    a = _chunk(words, words8, q, off_ge if q % 2 == 0 else off_go, BN, XDT, F32DOT, False)
                 part = _dot(a, _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk,
                                        EVEN_K, F32DOT), part, F32DOT)
                 if q % QPG == QPG - 1:
@@ -310,7 +365,7 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
         QPG=4 if group % 256 == 0 else (2 if group % 128 == 0 else 1),
         HAS_ZERO=w.zero is not None, ACT_INT4=act_int4, HAS_BIAS=bias is not None,
         SPLIT=split > 1, BN=cfg.bn, BM=bm, MAGIC=magic, EVEN_K=k % KBLOCK == 0, F32DOT=f32dot,
-        INTERP=INTERPRETED,
+        INTERP=INTERPRETED, ASM=ASM_DEQUANT and not (INTERPRETED or f32dot or act_int4),
         **(pdl_kw(out.device) if _common.INT4_PDL else {"PDL": False}),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
