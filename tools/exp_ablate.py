@@ -30,7 +30,8 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cases", default="bf16:1,w8a8-int8:6")
+    ap.add_argument("--cases", default="bf16:1,w8a8-int8:6",
+                    help="scheme:T, comma-separated; w4a4:1 is QSpec's draft step")
     ap.add_argument("--out", default="ablate.json")
     ap.add_argument("--only", default="", help="comma-separated substrings of the variants to run")
     a = ap.parse_args()
@@ -147,7 +148,13 @@ def main() -> int:
     for case in a.cases.split(","):
         scheme, t = case.split(":")
         t = int(t)
-        m = random_step_model(hf, be, torch.bfloat16, a.ctx + 64, VerifierConfig(quant=scheme, group_size=128))
+        if scheme == "w4a4":       # QSpec's draft step: w4a4 over the w4a16 (per-channel) weights
+            m = random_step_model(hf, be, torch.bfloat16, a.ctx + 64, VerifierConfig(quant="w4a16", group_size=-1),
+                                  draft_scheme="w4a4")
+            mode = "draft"
+        else:
+            m = random_step_model(hf, be, torch.bfloat16, a.ctx + 64, VerifierConfig(quant=scheme, group_size=128))
+            mode = "verify"
         floor = (weight_bytes(m) + kv_bytes(m, a.ctx)) / bw * 1e3
 
         def setup(patch):
@@ -166,7 +173,8 @@ def main() -> int:
                 setattr(getattr(be.kernels, mod), attr, patch.get("@set", {}).get((mod, attr), v))
 
         times, logits = time_variants(m, be, t, a.ctx, {name: functools.partial(setup, patch)
-                                                        for name, patch in variants.items()}, a.iters, a.rounds)
+                                                        for name, patch in variants.items()}, a.iters, a.rounds,
+                                      mode)
         outs = {name: o for name, o in logits.items() if not name.startswith("no ")}
         be.ops.clear()
         be.ops.update(orig)
