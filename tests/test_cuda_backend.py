@@ -215,3 +215,36 @@ def test_on_a_real_gpu():
             # H100: rel 1.3e-4); an integer GEMM would be exact
             assert rel(y, R.gemm_w8a8_fp8(af, qf, bias)) <= 5e-4, m
     be.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels, the PTX "
+                    "int4 dequantization); the CPU twin is test_triton_kernels.py::test_gemm_w4a16 (interpreter)")
+def test_int4_ptx_dequantization_on_a_real_gpu():
+    """The int4 GEMM's PTX dequantization (gemm_int4._chunk_asm / _chunk_asm_i8) against the
+    reference and against the same kernel with the pure-Triton dequantization, over every group
+    path (per channel, 256, 128, 64, and 32 / 96 whose groups split a chunk), symmetric and
+    asymmetric, fp16 and bf16, K a multiple of 256 or not."""
+    from quasar.backends.cuda import make_backend
+    be = make_backend("cuda", interpret=False)
+    g4 = be.kernels.gemm_int4
+    g = torch.Generator().manual_seed(1)
+    for group, k, sym in ((-1, 512, True), (256, 512, False), (128, 384, True), (128, 512, False),
+                          (64, 320, False), (32, 320, True), (96, 576, False)):
+        qw = rtn.int4(torch.randn(136, k, generator=g), group, symmetric=sym).to("cuda")
+        w = g4.pack_int4(qw)
+        for m in (1, 6):
+            for dt in (torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, generator=g).to("cuda", dt)
+                y = g4.gemm_w4a16(x, w)
+                assert rel(y, R.gemm_w4a16(x, qw, None)) <= 1e-2, (group, k, sym, m, dt)
+                try:
+                    g4.ASM_DEQUANT = False
+                    y_pure = g4.gemm_w4a16(x, w)
+                finally:
+                    g4.ASM_DEQUANT = True
+                # same codes, same products: only the accumulation order may differ (none here)
+                assert rel(y, y_pure) <= 1e-3, (group, k, sym, m, dt)
+            if group == -1:
+                a = be.quantize_per_token(x.float(), "int4")
+                assert torch.equal(g4.gemm_w4a4(a, w), R.gemm_w4a4(a, qw, None)), (k, m)
+    be.synchronize()
