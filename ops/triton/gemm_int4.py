@@ -10,7 +10,7 @@ Prepared layout (`Int4Weight`), "k-pairs in 256-wide K blocks":
   codes of two *consecutive* k's (2w, 2w + 1 of chunk q) in its low and high 16-bit halves:
   exactly the pair of 16-bit values one register of a tensor-core A fragment holds. So chunk q
   of the tile, the weights of k = 256 b + 64 q + [0, 64), is one [BN, 64] dot operand built in
-  registers (join of the two halves, no shared-memory round trip, no byte permutes), and it
+  registers (no shared-memory round trip; with the PTX below, no byte permutes either), and it
   multiplies a contiguous slice of x.
   scale fp32 [G, N] (G = K / group, 1 for per channel); zero fp32 [G, N] = 8 + zero point
   (None when symmetric).
@@ -23,11 +23,12 @@ Kernel (weight streaming, one launch; see gemm_int8 for the split-K / swapped-op
     (no int->float conversion); one tl.dot [BN, 64] x [64, BM] per chunk with fp32
     accumulation. On the GPU this dequantization is three PTX instructions per 32-bit register
     (_chunk_asm: shift, lop3, and the pair subtraction), on the tile read as int16 so that each
-    register is one pair; Triton's own lowering of the same arithmetic (_chunk, which the
+    register is one pair. Triton's own lowering of the same arithmetic (_chunk, which the
     interpreter runs, and which the GPU runs with ASM_DEQUANT = False) splits and re-packs the
-    16-bit halves: H100 W4A16 verify step 3.344 -> 3.105 ms with the PTX (BENCHMARKS.md). Per-channel weights accumulate all chunks and scale once in the epilogue;
-    grouped weights scale each chunk's partial sums (a chunk lies in one group when the group
-    size is a multiple of 64; for other multiples of 32 the chunk's two halves of 32 are dotted
+    16-bit halves: H100 W4A16 verify step 3.344 -> 3.105 ms with the PTX (BENCHMARKS.md).
+    Per-channel weights accumulate all chunks and scale once in the epilogue; grouped weights
+    scale the partial sums of each group's chunks (a chunk lies in one group when the group size
+    is a multiple of 64; for other multiples of 32 the chunk's two halves of 32 are dotted
     separately against x masked to each half);
   - fp32 activations (and bf16 under the interpreter, whose bf16 arithmetic is unusable) take
     the same path with fp32 operands and IEEE fp32 dots;
@@ -188,29 +189,35 @@ def _chunk_asm(h, Q: tl.constexpr, off, XDT: tl.constexpr):
     re-packs them (shifts and byte permutes per half)."""
     if XDT == tl.float16:
         if Q == 0:
-            t = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xEA;", "=r,r", [h],
-                                          dtype=tl.float16, is_pure=True, pack=2)
+            t = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xEA;",
+                                          "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
         elif Q == 1:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 4; "
+                                          "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
                                           "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
         elif Q == 2:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 8; "
+                                          "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
                                           "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
         else:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 12; "
+                                          "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
                                           "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
     else:
         if Q == 0:
-            t = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r", [h],
-                                          dtype=tl.bfloat16, is_pure=True, pack=2)
+            t = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;",
+                                          "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
         elif Q == 1:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 4; "
+                                          "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
                                           "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
         elif Q == 2:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 8; "
+                                          "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
                                           "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
+            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 12; "
+                                          "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
                                           "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
     return t - off
 
@@ -338,8 +345,8 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                 # first 32 k's (w < 16) take one group's (scale, zero), the last 32 the next's
                 s_a, z_a = _group_sz(s_ptr, z_ptr, offs_n, n_mask, k0, N, NG, GROUP, HAS_ZERO)
                 s_b, z_b = _group_sz(s_ptr, z_ptr, offs_n, n_mask, k0 + 32, N, NG, GROUP, HAS_ZERO)
-                off = tl.where(offs_w[None, :] < 16, (z_a + (MAGIC if q % 2 == 0 else MAGIC_ODD)).to(DDT)[:, None],
-                               (z_b + (MAGIC if q % 2 == 0 else MAGIC_ODD)).to(DDT)[:, None])
+                mg = MAGIC if q % 2 == 0 else MAGIC_ODD
+                off = tl.where(offs_w[None, :] < 16, (z_a + mg).to(DDT)[:, None], (z_b + mg).to(DDT)[:, None])
                 # one offset per pair (w): the chunk operand has the pair's two k's side by side
                 off = tl.reshape(tl.join(off, off), (BN, 64))
                 if ASM:
