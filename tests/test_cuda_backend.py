@@ -248,3 +248,32 @@ def test_int4_ptx_dequantization_on_a_real_gpu():
                 a = be.quantize_per_token(x.float(), "int4")
                 assert torch.equal(g4.gemm_w4a4(a, w), R.gemm_w4a4(a, qw, None)), (k, m)
     be.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels, the PTX "
+                    "int8 conversion); the CPU twin is test_triton_kernels.py::test_gemm_w8a16 (interpreter)")
+def test_w8a16_ptx_conversion_on_a_real_gpu():
+    """w8a16's PTX int8 -> fp16/bf16 conversion (gemm_int8._i8_pairs) against the reference and
+    against Triton's own conversion, every code value, K a multiple of 256 or not, with bias."""
+    from quasar.backends.cuda import make_backend
+    be = make_backend("cuda", interpret=False)
+    g8 = be.kernels.gemm_int8
+    g = torch.Generator().manual_seed(2)
+    for k in (512, 328):
+        wf = torch.randn(136, k, generator=g)
+        wf[0] = torch.linspace(-1, 1, k)        # row 0 takes every code from -127 to 127
+        qw = rtn.int8_per_channel(wf).to("cuda")
+        w = g8.pack_int8(qw)
+        bias = torch.randn(136, generator=g).to("cuda")
+        for m in (1, 6):
+            for dt in (torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, generator=g).to("cuda", dt)
+                y = g8.gemm_w8a16(x, w, bias.to(dt))
+                assert rel(y, R.gemm_w8a16(x, qw, bias.to(dt))) <= 1e-2, (k, m, dt)
+                try:
+                    g8.ASM_W8A16 = False
+                    y_triton = g8.gemm_w8a16(x, w, bias.to(dt))
+                finally:
+                    g8.ASM_W8A16 = True
+                assert rel(y, y_triton) <= 1e-3, (k, m, dt)
+    be.synchronize()

@@ -66,6 +66,11 @@ def early_loads(kind: str) -> bool:
     return EARLY[kind]
 
 
+# The weight dequantizations written in inline PTX on the GPU (the int4 GEMMs' _chunk_asm*, the
+# w8a16 GEMM's _i8_pairs), or Triton's own lowering of the same arithmetic (what the interpreter
+# always runs): QUASAR_PTX_DEQUANT=0 selects the latter on the GPU too.
+PTX_DEQUANT = os.environ.get("QUASAR_PTX_DEQUANT", "1").strip().lower() not in ("0", "off", "false", "no")
+
 # The int4 GEMM with programmatic dependent launch or without. On (the default) since the k-pair
 # layout (session 6): H100, one process, W4A16 verify T=6 3.460 -> 3.400 ms, T=1 3.244 -> 3.016
 # (the planar-layout kernel had been 4% slower with it). Its first word tile loaded before the

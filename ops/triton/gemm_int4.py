@@ -50,10 +50,10 @@ from quasar.errors import UnsupportedError
 from quasar.quant.format import QActivation, QuantizedWeight
 from . import tuning
 from . import _common
-from ._common import INTERPRETED, gemm_finish, pdl_kw, pdl_prologue
+from ._common import INTERPRETED, PTX_DEQUANT, gemm_finish, pdl_kw, pdl_prologue
 
 PLANE = 32                   # the smallest group size: half a chunk
-ASM_DEQUANT = True           # the PTX dequantization on the GPU (_chunk_asm*); False: pure Triton
+ASM_DEQUANT = PTX_DEQUANT    # the PTX dequantization on the GPU (_chunk_asm*); False: pure Triton
 KBLOCK = tuning.KBLOCK       # 4 chunks of 64
 
 

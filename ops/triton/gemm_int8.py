@@ -32,7 +32,9 @@ import triton.language as tl
 from quasar.errors import UnsupportedError
 from quasar.quant.format import QActivation, QuantizedWeight
 from . import tuning
-from ._common import pdl_kw, pdl_prologue, INTERPRETED, early_loads, gemm_finish
+from ._common import pdl_kw, pdl_prologue, INTERPRETED, PTX_DEQUANT, early_loads, gemm_finish
+
+ASM_W8A16 = PTX_DEQUANT   # w8a16's int8 -> float conversion in PTX on the GPU (_i8_pairs); False: Triton's
 
 
 @dataclass
@@ -98,6 +100,33 @@ def _mac(acc, w, xt, XDT: tl.constexpr, ACT_INT8: tl.constexpr, ACT_FP8: tl.cons
     return acc
 
 
+@triton.jit
+def _i8_pairs(h, XDT: tl.constexpr):
+    """w8a16 on the GPU: int8 codes -> float, in PTX. h is the weight tile read as int16
+    [BN, BK / 2]; a pair of its elements (2i, 2i + 1) is one 32-bit register holding the codes of
+    k = 4i .. 4i + 3. Returns (lo, hi), [BN, BK / 2] each in XDT: lo holds k = 4i, 4i + 1 and hi
+    k = 4i + 2, 4i + 3 at elements (2i, 2i + 1), each pair one register of the tensor-core A
+    fragment. fp16: the biased byte (b ^ 0x80) under fp16 1024's exponent, minus 1152 (5
+    instructions per 4 codes); bf16, whose 7 mantissa bits cannot hold a byte: fp32 8388608 + byte,
+    minus 8388736, rounded pairwise to bf16 (exact: |b| <= 128)."""
+    if XDT == tl.float16:
+        lo, hi = tl.inline_asm_elementwise(
+            "{.reg .b32 u, e, m; mov.b32 e, 0x64646464; mov.b32 m, 0x64806480; "
+            "xor.b32 u, $2, 0x80808080; prmt.b32 $0, u, e, 0x5140; prmt.b32 $1, u, e, 0x7362; "
+            "sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m;}",
+            "=r,=r,r", [h], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        lo, hi = tl.inline_asm_elementwise(
+            "{.reg .b32 u, e; .reg .f32 f0, f1, f2, f3; mov.b32 e, 0x4b000000; xor.b32 u, $2, 0x80808080; "
+            "prmt.b32 f0, u, e, 0x7650; prmt.b32 f1, u, e, 0x7651; "
+            "prmt.b32 f2, u, e, 0x7652; prmt.b32 f3, u, e, 0x7653; "
+            "sub.f32 f0, f0, 0f4B000080; sub.f32 f1, f1, 0f4B000080; "
+            "sub.f32 f2, f2, 0f4B000080; sub.f32 f3, f3, 0f4B000080; "
+            "cvt.rn.bf16x2.f32 $0, f1, f0; cvt.rn.bf16x2.f32 $1, f3, f2;}",
+            "=r,=r,r", [h], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+    return lo, hi
+
+
 @triton.jit(do_not_specialize=["M", "NKB", "blocks_per_split", "split_k"])
 def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                         M, N, K, KPAD, NKB, blocks_per_split, split_k,
@@ -105,7 +134,8 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
                         ACT_INT8: tl.constexpr, ACT_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr,
                         BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                        F32DOT: tl.constexpr, EARLY_W: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+                        F32DOT: tl.constexpr, EARLY_W: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
+                        ASM16: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -136,12 +166,29 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
             xt = tl.load(x_tile + k0 * stride_xk, mask=((k0 + offs_k) < K)[:, None] & m_mask[None, :], other=0)
             acc = _mac(acc, w0, xt, XDT, ACT_INT8, ACT_FP8, F32DOT)
         b_loop = b_start + 1
-    for b in range(b_loop, b_end):
-        k0 = b * BK
-        w = tl.load(w_tile + k0, mask=n_mask[:, None], other=0)
-        xt = tl.load(x_tile + k0 * stride_xk, mask=((k0 + offs_k) < K)[:, None] & m_mask[None, :],
-                     other=0)
-        acc = _mac(acc, w, xt, XDT, ACT_INT8, ACT_FP8, F32DOT)
+    if ASM16:
+        # w8a16 on the GPU (see _i8_pairs): the tile as int16 [BN, BK / 2], x gathered in the
+        # same k order for the two halves
+        offs_j = tl.arange(0, BK // 2)
+        kx = 4 * (offs_j // 2) + offs_j % 2
+        h_tile = w_ptr.to(tl.pointer_type(tl.int16)) + offs_n[:, None] * (KPAD // 2) + offs_j[None, :]
+        x_lo = x_ptr + offs_m[None, :] * stride_xm + kx[:, None] * stride_xk
+        for b in range(b_loop, b_end):
+            k0 = b * BK
+            h = tl.load(h_tile + k0 // 2, mask=n_mask[:, None], other=0)
+            lo, hi = _i8_pairs(h, XDT)
+            x0 = tl.load(x_lo + k0 * stride_xk, mask=((k0 + kx) < K)[:, None] & m_mask[None, :], other=0)
+            x1 = tl.load(x_lo + (k0 + 2) * stride_xk, mask=((k0 + 2 + kx) < K)[:, None] & m_mask[None, :],
+                         other=0)
+            acc = tl.dot(lo, x0, acc)
+            acc = tl.dot(hi, x1, acc)
+    else:
+        for b in range(b_loop, b_end):
+            k0 = b * BK
+            w = tl.load(w_tile + k0, mask=n_mask[:, None], other=0)
+            xt = tl.load(x_tile + k0 * stride_xk, mask=((k0 + offs_k) < K)[:, None] & m_mask[None, :],
+                         other=0)
+            acc = _mac(acc, w, xt, XDT, ACT_INT8, ACT_FP8, F32DOT)
     gemm_finish(acc, offs_m, offs_n, m_mask, n_mask, M, N, pid_k, split_k, ws_ptr, cnt_ptr,
                 xs_ptr, s_ptr, b_ptr, out_ptr, stride_om, stride_on,
                 SPLIT, ACT_INT8 or ACT_FP8, True, HAS_BIAS, INTERP)
@@ -172,6 +219,8 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
     grid, per, split, ws, cnt = tuning.split_plan(m, n, nkb, cfg, out, act_int8)
     f32dot = (x.dtype == torch.float32) or INTERPRETED
     codes = w.codes
+    # w8a16 (int8 codes, 16-bit activations) on the GPU: the PTX conversion (_i8_pairs)
+    asm16 = bool(ASM_W8A16 and not (act_int8 or act_fp8 or f32dot) and codes.dtype == torch.int8)
     if act_fp8:
         x, codes = x.view(torch.uint8), codes.view(torch.uint8)
     _int8_weight_kernel[grid](
@@ -179,7 +228,8 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
         out, ws, cnt, m, n, k, kpad, nkb, per, split, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         ACT_INT8=act_int8, ACT_FP8=act_fp8, HAS_BIAS=bias is not None, SPLIT=split > 1, BN=cfg.bn, BM=bm,
         BK=bk, F32DOT=bool(f32dot and not act_int8),
-        EARLY_W=early_loads("gemm_q" if (act_int8 or act_fp8) else "gemm_f"), INTERP=INTERPRETED,
+        EARLY_W=early_loads("gemm_q" if (act_int8 or act_fp8) else "gemm_f") and not asm16, INTERP=INTERPRETED,
+        ASM16=asm16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kw(out.device))
     return out
 
