@@ -74,7 +74,7 @@ PTX_DEQUANT = os.environ.get("QUASAR_PTX_DEQUANT", "1").strip().lower() not in (
 # The int4 GEMM with programmatic dependent launch or without. On (the default) since the k-pair
 # layout (session 6): H100, one process, W4A16 verify T=6 3.460 -> 3.400 ms, T=1 3.244 -> 3.016
 # (the planar-layout kernel had been 4% slower with it). Its first word tile loaded before the
-# wait was 13-15% slower. QUASAR_INT4_PDL=0 turns it off (experiments: tools/exp_ablate.py).
+# wait was 10-15% slower. QUASAR_INT4_PDL=0 turns it off (experiments: tools/exp_ablate.py).
 INT4_PDL = os.environ.get("QUASAR_INT4_PDL", "1").strip().lower() not in ("0", "off", "false", "no")
 
 

@@ -187,38 +187,16 @@ def _chunk_asm(h, Q: tl.constexpr, off, XDT: tl.constexpr):
     a register costs one shift, one and-or (lop3) and one subtraction of a bf16/fp16 pair: the
     compiler's own lowering of the pure-Triton path splits each word into 16-bit halves and
     re-packs them (shifts and byte permutes per half)."""
+    # 4 Q as a PTX literal (a jit helper cannot return a constexpr string on triton 3.6)
+    S: tl.constexpr = "0" if Q == 0 else ("4" if Q == 1 else ("8" if Q == 2 else "12"))
     if XDT == tl.float16:
-        if Q == 0:
-            t = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xEA;",
-                                          "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
-        elif Q == 1:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 4; "
-                                          "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
-                                          "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
-        elif Q == 2:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 8; "
-                                          "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
-                                          "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
-        else:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 12; "
-                                          "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
-                                          "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, " + S + "; "
+                                      "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;}",
+                                      "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
     else:
-        if Q == 0:
-            t = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;",
-                                          "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
-        elif Q == 1:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 4; "
-                                          "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
-                                          "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
-        elif Q == 2:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 8; "
-                                          "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
-                                          "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
-        else:
-            t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 12; "
-                                          "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
-                                          "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+        t = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, " + S + "; "
+                                      "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
+                                      "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
     return t - off
 
 
@@ -228,30 +206,13 @@ def _chunk_asm_i8(h, Q: tl.constexpr):
     words of the int16-read tile) per 32-bit register, the int8 A fragment's unit: per register
     two shifts, two masks, one byte permute, and n - 8 per byte as (n + 0x78) ^ 0x80 (no borrow
     crosses a byte)."""
-    if Q == 0:
-        t = tl.inline_asm_elementwise(
-            "{.reg .b32 a, b, d; and.b32 a, $1, 0x000F000F; and.b32 b, $2, 0x000F000F; "
-            "prmt.b32 d, a, b, 0x6420; add.u32 d, d, 0x78787878; xor.b32 $0, d, 0x80808080;}",
-            "=r,r,r", [h], dtype=tl.int8, is_pure=True, pack=4)
-    elif Q == 1:
-        t = tl.inline_asm_elementwise(
-            "{.reg .b32 a, b, d; shr.b32 a, $1, 4; shr.b32 b, $2, 4; and.b32 a, a, 0x000F000F; "
-            "and.b32 b, b, 0x000F000F; prmt.b32 d, a, b, 0x6420; add.u32 d, d, 0x78787878; "
-            "xor.b32 $0, d, 0x80808080;}",
-            "=r,r,r", [h], dtype=tl.int8, is_pure=True, pack=4)
-    elif Q == 2:
-        t = tl.inline_asm_elementwise(
-            "{.reg .b32 a, b, d; shr.b32 a, $1, 8; shr.b32 b, $2, 8; and.b32 a, a, 0x000F000F; "
-            "and.b32 b, b, 0x000F000F; prmt.b32 d, a, b, 0x6420; add.u32 d, d, 0x78787878; "
-            "xor.b32 $0, d, 0x80808080;}",
-            "=r,r,r", [h], dtype=tl.int8, is_pure=True, pack=4)
-    else:
-        t = tl.inline_asm_elementwise(
-            "{.reg .b32 a, b, d; shr.b32 a, $1, 12; shr.b32 b, $2, 12; and.b32 a, a, 0x000F000F; "
-            "and.b32 b, b, 0x000F000F; prmt.b32 d, a, b, 0x6420; add.u32 d, d, 0x78787878; "
-            "xor.b32 $0, d, 0x80808080;}",
-            "=r,r,r", [h], dtype=tl.int8, is_pure=True, pack=4)
-    return t
+    # 4 Q as a PTX literal (a jit helper cannot return a constexpr string on triton 3.6)
+    S: tl.constexpr = "0" if Q == 0 else ("4" if Q == 1 else ("8" if Q == 2 else "12"))
+    return tl.inline_asm_elementwise(
+        "{.reg .b32 a, b, d; shr.b32 a, $1, " + S + "; shr.b32 b, $2, " + S + "; "
+        "and.b32 a, a, 0x000F000F; and.b32 b, b, 0x000F000F; prmt.b32 d, a, b, 0x6420; "
+        "add.u32 d, d, 0x78787878; xor.b32 $0, d, 0x80808080;}",
+        "=r,r,r", [h], dtype=tl.int8, is_pure=True, pack=4)
 
 
 @triton.jit
