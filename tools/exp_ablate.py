@@ -10,6 +10,7 @@ alternating rounds.
     python tools/exp_ablate.py --only "combine,split,rope" --out ablate_attn.json
     python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6 --only early --out early_by_kind.json
     python tools/exp_ablate.py --cases w4a16:6 --only "int4 GEMM" --out int4_pdl.json
+    python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6,w4a16:6,w4a4:1 --only "L2 prefetch" --out prefetch.json
     # the fused attention (applies to 6f26654, the tree before the early loads):
     git checkout 6f26654 -- ops backends quasar/model tests && git apply tools/exp_fused_attention.patch
     python tools/exp_ablate.py --only "unfused,no attention"
@@ -126,6 +127,14 @@ def main() -> int:
     variants["attention 64 slots per split"] = {"@attn": {"default_splits": splits64}}
     variants["int4 GEMM without PDL"] = {"@int4_pdl": False}
     variants["int4 GEMM pure-Triton dequantization"] = {"@set": {("gemm_int4", "ASM_DEQUANT"): False}}
+    # L2 prefetch before the PDL wait (shipped: one block in every Triton GEMM)
+    pf8 = ("gemm_int8", "PREFETCH")
+    variants["L2 prefetch off (QUASAR_PREFETCH=0)"] = {"@set": {pf8: {"gemm_q": 0, "gemm_f": 0},
+                                                                ("gemm_int4", "PREFETCH"): 0}}
+    variants["L2 prefetch: none in the float GEMMs"] = {"@set": {pf8: {"gemm_q": 1, "gemm_f": 0}}}
+    variants["L2 prefetch 2 blocks, float GEMMs"] = {"@set": {pf8: {"gemm_q": 1, "gemm_f": 2}}}
+    variants["L2 prefetch 2 blocks, 8-bit GEMMs"] = {"@set": {pf8: {"gemm_q": 2, "gemm_f": 1}}}
+    variants["L2 prefetch 2 blocks, int4 GEMM"] = {"@set": {("gemm_int4", "PREFETCH"): 2}}
     variants["no silu_mul(_quant)"] = {"silu_mul": no_silu, "silu_mul_quant": no_silu_q}
     variants["no add_rms_norm"] = {"add_rms_norm": no_norm}
     variants["no o_proj input quant"] = {"quantize_per_token": no_quant}

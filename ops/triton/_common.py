@@ -71,6 +71,14 @@ def early_loads(kind: str) -> bool:
 # always runs): QUASAR_PTX_DEQUANT=0 selects the latter on the GPU too.
 PTX_DEQUANT = os.environ.get("QUASAR_PTX_DEQUANT", "1").strip().lower() not in ("0", "off", "false", "no")
 
+# L2 prefetch before the PDL wait: a GEMM issues prefetch.global.L2 for the first weight block(s) of
+# its program before griddepcontrol.wait, so that their HBM reads overlap the previous kernel's tail
+# and the first loads after the wait hit L2. A hint only: no registers are held across the wait
+# (unlike the early loads above) and no result changes. Blocks per program, per GEMM kind (see
+# gemm_int8.PREFETCH, gemm_int4.PREFETCH); QUASAR_PREFETCH=0 turns it off. Measured in the step on
+# an H100 (BENCHMARKS.md, tools/exp_ablate.py).
+L2_PREFETCH = os.environ.get("QUASAR_PREFETCH", "1").strip().lower() not in ("0", "off", "false", "no")
+
 # The int4 GEMM with programmatic dependent launch or without. On (the default) since the k-pair
 # layout (session 6): H100, one process, W4A16 verify T=6 3.460 -> 3.400 ms, T=1 3.244 -> 3.016
 # (the planar-layout kernel had been 4% slower with it). Its first word tile loaded before the

@@ -52,6 +52,12 @@ from . import tuning
 from . import _common
 from ._common import INTERPRETED, PTX_DEQUANT, gemm_finish, pdl_kw, pdl_prologue
 
+# blocks of each program's codes prefetched into L2 before the PDL wait (see _common.L2_PREFETCH;
+# a power of two, 0: none). H100, Qwen3-8B step, one process, 5 rounds (BENCHMARKS.md): W4A16 verify
+# 3.071 -> 3.037 ms, QSpec w4a4 draft 3.080 -> 2.979 with one block (two: no better; four: slower
+# than none).
+PREFETCH = 1 if _common.L2_PREFETCH else 0
+
 PLANE = 32                   # the smallest group size: half a chunk
 ASM_DEQUANT = PTX_DEQUANT    # the PTX dequantization on the GPU (_chunk_asm*); False: pure Triton
 KBLOCK = tuning.KBLOCK       # 4 chunks of 64
@@ -244,7 +250,7 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                  HAS_ZERO: tl.constexpr, ACT_INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, MAGIC: tl.constexpr,
                  EVEN_K: tl.constexpr, F32DOT: tl.constexpr, INTERP: tl.constexpr,
-                 PDL: tl.constexpr, ASM: tl.constexpr = False):
+                 PDL: tl.constexpr, ASM: tl.constexpr = False, NPF: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -275,6 +281,13 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
             z0 = tl.full([BN], 8.0, tl.float32)
         off_e = (z0 + MAGIC).to(DDT)[:, None]
         off_o = (z0 + MAGIC_ODD).to(DDT)[:, None]
+    if NPF > 0:
+        # L2 prefetch of the program's first NPF blocks (one 128-byte line per row and block)
+        pb = tl.minimum(b_start + tl.arange(0, NPF), KB - 1)
+        rows = tl.where(n_mask, offs_n, 0)
+        pp = w_ptr + (pb[None, :].to(tl.int64) * N + rows[:, None]) * 32
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [pp],
+                                  dtype=tl.int32, is_pure=False, pack=1)
     pdl_prologue(PDL)
     for b in range(b_start, b_end):
         if ASM:
@@ -370,7 +383,7 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
         QPG=4 if group % 256 == 0 else (2 if group % 128 == 0 else 1),
         HAS_ZERO=w.zero is not None, ACT_INT4=act_int4, HAS_BIAS=bias is not None,
         SPLIT=split > 1, BN=cfg.bn, BM=bm, MAGIC=magic, EVEN_K=k % KBLOCK == 0, F32DOT=f32dot,
-        INTERP=INTERPRETED, ASM=ASM_DEQUANT and not (INTERPRETED or f32dot),
+        INTERP=INTERPRETED, ASM=ASM_DEQUANT and not (INTERPRETED or f32dot), NPF=0 if INTERPRETED else PREFETCH,
         **(pdl_kw(out.device) if _common.INT4_PDL else {"PDL": False}),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

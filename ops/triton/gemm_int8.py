@@ -34,9 +34,28 @@ import triton.language as tl
 from quasar.errors import UnsupportedError
 from quasar.quant.format import QActivation, QuantizedWeight
 from . import tuning
-from ._common import pdl_kw, pdl_prologue, INTERPRETED, PTX_DEQUANT, early_loads, gemm_finish
+from ._common import pdl_kw, pdl_prologue, INTERPRETED, L2_PREFETCH, PTX_DEQUANT, early_loads, gemm_finish
 
 ASM_W8A16 = PTX_DEQUANT   # w8a16's int8 -> float conversion in PTX on the GPU (_i8_pairs); False: Triton's own
+# Blocks of each program's weight rows prefetched into L2 (prefetch.global.L2, 128-byte lines) before
+# the PDL wait (see _common.L2_PREFETCH), per kind of GEMM: "gemm_q" 8-bit activations, "gemm_f"
+# float activations; 0: none. H100, Qwen3-8B step, one process, 5 rounds (BENCHMARKS.md): W8A8
+# verify 3.988 -> 3.917 ms with one block (two: 3.933); bf16 decode 6.030 -> 5.969 with one block
+# in the float GEMMs (two: 5.994).
+PREFETCH = {"gemm_q": 1 if L2_PREFETCH else 0, "gemm_f": 1 if L2_PREFETCH else 0}
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, offs_n, n_mask, KPAD, k0, NPF: tl.constexpr, BK: tl.constexpr):
+    """L2 prefetch of NPF blocks of BK codes of the tile's weight rows from k0 (a hint: no
+    registers held, nothing waits for it; k0 + NPF * BK <= KPAD)."""
+    ESZ: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+    LINES: tl.constexpr = NPF * BK * ESZ // 128
+    offs_l = tl.arange(0, LINES) * (128 // ESZ)
+    rows = tl.where(n_mask, offs_n, 0)
+    ptrs = w_ptr + rows[:, None].to(tl.int64) * KPAD + k0 + offs_l[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @dataclass
@@ -137,7 +156,7 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
                         SPLIT: tl.constexpr,
                         BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                         F32DOT: tl.constexpr, EARLY_W: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
-                        ASM16: tl.constexpr = False):
+                        ASM16: tl.constexpr = False, NPF: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -156,6 +175,13 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
         # weights): with programmatic dependent launch its HBM latency overlaps that kernel's tail
         # (an empty split, b_start >= b_end, loads a valid block it then does not use)
         w0 = tl.load(w_tile + tl.minimum(b_start, NKB - 1) * BK, mask=n_mask[:, None], other=0)
+    if NPF > 0:
+        # the program's first block(s) after the early tile, kept inside the row (NKB >= NPF)
+        if EARLY_W:
+            pf0 = tl.minimum(b_start + 1, NKB - NPF)
+        else:
+            pf0 = tl.minimum(b_start, NKB - NPF)
+        _prefetch_rows(w_ptr, offs_n, n_mask, KPAD, pf0 * BK, NPF, BK)
     pdl_prologue(PDL)
     if ACT_INT8:
         acc = tl.zeros([BN, BM], dtype=tl.int32)
@@ -196,6 +222,14 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
                 SPLIT, ACT_INT8 or ACT_FP8, True, HAS_BIAS, INTERP)
 
 
+def _npf(blocks: int, nkb: int) -> int:
+    """Blocks to prefetch (a power of two, at most the row's): 0 under the interpreter (PTX)."""
+    if INTERPRETED or blocks <= 0:
+        return 0
+    blocks = 1 << (int(blocks).bit_length() - 1)
+    return blocks if blocks <= nkb else 0
+
+
 def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, config=None, kind=None,
             act_fp8: bool = False):
     m, k = x.shape
@@ -231,7 +265,7 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
         ACT_INT8=act_int8, ACT_FP8=act_fp8, HAS_BIAS=bias is not None, SPLIT=split > 1, BN=cfg.bn, BM=bm,
         BK=bk, F32DOT=bool(f32dot and not act_int8),
         EARLY_W=early_loads("gemm_q" if (act_int8 or act_fp8) else "gemm_f") and not asm16, INTERP=INTERPRETED,
-        ASM16=asm16,
+        ASM16=asm16, NPF=_npf(PREFETCH["gemm_q" if (act_int8 or act_fp8) else "gemm_f"], nkb),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kw(out.device))
     return out
 
