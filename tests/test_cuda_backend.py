@@ -277,3 +277,42 @@ def test_w8a16_ptx_conversion_on_a_real_gpu():
                     g8.ASM_W8A16 = True
                 assert rel(y, y_triton) <= 1e-3, (k, m, dt)
     be.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the L2 prefetch is PTX, which the "
+                    "interpreter does not run); its CPU twin is test_triton_compile.py, which compiles the "
+                    "GEMMs with it for sm_90")
+def test_l2_prefetch_changes_no_result_on_a_real_gpu():
+    """The weight prefetch before the PDL wait (gemm_int8 / gemm_int4 PREFETCH) is a hint: with 0,
+    1 and 2 blocks every GEMM gives bit-identical outputs, including K with fewer blocks than
+    the prefetch (the prefetch is then dropped) and split-K."""
+    from quasar.backends.cuda import make_backend
+    from quasar.ops.triton.tuning import GemmConfig
+    be = make_backend("cuda", interpret=False)
+    g8, g4, nq = be.kernels.gemm_int8, be.kernels.gemm_int4, be.kernels.norm_quant
+    saved8, saved4 = dict(g8.PREFETCH), g4.PREFETCH
+    g = torch.Generator().manual_seed(3)
+    cfgs = (None, GemmConfig(64, 4, 256, 4, 3))
+    try:
+        for k in (256, 1024):
+            wf = torch.randn(200, k, generator=g)
+            p8 = g8.pack_int8(rtn.int8_per_channel(wf).to("cuda"))
+            p4 = g4.pack_int4(rtn.int4(wf, 128, symmetric=True).to("cuda"))
+            dense = wf.to("cuda", torch.bfloat16)
+            x = torch.randn(6, k, generator=g).to("cuda", torch.bfloat16)
+            a8 = nq.quantize_per_token(x, "int8")
+            outs = {}
+            for npf in (0, 1, 2):
+                g8.PREFETCH = {"gemm_q": npf, "gemm_f": npf}
+                g4.PREFETCH = npf
+                outs[npf] = [f() for cfg in cfgs for f in (
+                    lambda: g8.gemm_w8a8_int8(a8, p8, config=cfg),
+                    lambda: g8.gemm_w8a16(x, p8, config=cfg),
+                    lambda: g8.gemm_dense_stream(x, dense, config=cfg),
+                    lambda: g4.gemm_w4a16(x, p4))]
+            for npf in (1, 2):
+                for i, (a, b) in enumerate(zip(outs[0], outs[npf])):
+                    assert torch.equal(a, b), (k, npf, i)
+    finally:
+        g8.PREFETCH, g4.PREFETCH = saved8, saved4
+    be.synchronize()
