@@ -383,10 +383,15 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
         QPG=4 if group % 256 == 0 else (2 if group % 128 == 0 else 1),
         HAS_ZERO=w.zero is not None, ACT_INT4=act_int4, HAS_BIAS=bias is not None,
         SPLIT=split > 1, BN=cfg.bn, BM=bm, MAGIC=magic, EVEN_K=k % KBLOCK == 0, F32DOT=f32dot,
-        INTERP=INTERPRETED, ASM=ASM_DEQUANT and not (INTERPRETED or f32dot), NPF=0 if INTERPRETED else PREFETCH,
+        INTERP=INTERPRETED, ASM=ASM_DEQUANT and not (INTERPRETED or f32dot), NPF=_npf(PREFETCH),
         **(pdl_kw(out.device) if _common.INT4_PDL else {"PDL": False}),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def _npf(blocks: int) -> int:
+    """PREFETCH as the kernel takes it: a power of two; 0 under the interpreter (PTX)."""
+    return 0 if (INTERPRETED or blocks <= 0) else 1 << (int(blocks).bit_length() - 1)
 
 
 def gemm_w4a16(x: torch.Tensor, w: Int4Weight, bias=None, out=None, config=None) -> torch.Tensor:

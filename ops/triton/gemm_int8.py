@@ -40,8 +40,8 @@ ASM_W8A16 = PTX_DEQUANT   # w8a16's int8 -> float conversion in PTX on the GPU (
 # Blocks of each program's weight rows prefetched into L2 (prefetch.global.L2, 128-byte lines) before
 # the PDL wait (see _common.L2_PREFETCH), per kind of GEMM: "gemm_q" 8-bit activations, "gemm_f"
 # float activations; 0: none. H100, Qwen3-8B step, one process, 5 rounds (BENCHMARKS.md): W8A8
-# verify 3.988 -> 3.917 ms with one block (two: 3.933); bf16 decode 6.030 -> 5.969 with one block
-# in the float GEMMs (two: 5.994).
+# verify 3.988 -> 3.917 ms with one block (two: 3.933). For the float GEMMs (bf16 decode) one block
+# was within the noise in three processes (-0.5%, -1.0%, 0.0%); on for the same code path.
 PREFETCH = {"gemm_q": 1 if L2_PREFETCH else 0, "gemm_f": 1 if L2_PREFETCH else 0}
 
 
