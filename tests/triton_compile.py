@@ -143,7 +143,10 @@ def compile_all(arch: int = 90, verbose: bool = False, part: str = "all") -> lis
             attn.attention(q, cache, 0, pos - 3900, 100 + t, torch.ones(1, t, 100 + t, dtype=torch.bool))
         note(f"attention {dt}")
     names = sorted({c[0] for c in compiled})
-    return [f"{len(compiled)} kernel variants compiled for sm_{arch}: {', '.join(names)}"] + done
+    # the GEMMs' L2 prefetch before the PDL wait is PTX the interpreter never runs: it must be emitted
+    pf = sorted({name for name, k in compiled if "prefetch.global.L2" in k.asm.get("ptx", "")})
+    return [f"{len(compiled)} kernel variants compiled for sm_{arch}: {', '.join(names)}",
+            f"L2 prefetch emitted by: {', '.join(pf) or 'none'}"] + done
 
 
 if __name__ == "__main__":

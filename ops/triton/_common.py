@@ -79,6 +79,22 @@ PTX_DEQUANT = os.environ.get("QUASAR_PTX_DEQUANT", "1").strip().lower() not in (
 # an H100 (BENCHMARKS.md, tools/exp_ablate.py).
 L2_PREFETCH = os.environ.get("QUASAR_PREFETCH", "1").strip().lower() not in ("0", "off", "false", "no")
 
+
+def prefetch_blocks(blocks: int, limit: int | None = None) -> int:
+    """The NPF constexpr of a GEMM launch: `blocks` rounded down to a power of two, 0 when it
+    exceeds `limit` (the blocks of a row) or under the interpreter (the prefetch is PTX)."""
+    if INTERPRETED or blocks <= 0:
+        return 0
+    blocks = 1 << (int(blocks).bit_length() - 1)
+    return blocks if limit is None or blocks <= limit else 0
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """prefetch.global.L2 of the 128-byte line at each pointer (a hint; nothing waits for it)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
 # The int4 GEMM with programmatic dependent launch or without. On (the default) since the k-pair
 # layout (session 6): H100, one process, W4A16 verify T=6 3.460 -> 3.400 ms, T=1 3.244 -> 3.016
 # (the planar-layout kernel had been 4% slower with it). Its first word tile loaded before the

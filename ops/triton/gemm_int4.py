@@ -50,7 +50,7 @@ from quasar.errors import UnsupportedError
 from quasar.quant.format import QActivation, QuantizedWeight
 from . import tuning
 from . import _common
-from ._common import INTERPRETED, PTX_DEQUANT, gemm_finish, pdl_kw, pdl_prologue
+from ._common import INTERPRETED, PTX_DEQUANT, gemm_finish, pdl_kw, pdl_prologue, prefetch_blocks, prefetch_l2
 
 # blocks of each program's codes prefetched into L2 before the PDL wait (see _common.L2_PREFETCH;
 # a power of two, 0: none). H100, Qwen3-8B step, one process, 5 rounds (BENCHMARKS.md): W4A16 verify
@@ -285,9 +285,7 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
         # L2 prefetch of the program's first NPF blocks (one 128-byte line per row and block)
         pb = tl.minimum(b_start + tl.arange(0, NPF), KB - 1)
         rows = tl.where(n_mask, offs_n, 0)
-        pp = w_ptr + (pb[None, :].to(tl.int64) * N + rows[:, None]) * 32
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [pp],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        prefetch_l2(w_ptr + (pb[None, :].to(tl.int64) * N + rows[:, None]) * 32)
     pdl_prologue(PDL)
     for b in range(b_start, b_end):
         if ASM:
@@ -383,15 +381,10 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
         QPG=4 if group % 256 == 0 else (2 if group % 128 == 0 else 1),
         HAS_ZERO=w.zero is not None, ACT_INT4=act_int4, HAS_BIAS=bias is not None,
         SPLIT=split > 1, BN=cfg.bn, BM=bm, MAGIC=magic, EVEN_K=k % KBLOCK == 0, F32DOT=f32dot,
-        INTERP=INTERPRETED, ASM=ASM_DEQUANT and not (INTERPRETED or f32dot), NPF=_npf(PREFETCH),
+        INTERP=INTERPRETED, ASM=ASM_DEQUANT and not (INTERPRETED or f32dot), NPF=prefetch_blocks(PREFETCH),
         **(pdl_kw(out.device) if _common.INT4_PDL else {"PDL": False}),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
-
-
-def _npf(blocks: int) -> int:
-    """PREFETCH as the kernel takes it: a power of two; 0 under the interpreter (PTX)."""
-    return 0 if (INTERPRETED or blocks <= 0) else 1 << (int(blocks).bit_length() - 1)
 
 
 def gemm_w4a16(x: torch.Tensor, w: Int4Weight, bias=None, out=None, config=None) -> torch.Tensor:

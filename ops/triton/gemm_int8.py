@@ -34,7 +34,8 @@ import triton.language as tl
 from quasar.errors import UnsupportedError
 from quasar.quant.format import QActivation, QuantizedWeight
 from . import tuning
-from ._common import pdl_kw, pdl_prologue, INTERPRETED, L2_PREFETCH, PTX_DEQUANT, early_loads, gemm_finish
+from ._common import (pdl_kw, pdl_prologue, INTERPRETED, L2_PREFETCH, PTX_DEQUANT, early_loads, gemm_finish,
+                      prefetch_blocks, prefetch_l2)
 
 ASM_W8A16 = PTX_DEQUANT   # w8a16's int8 -> float conversion in PTX on the GPU (_i8_pairs); False: Triton's own
 # Blocks of each program's weight rows prefetched into L2 (prefetch.global.L2, 128-byte lines) before
@@ -53,9 +54,7 @@ def _prefetch_rows(w_ptr, offs_n, n_mask, KPAD, k0, NPF: tl.constexpr, BK: tl.co
     LINES: tl.constexpr = NPF * BK * ESZ // 128
     offs_l = tl.arange(0, LINES) * (128 // ESZ)
     rows = tl.where(n_mask, offs_n, 0)
-    ptrs = w_ptr + rows[:, None].to(tl.int64) * KPAD + k0 + offs_l[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
+    prefetch_l2(w_ptr + rows[:, None].to(tl.int64) * KPAD + k0 + offs_l[None, :])
 
 
 @dataclass
@@ -222,14 +221,6 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
                 SPLIT, ACT_INT8 or ACT_FP8, True, HAS_BIAS, INTERP)
 
 
-def _npf(blocks: int, nkb: int) -> int:
-    """Blocks to prefetch (a power of two, at most the row's): 0 under the interpreter (PTX)."""
-    if INTERPRETED or blocks <= 0:
-        return 0
-    blocks = 1 << (int(blocks).bit_length() - 1)
-    return blocks if blocks <= nkb else 0
-
-
 def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, config=None, kind=None,
             act_fp8: bool = False):
     m, k = x.shape
@@ -265,7 +256,7 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
         ACT_INT8=act_int8, ACT_FP8=act_fp8, HAS_BIAS=bias is not None, SPLIT=split > 1, BN=cfg.bn, BM=bm,
         BK=bk, F32DOT=bool(f32dot and not act_int8),
         EARLY_W=early_loads("gemm_q" if (act_int8 or act_fp8) else "gemm_f") and not asm16, INTERP=INTERPRETED,
-        ASM16=asm16, NPF=_npf(PREFETCH["gemm_q" if (act_int8 or act_fp8) else "gemm_f"], nkb),
+        ASM16=asm16, NPF=prefetch_blocks(PREFETCH["gemm_q" if (act_int8 or act_fp8) else "gemm_f"], nkb),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kw(out.device))
     return out
 
