@@ -11,6 +11,7 @@ alternating rounds.
     python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6 --only early --out early_by_kind.json
     python tools/exp_ablate.py --cases w4a16:6 --only "int4 GEMM" --out int4_pdl.json
     python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6,w4a16:6,w4a4:1 --only "L2 prefetch" --out prefetch.json
+    python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6,w8a8-fp8:6,w4a16:6 --only "GEMMs only (no" --out gemms_only.json
     # the fused attention (applies to 6f26654, the tree before the early loads):
     git checkout 6f26654 -- ops backends quasar/model tests && git apply tools/exp_fused_attention.patch
     python tools/exp_ablate.py --only "unfused,no attention"
@@ -138,6 +139,12 @@ def main() -> int:
     variants["no silu_mul(_quant)"] = {"silu_mul": no_silu, "silu_mul_quant": no_silu_q}
     variants["no add_rms_norm"] = {"add_rms_norm": no_norm}
     variants["no o_proj input quant"] = {"quantize_per_token": no_quant}
+    # the lower bound of one kernel per GEMM: every other per-layer kernel replaced by a stand-in
+    # (norms, RoPE + KV write, attention, SiLU·mul, activation quantization); what remains is the
+    # chain of GEMM launches (+ the final norm, embedding gather and the step's copies)
+    variants["GEMMs only (no norms/rope/attention/silu/quant)"] = {
+        "add_rms_norm": no_norm, "rope_kv_write": no_rope, "attention": no_attn,
+        "silu_mul": no_silu, "silu_mul_quant": no_silu_q, "quantize_per_token": no_quant}
     if a.only:
         variants = {k: v for k, v in variants.items() if k == "shipped" or any(o in k for o in a.only.split(","))}
     attn_orig = {k: getattr(attn, k) for k in ("_attn_combine_kernel", "default_splits", "attention")}
