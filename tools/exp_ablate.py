@@ -12,6 +12,8 @@ alternating rounds.
     python tools/exp_ablate.py --cases w4a16:6 --only "int4 GEMM" --out int4_pdl.json
     python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6,w4a16:6,w4a4:1 --only "L2 prefetch" --out prefetch.json
     python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6,w8a8-fp8:6,w4a16:6 --only "GEMMs only (no" --out gemms_only.json
+    # the row-chunked norms (session 8, not adopted): git apply tools/exp_norm_chunks.patch first
+    python tools/exp_ablate.py --cases bf16:1,w8a8-int8:6,w4a16:6 --only "norm chunks,norms one,no add_rms_norm" --rounds 4 --out norm_chunks.json
     # the fused attention (applies to 6f26654, the tree before the early loads):
     git checkout 6f26654 -- ops backends quasar/model tests && git apply tools/exp_fused_attention.patch
     python tools/exp_ablate.py --only "unfused,no attention"
@@ -136,6 +138,12 @@ def main() -> int:
     variants["L2 prefetch 2 blocks, float GEMMs"] = {"@set": {pf8: {"gemm_q": 1, "gemm_f": 2}}}
     variants["L2 prefetch 2 blocks, 8-bit GEMMs"] = {"@set": {pf8: {"gemm_q": 2, "gemm_f": 1}}}
     variants["L2 prefetch 2 blocks, int4 GEMM"] = {"@set": {("gemm_int4", "PREFETCH"): 2}}
+    # the norms on a step's few rows, with tools/exp_norm_chunks.patch applied: row-chunked (the
+    # patch's default: chunks of 1024) or one program per row (what ships); skipped without it
+    nqc = ("norm_quant", "CHUNK")
+    variants["norms one program per row (norm chunks off)"] = {"@set": {nqc: 0}}
+    variants["norm chunks of 512"] = {"@set": {nqc: 512}}
+    variants["norm chunks of 2048"] = {"@set": {nqc: 2048}}
     variants["no silu_mul(_quant)"] = {"silu_mul": no_silu, "silu_mul_quant": no_silu_q}
     variants["no add_rms_norm"] = {"add_rms_norm": no_norm}
     variants["no o_proj input quant"] = {"quantize_per_token": no_quant}
