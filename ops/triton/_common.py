@@ -24,6 +24,14 @@ def is_interpreted(fn) -> bool:
 # Whether this copy of the kernel package was decorated for the interpreter (see __init__).
 INTERPRETED = is_interpreted(_probe)
 
+_OFF = ("0", "off", "false", "no")
+
+
+def env_on(name: str) -> bool:
+    """An on/off switch read once from the environment: on unless set to 0 / off / false / no."""
+    return os.environ.get(name, "1").strip().lower() not in _OFF
+
+
 # Programmatic dependent launch (Hopper+): each kernel is launched with launch_pdl and starts with
 # pdl_prologue, so its launch and set-up overlap the tail of the kernel before it in the stream
 # (and in a CUDA graph, which keeps the programmatic edges). QUASAR_PDL=0 turns it off;
@@ -34,7 +42,7 @@ _PDL_MODE = os.environ.get("QUASAR_PDL", "auto").strip().lower()   # read once: 
 
 def pdl(device) -> bool:
     mode = _PDL_MODE
-    if INTERPRETED or mode in ("0", "off", "false", "no"):
+    if INTERPRETED or mode in _OFF:
         return False
     if mode == "force":
         return True
@@ -58,7 +66,7 @@ def pdl_kw(device) -> dict:
 # bf16), "attention". Measured in the step on an H100 (BENCHMARKS.md, tools/exp_ablate.py): on for
 # gemm_q and attention (W8A8 verify 4.14 -> 4.00 ms); off for gemm_f, whose bf16 weight tile held
 # across the wait made the bf16 decode step ~1.5% slower. QUASAR_EARLY=0 turns all off.
-_EARLY_ON = os.environ.get("QUASAR_EARLY", "1").strip().lower() not in ("0", "off", "false", "no")
+_EARLY_ON = env_on("QUASAR_EARLY")
 EARLY = {"gemm_q": _EARLY_ON, "gemm_f": False, "attention": _EARLY_ON}
 
 
@@ -69,7 +77,7 @@ def early_loads(kind: str) -> bool:
 # The weight dequantizations written in inline PTX on the GPU (the int4 GEMMs' _chunk_asm*, the
 # w8a16 GEMM's _i8_pairs), or Triton's own lowering of the same arithmetic (what the interpreter
 # always runs): QUASAR_PTX_DEQUANT=0 selects the latter on the GPU too.
-PTX_DEQUANT = os.environ.get("QUASAR_PTX_DEQUANT", "1").strip().lower() not in ("0", "off", "false", "no")
+PTX_DEQUANT = env_on("QUASAR_PTX_DEQUANT")
 
 # L2 prefetch before the PDL wait: a GEMM issues prefetch.global.L2 for the first weight block(s) of
 # its program before griddepcontrol.wait, so that their HBM reads overlap the previous kernel's tail
@@ -77,7 +85,7 @@ PTX_DEQUANT = os.environ.get("QUASAR_PTX_DEQUANT", "1").strip().lower() not in (
 # (unlike the early loads above) and no result changes. Blocks per program, per GEMM kind (see
 # gemm_int8.PREFETCH, gemm_int4.PREFETCH); QUASAR_PREFETCH=0 turns it off. Measured in the step on
 # an H100 (BENCHMARKS.md, tools/exp_ablate.py).
-L2_PREFETCH = os.environ.get("QUASAR_PREFETCH", "1").strip().lower() not in ("0", "off", "false", "no")
+L2_PREFETCH = env_on("QUASAR_PREFETCH")
 
 
 def prefetch_blocks(blocks: int, limit: int | None = None) -> int:
@@ -95,11 +103,12 @@ def prefetch_l2(ptrs):
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)
 
+
 # The int4 GEMM with programmatic dependent launch or without. On (the default) since the k-pair
 # layout (session 6): H100, one process, W4A16 verify T=6 3.460 -> 3.400 ms, T=1 3.244 -> 3.016
 # (the planar-layout kernel had been 4% slower with it). Its first word tile loaded before the
 # wait was 10-15% slower. QUASAR_INT4_PDL=0 turns it off (experiments: tools/exp_ablate.py).
-INT4_PDL = os.environ.get("QUASAR_INT4_PDL", "1").strip().lower() not in ("0", "off", "false", "no")
+INT4_PDL = env_on("QUASAR_INT4_PDL")
 
 
 @triton.jit

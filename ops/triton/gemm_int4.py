@@ -222,6 +222,18 @@ def _chunk_asm_i8(h, Q: tl.constexpr):
 
 
 @triton.jit
+def _wchunk(h, words, words8, q: tl.constexpr, off_e, off_o, BN: tl.constexpr, XDT: tl.constexpr,
+            F32DOT: tl.constexpr, ASM: tl.constexpr):
+    """w4a16's chunk q as the dot operand: the PTX dequantization on the GPU (ASM; off_e for every
+    chunk), else Triton's own (_chunk; off_e for even chunks, off_o for odd ones)."""
+    if ASM:
+        a = _chunk_asm(h, q, off_e, XDT)
+    else:
+        a = _chunk(words, words8, q, off_e if q % 2 == 0 else off_o, BN, XDT, F32DOT, False)
+    return a
+
+
+@triton.jit
 def _dot(a, b, acc, F32DOT: tl.constexpr):
     if F32DOT:
         r = tl.dot(a, b, acc, input_precision="ieee")
@@ -288,11 +300,15 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
         prefetch_l2(w_ptr + (pb[None, :].to(tl.int64) * N + rows[:, None]) * 32)
     pdl_prologue(PDL)
     for b in range(b_start, b_end):
+        # one of the two tile reads (the other names are stand-ins _wchunk does not compile)
         if ASM:
             h = tl.load(h_tile + b * N * 64, mask=n_mask[:, None], other=0)
+            words = h
+            words8 = h
         else:
             words = tl.load(w_tile + b * N * 32, mask=n_mask[:, None], other=0)
             words8 = words >> 8
+            h = words
         kb0 = b * 256
         if not (ACT_INT4 or PER_CHANNEL or HALF):
             part = tl.zeros([BN, BM], dtype=tl.float32)
@@ -306,10 +322,7 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                 acc = tl.dot(a, _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk,
                                         EVEN_K, False), acc, out_dtype=tl.int32)
             elif PER_CHANNEL:
-                if ASM:
-                    a = _chunk_asm(h, q, off_e, XDT)
-                else:
-                    a = _chunk(words, words8, q, off_e if q % 2 == 0 else off_o, BN, XDT, F32DOT, False)
+                a = _wchunk(h, words, words8, q, off_e, off_o, BN, XDT, F32DOT, ASM)
                 acc = _dot(a, _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk,
                                       EVEN_K, F32DOT), acc, F32DOT)
             elif HALF:
@@ -321,10 +334,7 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                 off = tl.where(offs_w[None, :] < 16, (z_a + mg).to(DDT)[:, None], (z_b + mg).to(DDT)[:, None])
                 # one offset per pair (w): the chunk operand has the pair's two k's side by side
                 off = tl.reshape(tl.join(off, off), (BN, 64))
-                if ASM:
-                    a = _chunk_asm(h, q, off, XDT)
-                else:
-                    a = _chunk(words, words8, q, off, BN, XDT, F32DOT, False)
+                a = _wchunk(h, words, words8, q, off, off, BN, XDT, F32DOT, ASM)
                 xt = _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk, EVEN_K, F32DOT)
                 first = (offs_c < 32)[:, None]
                 zero = tl.zeros([BN, BM], dtype=tl.float32)
@@ -337,10 +347,7 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                     s_g, z_g = _group_sz(s_ptr, z_ptr, offs_n, n_mask, k0, N, NG, GROUP, HAS_ZERO)
                     off_ge = (z_g + MAGIC).to(DDT)[:, None]
                     off_go = (z_g + MAGIC_ODD).to(DDT)[:, None]
-                if ASM:
-                    a = _chunk_asm(h, q, off_ge, XDT)
-                else:
-                    a = _chunk(words, words8, q, off_ge if q % 2 == 0 else off_go, BN, XDT, F32DOT, False)
+                a = _wchunk(h, words, words8, q, off_ge, off_go, BN, XDT, F32DOT, ASM)
                 part = _dot(a, _xchunk(x_ptr, offs_m, m_mask, k0, offs_c, K, stride_xm, stride_xk,
                                        EVEN_K, F32DOT), part, F32DOT)
                 if q % QPG == QPG - 1:
