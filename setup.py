@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=[
-        "quasar", "quasar.model", "quasar.quant", "quasar.spec",
+        "quasar", "quasar.model", "quasar.quant", "quasar.spec_decode", "quasar.bench",
         "quasar.backends", "quasar.ops", "quasar.ops.triton",
     ],
     package_dir={"quasar.backends": "backends", "quasar.ops": "ops"},

@@ -12,9 +12,9 @@ from quasar import backends
 from quasar.config import DeployConfig
 from quasar.errors import CheckpointError, ConfigError
 from quasar.model.loader import build_model, resolve_model
-from quasar.spec.drafter import make_drafter
-from quasar.spec.sampling import SamplingParams
-from quasar.spec.scheduler import Scheduler, Stats
+from quasar.spec_decode.drafter import make_drafter
+from quasar.spec_decode.sampling import SamplingParams
+from quasar.spec_decode.scheduler import Scheduler, Stats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -61,9 +61,9 @@ def variant_for_scheme(scheme: str, path: Path, group_size: int) -> Variant:
 
 @torch.inference_mode()
 def greedy(model, prompt: list[int], n: int, eos: set[int]) -> list[int]:
-    from quasar.spec.drafter import Drafter
-    from quasar.spec.sampling import SamplingParams
-    from quasar.spec.scheduler import Scheduler
+    from quasar.spec_decode.drafter import Drafter
+    from quasar.spec_decode.sampling import SamplingParams
+    from quasar.spec_decode.scheduler import Scheduler
     out, _ = Scheduler(model, Drafter(), SamplingParams(), 0, eos).generate(prompt, n)
     return out
 
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write the JSON rows here")
     a = ap.parse_args(argv)
     try:
-        from quasar.bench import select
+        from quasar.bench.acceptance import select
         recs = select(read_prompts_file(a.prompts_file), a.per_category)
         ckpts = {}
         for c in a.checkpoint:

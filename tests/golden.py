@@ -78,7 +78,7 @@ def case_prompt(case: str) -> list[int]:
 def replay_drafter(prompt_ids: list[int], expected: list[int]):
     """A drafter that proposes the expected continuation, with one wrong token every third step:
     verify chunks of k + 1 tokens then see full acceptance, partial acceptance and rejection."""
-    from quasar.spec.drafter import Draft, Drafter
+    from quasar.spec_decode.drafter import Draft, Drafter
 
     class Replay(Drafter):
         name = "replay"
@@ -100,10 +100,10 @@ def replay_drafter(prompt_ids: list[int], expected: list[int]):
 
 def greedy(model, ids: list[int], k: int = 0, drafter=None) -> tuple[list[int], object]:
     """Greedy ids: autoregressive (k = 0), n-gram speculation with k draft tokens, or `drafter`."""
-    from quasar.spec.drafter import Drafter
-    from quasar.spec.ngram import NgramDrafter
-    from quasar.spec.sampling import SamplingParams
-    from quasar.spec.scheduler import Scheduler
+    from quasar.spec_decode.drafter import Drafter
+    from quasar.spec_decode.ngram import NgramDrafter
+    from quasar.spec_decode.sampling import SamplingParams
+    from quasar.spec_decode.scheduler import Scheduler
     model.new_cache(1)
     if drafter is None:
         drafter = Drafter() if k == 0 else NgramDrafter(model.device, 1, 3)

@@ -18,7 +18,7 @@ import pytest
 IMPORTS = textwrap.dedent("""
     import sys
     import quasar, quasar.backends, quasar.run, quasar.engine
-    import quasar.config, quasar.model.loader, quasar.spec.scheduler, quasar.ops.reference
+    import quasar.config, quasar.model.loader, quasar.spec_decode.scheduler, quasar.ops.reference
     from quasar import backends
     backends.available()
     assert backends.resolve_device("auto") in ("cpu", "cuda")

@@ -31,11 +31,11 @@ from quasar.errors import UnsupportedError
 from quasar.ops import reference as ref
 from quasar.quant import rtn
 from quasar.quant.format import QActivation, QuantizedWeight
-from quasar.spec.drafter import Drafter
-from quasar.spec.kv_cache import KVCache
-from quasar.spec.ngram import NgramDrafter
-from quasar.spec.sampling import SamplingParams
-from quasar.spec.scheduler import Scheduler
+from quasar.spec_decode.drafter import Drafter
+from quasar.spec_decode.kv_cache import KVCache
+from quasar.spec_decode.ngram import NgramDrafter
+from quasar.spec_decode.sampling import SamplingParams
+from quasar.spec_decode.scheduler import Scheduler
 from tiny import load_hf, load_quasar, make_tiny
 
 REAL = use_real_torch_npu()

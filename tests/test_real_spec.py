@@ -44,7 +44,7 @@ def test_acceptance_bench_writes_json_into_a_directory(smollm2_dir, tmp_path):
     import json
     from pathlib import Path
 
-    from quasar.bench import main
+    from quasar.bench.__main__ import main
     root = Path(__file__).resolve().parents[1]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, (c, t) in

@@ -10,15 +10,15 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import quasar.spec.scheduler as sched
+import quasar.spec_decode.scheduler as sched
 from quasar import backends
 from quasar.config import VerifierConfig
 from quasar.model.loader import build_model
-from quasar.spec import accept as acc
-from quasar.spec.draft_model import DraftModelDrafter
-from quasar.spec.ngram import NgramDrafter
-from quasar.spec.sampling import SamplingParams, probs, sample
-from quasar.spec.scheduler import Scheduler
+from quasar.spec_decode import accept as acc
+from quasar.spec_decode.draft_model import DraftModelDrafter
+from quasar.spec_decode.ngram import NgramDrafter
+from quasar.spec_decode.sampling import SamplingParams, probs, sample
+from quasar.spec_decode.scheduler import Scheduler
 from tiny import load_hf, make_tiny
 
 V = 8
@@ -105,7 +105,7 @@ def wrong_accept(draft, logits, sp, draft_probs=None, generator=None):
 
 
 def test_autoregressive_sampling_matches_the_oracle(setup):
-    from quasar.spec.drafter import Drafter
+    from quasar.spec_decode.drafter import Drafter
     m, _, joint = setup
     counts, drafted = spec_samples(m, Drafter(), N_SAMPLES)
     assert drafted == 0 and pvalue(counts, joint) > ALPHA

@@ -6,12 +6,12 @@ import torch
 from quasar import backends
 from quasar.config import VerifierConfig
 from quasar.model.loader import build_model
-from quasar.spec.draft_model import DraftModelDrafter
-from quasar.spec.drafter import Draft, Drafter
-from quasar.spec.ngram import NgramDrafter, lookup
-from quasar.spec.quantized_self import QuantizedSelfDrafter
-from quasar.spec.sampling import SamplingParams
-from quasar.spec.scheduler import Scheduler
+from quasar.spec_decode.draft_model import DraftModelDrafter
+from quasar.spec_decode.drafter import Draft, Drafter
+from quasar.spec_decode.ngram import NgramDrafter, lookup
+from quasar.spec_decode.quantized_self import QuantizedSelfDrafter
+from quasar.spec_decode.sampling import SamplingParams
+from quasar.spec_decode.scheduler import Scheduler
 from tiny import make_tiny
 
 GREEDY = SamplingParams()

@@ -1,10 +1,10 @@
-"""The roofline floor's byte count (quasar.speed.weight_bytes): each linear's codes and scales once."""
+"""The roofline floor's byte count (quasar.bench.speed.weight_bytes): each linear's codes and scales once."""
 import torch
 
 from quasar import backends
 from quasar.config import VerifierConfig
 from quasar.model.loader import build_random_model
-from quasar.speed import SHAPES, weight_bytes
+from quasar.bench.speed import SHAPES, weight_bytes
 
 
 def _linears(model):
@@ -33,7 +33,7 @@ def test_weight_bytes_count_each_linear_once():
 
 def test_time_variants_sets_up_each_variant_per_round_and_keeps_its_logits():
     """The in-process A/B helper of the step experiments (tools/exp_*.py), on the CPU backend."""
-    from quasar.speed import random_step_model, time_variants
+    from quasar.bench.speed import random_step_model, time_variants
     be = backends.get("cpu")
     m = random_step_model(SHAPES["tiny"], be, torch.float32, 64, VerifierConfig(quant="bf16"))
     assert m.cache.k.abs().sum() > 0          # the cache is filled, not zeros

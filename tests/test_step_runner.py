@@ -11,11 +11,11 @@ from quasar import backends
 from quasar.backends.cuda_graphs import StaticStepRunner
 from quasar.config import VerifierConfig
 from quasar.model.loader import build_model
-from quasar.spec.drafter import Drafter
-from quasar.spec.ngram import NgramDrafter
-from quasar.spec.quantized_self import QuantizedSelfDrafter
-from quasar.spec.sampling import SamplingParams
-from quasar.spec.scheduler import Scheduler
+from quasar.spec_decode.drafter import Drafter
+from quasar.spec_decode.ngram import NgramDrafter
+from quasar.spec_decode.quantized_self import QuantizedSelfDrafter
+from quasar.spec_decode.sampling import SamplingParams
+from quasar.spec_decode.scheduler import Scheduler
 from tiny import make_tiny
 
 G = SamplingParams()

@@ -24,7 +24,7 @@ from quasar.errors import UnsupportedError
 from quasar.ops import reference as R
 from quasar.ops.triton import kernels
 from quasar.quant import rtn
-from quasar.spec.kv_cache import KVCache
+from quasar.spec_decode.kv_cache import KVCache
 
 KN = kernels(interpret=True)
 nq, g8, g4, attn, tuning = KN.norm_quant, KN.gemm_int8, KN.gemm_int4, KN.attention, KN.tuning

@@ -69,7 +69,7 @@ def compile_all(arch: int = 90, verbose: bool = False, part: str = "all") -> lis
 
     from quasar.ops.triton import kernels
     from quasar.quant import rtn
-    from quasar.spec.kv_cache import KVCache
+    from quasar.spec_decode.kv_cache import KVCache
     kn = kernels(False)
     nq, g8, g4, attn = kn.norm_quant, kn.gemm_int8, kn.gemm_int4, kn.attention
     done: list[str] = []

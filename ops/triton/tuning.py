@@ -7,7 +7,7 @@ stream fills HBM at N = 4096: SPLIT_K grows (powers of two) while there are too 
 (N-tile x M-tile) programs and every split keeps >= 2 K blocks.
 
 Tuned entries override the heuristic: `TABLE[(kind, m_bucket, N, K)] = GemmConfig(...)`, filled
-by `python -m quasar.bench_ops` (its JSON output loads with `load_table(path)`). Like vLLM's
+by `python -m quasar.bench.ops` (its JSON output loads with `load_table(path)`). Like vLLM's
 per-GPU fused-MoE configs, tables tuned on a GPU ship in `tuned/` and load on first use on a GPU
 whose name matches (`DEFAULT_TABLES`); shapes they do not cover take the heuristic. Setting
 QUASAR_TRITON_TUNING to a JSON file loads that one instead (before the backend is built), and
@@ -55,7 +55,7 @@ def block_m(m: int) -> int:
 
 
 def load_table(path: str) -> int:
-    """Load tuned configs (the "tuned" list of bench_ops.py's JSON); returns how many."""
+    """Load tuned configs (the "tuned" list of `python -m quasar.bench.ops` JSON); returns how many."""
     with open(path) as f:
         data = json.load(f)
     rows = data.get("tuned", data) if isinstance(data, dict) else data
@@ -67,7 +67,7 @@ def load_table(path: str) -> int:
     return n
 
 
-# GPU name substring -> table in tuned/ (graph-timed sweeps of `python -m quasar.bench_ops`)
+# GPU name substring -> table in tuned/ (graph-timed sweeps of `python -m quasar.bench.ops`)
 DEFAULT_TABLES = {"H100": "h100.json"}
 _ENV = os.environ.get("QUASAR_TRITON_TUNING", "")
 _DEFAULTS_DONE: set = set()

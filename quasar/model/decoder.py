@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quasar.quant import QuantLinear
-from quasar.spec.kv_cache import KVCache
+from quasar.spec_decode.kv_cache import KVCache
 from .args import ModelArgs
 
 

@@ -2,8 +2,8 @@
 """GPU micro-benchmark of the CUDA backend's kernels (written for an H100; random weights of the
 real shapes, labelled as such).
 
-    python -m quasar.bench_ops --out bench_ops.json           # the full run (< ~6 min on an H100)
-    python -m quasar.bench_ops --smoke --out /tmp/b.json      # CPU: interpreter, tiny shapes
+    python -m quasar.bench.ops --out bench_ops.json           # the full run (< ~6 min on an H100)
+    python -m quasar.bench.ops --smoke --out /tmp/b.json      # CPU: interpreter, tiny shapes
     (also: python -m quasar.bench speed --mode ops)
 
 What it does
@@ -366,7 +366,7 @@ def work_gemm(ctx, scheme) -> dict:
 def work_attention(ctx) -> dict:
     import torch
     from quasar.ops import reference as R
-    from quasar.spec.kv_cache import KVCache
+    from quasar.spec_decode.kv_cache import KVCache
     res = {"rows": [], "errors": [], "check": None}
     h, hkv, d = (32, 8, 128) if not ctx.smoke else (8, 2, 32)
     s_max = 8192 if not ctx.smoke else 128
@@ -441,7 +441,7 @@ def worker(args) -> int:
 def run_worker(name, args, budget) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tf:
         path = tf.name
-    cmd = [sys.executable, "-m", "quasar.bench_ops", "--worker", name, "--result", path,
+    cmd = [sys.executable, "-m", "quasar.bench.ops", "--worker", name, "--result", path,
            "--budget", f"{budget:.1f}", "--ms", args.ms]
     if args.smoke:
         cmd.append("--smoke")

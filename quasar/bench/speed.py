@@ -1,6 +1,6 @@
 """Speed benchmarks: `python -m quasar.bench speed --mode ops,step,e2e,project`.
 
-- ops:     GEMM per scheme and attention at Qwen3-8B / OpenPangu-7B shapes (quasar.bench_ops).
+- ops:     GEMM per scheme and attention at Qwen3-8B / OpenPangu-7B shapes (quasar.bench.ops).
 - step:    full-model step time, random weights of the real shapes: one-token bf16 decode and
            verify steps (k+1 tokens) for bf16 / w8a8-int8 / w8a8-fp8 / w4a16, and QSpec's w4a4
            draft step; contexts 512 and 4096. Each against its byte floor (weights + KV read once
@@ -284,7 +284,7 @@ def e2e_bench(a, backend, dtype) -> dict:
     from tqdm.auto import tqdm
 
     from quasar import config as qcfg
-    from quasar.bench import select, task_of
+    from quasar.bench.acceptance import select, task_of
     from quasar.engine import LLM
     from quasar.run import read_prompts_file
     if a.smoke:
@@ -545,7 +545,7 @@ def main(a) -> int:
             pass
     print(f"# quasar speed benchmark — {results.get('gpu', dev)}, torch {torch.__version__}, {results['date']}\n")
     if "ops" in modes:
-        from quasar import bench_ops
+        from quasar.bench import ops as bench_ops
         f = a.out / "bench_ops.json"
         bench_ops.main(["--out", str(f)] + (["--smoke", "--ms", "6", "--budget", "60"] if a.smoke else []))
         results["ops"] = json.loads(f.read_text())
