@@ -73,6 +73,7 @@ class SamplingConfig:
 @dataclass
 class RuntimeConfig:
     cuda_graphs: Optional[bool] = _c(None, doc="capture decode/verify steps in CUDA graphs (null = on for CUDA)")
+    threads: Optional[int] = _c(None, min=1, doc="CPU threads for torch (null = the default chosen by quasar.runtime_threads)")
 
 
 @dataclass

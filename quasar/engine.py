@@ -57,6 +57,8 @@ class LLM:
     def __init__(self, cfg: DeployConfig, model_path: Optional[Path] = None, skip_layers=()):
         self.cfg = cfg
         self.device = backends.resolve_device(cfg.device)
+        from quasar import threads
+        self.threads = threads.apply(cfg.runtime.threads)
         self.backend = backends.get(self.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.path = Path(model_path) if model_path else resolve_model(cfg.model)
