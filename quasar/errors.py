@@ -20,3 +20,18 @@ class UnsupportedError(QuasarError):
 
 class ContextLengthError(QuasarError):
     pass
+
+
+class MissingDependencyError(QuasarError):
+    """An optional dependency (an extra) is not installed: one line naming the extra to install."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """import `module`, or raise MissingDependencyError naming the extra that installs it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"{purpose} needs the Python package {module!r}, which is not installed ({e}); "
+            f"install the extra: pip install -e '.[{extra}]'") from None
