@@ -1,93 +1,35 @@
-"""Backend registry: `quasar.backends.get(device)` returns the backend for cpu, cuda or npu.
+"""Backend registry: `quasar.backends.get(device, options)` returns the backend for cpu, cuda or npu.
 
-A backend is one module that builds a `Backend`: an implementation per op of the contract
-(`quasar.ops`), the weight preparation per scheme, and a declaration of its capabilities. Asking
-a backend for an op or a scheme it lacks raises `UnsupportedError` naming the op or scheme, the
-backend, and the backends that do support it. There is never a silent fallback.
+A backend is a subclass of `Backend` (backends/base.py) whose methods mirror the op contract
+(`quasar.ops`); one module per device. Quantized GEMMs are chosen per layer from the kernels each
+scheme lists for a backend (quasar/quant/). Asking for an op, a scheme or a dtype a backend lacks
+raises `UnsupportedError` naming it, the backend, and the backends that have it: never a silent
+fallback. Importing a backend module imports no hardware library (triton and torch_npu are
+imported when a backend is constructed).
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
 
 import torch
 
 from quasar.errors import UnsupportedError
-from quasar.ops import OPS
+from .base import CONTRACT_METHODS, Backend
 
 DEVICES = ("cpu", "cuda", "npu")
-_MODULES = {"cpu": "quasar.backends.cpu", "cuda": "quasar.backends.cuda", "npu": "quasar.backends.npu"}
-_CACHE: dict[str, "Backend"] = {}
-
-# What each backend declares (kept here as plain data so that an error on one backend can list
-# the others without importing them: importing the NPU backend needs torch_npu).
-CAPABILITIES: dict[str, dict[str, tuple]] = {}
+_CLASSES = {"cpu": ("quasar.backends.cpu", "CpuBackend"), "cuda": ("quasar.backends.cuda", "CudaBackend"),
+            "npu": ("quasar.backends.npu", "NpuBackend")}
+_CACHE: dict[tuple, Backend] = {}
 
 
-@dataclass
-class Backend:
-    name: str                     # "cpu" | "cuda" | "npu"
-    device: torch.device
-    ops: dict[str, Callable] = field(default_factory=dict)
-    prepare: dict[str, Callable] = field(default_factory=dict)   # scheme -> prepare_weight fn
-    schemes: tuple = ()
-    dtypes: tuple = ()
-    attention_modes: tuple = ("prefill", "decode", "verify")
-    notes: dict[str, str] = field(default_factory=dict)         # scheme -> why it is unsupported
-    # make_runner(model, chunk_lengths, modes) -> callable(ids, positions, mode) replaying captured
-    # steps (CUDA graphs); None = the backend runs steps eagerly.
-    make_runner: Optional[Callable] = None
-
-    def __getattr__(self, name: str) -> Callable:
-        # backend.rms_norm(...) etc.; an op the contract has but this backend lacks is an error.
-        if name.startswith("__"):
-            raise AttributeError(name)
-        ops = self.__dict__.get("ops", {})
-        if name in ops:
-            return ops[name]
-        if name in OPS:
-            others = [d for d, caps in CAPABILITIES.items() if name in caps.get("ops", ())]
-            raise UnsupportedError(
-                f"op {name!r} is not implemented by the {self.name} backend; "
-                f"backends that implement it: {', '.join(others) or 'none'}")
-        raise AttributeError(name)
-
-    def check_scheme(self, scheme: str) -> None:
-        if scheme not in self.schemes:
-            others = [d for d, caps in CAPABILITIES.items() if scheme in caps.get("schemes", ())
-                      and d != self.name]
-            why = self.notes.get(scheme)
-            raise UnsupportedError(
-                f"quantization scheme {scheme!r} is not supported by the {self.name} backend"
-                + (f" ({why})" if why else "")
-                + f"; it supports {', '.join(self.schemes)}; backends that support {scheme!r}: "
-                + (", ".join(others) or "none"))
-
-    def check_dtype(self, dtype: torch.dtype) -> None:
-        if dtype not in self.dtypes:
-            raise UnsupportedError(
-                f"dtype {dtype} is not supported by the {self.name} backend; use one of "
-                + ", ".join(str(d).replace("torch.", "") for d in self.dtypes))
-
-    def prepare_weight(self, scheme: str, qw: Any) -> Any:
-        """Repack a canonical weight (quasar.quant.format) once into this backend's layout."""
-        self.check_scheme(scheme)
-        return self.prepare[scheme](qw)
-
-    def gemm(self, scheme: str, x, w, bias=None):
-        return self.ops["gemm_" + scheme.replace("-", "_")](x, w, bias)
+def backend_class(name: str) -> type[Backend]:
+    module, cls = _CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
 
 
-def register_capabilities(name: str, ops, schemes) -> None:
-    CAPABILITIES[name] = {"ops": tuple(ops), "schemes": tuple(schemes)}
-
-
-# Static declarations (see the module docstrings of each backend for the why).
-register_capabilities("cpu", OPS.keys(), ("bf16", "w8a8-int8", "w8a8-fp8", "w8a16", "w4a16", "w4a4"))
-register_capabilities("cuda", OPS.keys(), ("bf16", "w8a8-int8", "w8a8-fp8", "w8a16", "w4a16", "w4a4"))
-register_capabilities("npu", [o for o in OPS if o not in ("gemm_w8a8_fp8", "gemm_w4a4")],
-                      ("bf16", "w8a8-int8", "w8a16", "w4a16"))
+def implementing(op: str) -> list[str]:
+    """The backends whose class implements `op` (asked of the classes: no hardware is touched)."""
+    return [d for d in DEVICES if getattr(backend_class(d), op, None) is not getattr(Backend, op, None)]
 
 
 def available() -> list[str]:
@@ -120,17 +62,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def get(device: str = "auto") -> Backend:
+def get(device: str = "auto", options=None) -> Backend:
+    """The backend for `device`, built once per (device, kernel options). options:
+    quasar.config.KernelConfig (runtime.kernels); None = the defaults."""
+    from quasar.config import KernelConfig
     name = resolve_device(device)
-    if name not in _CACHE:
-        module = importlib.import_module(_MODULES[name])
-        _CACHE[name] = module.make_backend()
-    return _CACHE[name]
+    options = (options if options is not None else KernelConfig()).with_env()   # QUASAR_* overrides
+    key = (name, options)
+    if key not in _CACHE:
+        _CACHE[key] = backend_class(name).create(options)
+    return _CACHE[key]
 
 
 def reset(name: str | None = None) -> None:
     """Forget constructed backends (tests swap torch_npu for its emulation)."""
-    if name is None:
-        _CACHE.clear()
-    else:
-        _CACHE.pop(name, None)
+    for key in list(_CACHE):
+        if name is None or key[0] == name:
+            del _CACHE[key]
+
+
+__all__ = ["Backend", "CONTRACT_METHODS", "DEVICES", "available", "get", "implementing", "reset",
+           "resolve_device"]

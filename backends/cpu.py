@@ -1,43 +1,50 @@
-"""CPU backend: the reference implementation of every op (quasar.ops.reference) and the
-definition the other backends are tested against. Prepared weights are the canonical formats
-themselves. Used by CI, and by anyone without an accelerator."""
+"""CPU backend: the reference implementation of every op (quasar.ops.reference), the definition
+the other backends are tested against, and each scheme's reference GEMM (its "reference" kernel).
+Used by CI, and by anyone without an accelerator."""
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 
-from quasar.backends import Backend
-from quasar.ops.reference import REFERENCE_OPS
-
-SCHEMES = ("bf16", "w8a8-int8", "w8a8-fp8", "w8a16", "w4a16", "w4a4")
+from quasar.ops import reference as R
+from .base import Backend
 
 
-def _identity(w):
-    return w
+class CpuBackend(Backend):
+    name = "cpu"
 
+    @classmethod
+    def create(cls, options=None) -> "CpuBackend":
+        return cls(torch.device("cpu"), options)
 
-def _dequantized_once(w):
-    """Weight-only schemes: keep the canonical codes and cache the fp32 matrix (prepare once)."""
-    w = replace(w)
-    w._dense = w.dequantize(torch.float32)
-    return w
+    def default_dtype(self) -> torch.dtype:
+        return torch.float32
 
+    def rms_norm(self, x, weight, eps):
+        return R.rms_norm(x, weight, eps)
 
-def _codes_as_f32(w):
-    """Integer-activation schemes: cache the codes as fp32 once (exact; see _int_gemm)."""
-    w = replace(w)
-    w._codes_f32 = w.codes.float()
-    return w
+    def rms_norm_quant(self, x, weight, eps, qtype):
+        return R.rms_norm_quant(x, weight, eps, qtype)
 
+    def add_rms_norm(self, x, delta, weight, eps, qtype=None):
+        return R.add_rms_norm(x, delta, weight, eps, qtype)
 
-_PREPARE = {"w8a16": _dequantized_once, "w4a16": _dequantized_once,
-            "w8a8-int8": _codes_as_f32, "w4a4": _codes_as_f32}
+    def rope(self, x, cos, sin):
+        return R.rope(x, cos, sin)
 
+    def quantize_per_token(self, x, qtype):
+        return R.quantize_per_token(x, qtype)
 
-def make_backend(device: str = "cpu") -> Backend:
-    return Backend(
-        name="cpu", device=torch.device(device), ops=dict(REFERENCE_OPS),
-        prepare={s: _PREPARE.get(s, _identity) for s in SCHEMES},
-        schemes=SCHEMES,
-        dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    def silu_mul(self, x):
+        return R.silu_mul(x)
+
+    def silu_mul_quant(self, x, qtype):
+        return R.silu_mul_quant(x, qtype)
+
+    def kv_write(self, cache, layer, k, v, positions):
+        return R.kv_write(cache, layer, k, v, positions)
+
+    def rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer):
+        return R.rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer)
+
+    def attention(self, q, cache, layer, positions, kv_len, mask=None):
+        return R.attention(q, cache, layer, positions, kv_len, mask)

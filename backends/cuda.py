@@ -1,82 +1,55 @@
-"""CUDA backend: Triton kernels (quasar.ops.triton) for the quantized GEMMs, the fused
-norm / activation quantization and decode / verify attention; cuBLAS for bf16 linears;
-the int8 kernel's fp8 x fp8 variant for FP8 W8A8 (compute capability >= 8.9); one Triton kernel for the q/k norms,
-RoPE and the KV-cache write (rope_kv_write); torch SDPA for prefill attention; CUDA graphs for the decode / draft / verify steps (make_runner ->
-quasar.backends.cuda_graphs.GraphRunner; the attention kernel reads the visible length from the
-positions tensor, so one capture with kv_len = the whole cache serves every context length).
+"""CUDA backend: Triton kernels (quasar.ops.triton) for the fused norm / activation quantization,
+the attention prologue (q/k norm, RoPE, KV-cache write in one launch) and decode / verify
+attention; torch SDPA for prefill attention; CUDA graphs for the decode / draft / verify steps
+(`graph_runner` -> quasar.backends.cuda_graphs.GraphRunner; the attention kernel reads the visible
+length from the positions tensor, so one capture with kv_len = the whole cache serves every
+context length). The GEMMs are the kernels each scheme lists for "cuda" (quasar/quant/): cuBLAS
+(or the weight-streaming kernel where a tuned table says so) for unquantized layers, the Triton
+int8 / fp8 / int4 weight-streaming kernels for the quantized ones.
 
-CPU mode for CI: with TRITON_INTERPRET=1 in the environment (or make_backend(interpret=True)) the
-backend is built on the CPU and every Triton kernel runs under Triton's interpreter, so the whole
-model goes through this backend's code paths on CPU tensors. The backend does not offer FP8 there
-(it needs FP8 tensor cores on a GPU; its GEMM kernel is still checked under the interpreter in
+Kernel options (quasar.config.KernelConfig, `runtime.kernels`) are given at construction and
+passed to every launch: pdl, prefetch, early_loads, ptx_dequant, tuning.
+
+CPU mode for CI: with TRITON_INTERPRET=1 in the environment (or CudaBackend.create(interpret=True))
+the backend is built on the CPU and every Triton kernel runs under Triton's interpreter, so the
+whole model goes through this backend's code paths on CPU tensors. FP8 is not offered there (it
+needs FP8 tensor cores; its GEMM kernel is still checked under the interpreter in
 tests/test_triton_kernels.py).
 
-Prepared weights (Backend.prepare, scheme -> fn(QuantizedWeight) -> object):
-  bf16              the dense [N, K] tensor itself
-  w8a8-int8, w8a16  gemm_int8.Int8Weight: codes int8 [N, K_pad] (K zero-padded to a multiple
-                    of 256), scale fp32 [N]
-  w4a16, w4a4       gemm_int4.Int4Weight: packed int32 [K_pad/256, N, 32] (8 codes per word,
-                    nibble q + 4h of word (b, n, w) = code(n, 256 b + 64 q + 2 w + h) + 8),
-                    scale fp32 [G, N],
-                    zero fp32 [G, N] = 8 + zero point (or None)
-  w8a8-fp8          gemm_int8.Int8Weight with float8_e4m3fn codes [N, K_pad] (K padded to 256)
-The int8 layouts are shared by w8a8-int8/w8a16 and the int4 layouts by w4a16/w4a4; preparing the
-same QuantizedWeight object twice (QSpec: one set of int4 codes run as w4a16 and as w4a4) returns
-the same prepared object, so the packed codes exist once.
+Prepared weights (by the schemes' kernels): int8 / fp8 codes [N, K_pad] (gemm_int8.Int8Weight,
+shared by w8a8-int8 and w8a16), int4 packed [K_pad/256, N, 32] (gemm_int4.Int4Weight, shared by
+w4a16 and w4a4: QSpec's one set of codes exists once).
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
-import torch.nn.functional as F
 
-from quasar.backends import Backend
-from quasar.errors import UnsupportedError
+from quasar.errors import UnsupportedError, require
 from quasar.ops import reference as R
-from quasar.quant.format import QActivation, QuantizedWeight
+from .base import Backend
 
-SCHEMES = ("bf16", "w8a8-int8", "w8a8-fp8", "w8a16", "w4a16", "w4a4")
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _rotate(x: torch.Tensor, w) -> torch.Tensor:
-    if not getattr(w, "hadamard", False):
-        return x
-    from quasar.quant.hadamard import rotate
-    return rotate(x)
+FP8_NOTE = ("FP8 W8A8 needs FP8 tensor cores (compute capability >= 8.9, Ada / Hopper); use w8a8-int8 "
+            "(same weight bytes) or w4a16")
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+class CudaBackend(Backend):
+    name = "cuda"
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
 
+    def __init__(self, device: torch.device, options=None, interpret: bool = False):
+        super().__init__(device, options)
+        require("triton", "cuda", "the cuda backend (Triton kernels)")
+        from quasar.ops.triton import kernels
+        self.interpret = interpret
+        self.triton = kernels(interpret)        # the kernel package, compiled or interpreted
+        self.kernels = self.triton              # (older name)
 
-def _shared(kind: str, fn):
-    """prepare fn that returns one prepared object per (QuantizedWeight object, layout kind)."""
-    cache: dict = {}
-
-    def prepare(qw):
-        key = id(qw)
-        hit = cache.get(key)
-        if hit is not None and hit[0]() is qw:
-            return hit[1]
-        out = fn(qw)
-        cache[key] = (weakref.ref(qw), out)
-        weakref.finalize(qw, cache.pop, key, None)
-        return out
-
-    prepare.__name__ = f"prepare_{kind}"
-    prepare.cache = cache
-    return prepare
-
-
-def make_backend(device: str = "cuda", interpret: bool | None = None) -> Backend:
-    from quasar.ops.triton import env_interpret, kernels
-
-    interp = env_interpret() if interpret is None else bool(interpret)
-    if interp:
-        dev = torch.device("cpu")
-    else:
+    @classmethod
+    def create(cls, options=None, device: str = "cuda", interpret: bool | None = None) -> "CudaBackend":
+        from quasar.ops.triton import env_interpret
+        interp = env_interpret() if interpret is None else bool(interpret)
+        if interp:
+            return cls(torch.device("cpu"), options, interpret=True)
         if not torch.cuda.is_available():
             raise UnsupportedError(
                 "the cuda backend needs a CUDA GPU and none is visible; use device cpu, or set "
@@ -86,148 +59,84 @@ def make_backend(device: str = "cuda", interpret: bool | None = None) -> Backend
             raise UnsupportedError(f"the cuda backend runs on cuda devices, not {device!r}")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-    kn = kernels(interp)
-    nq, g8, g4, attn = kn.norm_quant, kn.gemm_int8, kn.gemm_int4, kn.attention
+        return cls(dev, options, interpret=False)
 
-    notes: dict[str, str] = {}
-    if interp:
-        fp8_ok = False
-        notes["w8a8-fp8"] = ("FP8 W8A8 needs FP8 tensor cores (compute capability >= 8.9), which the "
-                             "Triton interpreter (CPU mode) does not offer; use w8a8-int8 (same weight "
-                             "bytes) or w4a16")
-    else:
-        cc = torch.cuda.get_device_capability(dev)
-        fp8_ok = cc >= (8, 9)
-        if not fp8_ok:
-            notes["w8a8-fp8"] = (f"FP8 W8A8 needs compute capability >= 8.9 (Ada / Hopper: FP8 "
-                                 f"tensor cores); {torch.cuda.get_device_name(dev)} is "
-                                 f"{cc[0]}.{cc[1]}; use w8a8-int8 (same weight bytes) or w4a16")
-    schemes = tuple(s for s in SCHEMES if s != "w8a8-fp8" or fp8_ok)
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16
 
-    def _no_fp8(op: str):
-        raise UnsupportedError(f"{op} with fp8 on the cuda backend: {notes['w8a8-fp8']}")
+    # ------------------------------------------------------------------ what kernels ask
+    def fp8_support(self) -> tuple[bool, str]:
+        if self.interpret:
+            return False, ("the Triton interpreter (CPU mode) has no FP8 tensor cores; " + FP8_NOTE)
+        cc = torch.cuda.get_device_capability(self.device)
+        if cc < (8, 9):
+            return False, f"{torch.cuda.get_device_name(self.device)} is sm_{cc[0]}{cc[1]}; " + FP8_NOTE
+        return True, ""
 
-    def _on_device(qw: QuantizedWeight) -> QuantizedWeight:
-        return qw if qw.codes.device == dev else qw.to(dev)
+    def float_activation(self, dtype) -> tuple[bool, str]:
+        if dtype in self.dtypes:
+            return True, ""
+        return False, f"activations must be bf16, fp16 or fp32, got {dtype}"
 
-    # ------------------------------------------------------------------ activations
-    def _fp8_gate(qtype, op):
-        if qtype == "fp8" and not fp8_ok:
-            _no_fp8(op)
+    def tuned(self, kind: str, m: int, n: int, k: int):
+        return self.triton.tuning.tuned(kind, m, n, k, self.device, self.options)
 
-    def quantize_per_token(x, qtype):
-        _fp8_gate(qtype, "quantize_per_token")
-        return nq.quantize_per_token(x, qtype)
+    def _fp8_gate(self, qtype, op: str) -> None:
+        if qtype == "fp8":
+            ok, why = self.fp8_support()
+            if not ok:
+                raise UnsupportedError(f"{op} with fp8 on the cuda backend: {why}")
 
-    def rms_norm(x, weight, eps):
-        return nq.rms_norm(x, weight, eps)
+    # ------------------------------------------------------------------ the op contract
+    def quantize_per_token(self, x, qtype):
+        self._fp8_gate(qtype, "quantize_per_token")
+        return self.triton.norm_quant.quantize_per_token(x, qtype, opts=self.options)
 
-    def rms_norm_quant(x, weight, eps, qtype):
-        _fp8_gate(qtype, "rms_norm_quant")
-        return nq.rms_norm_quant(x, weight, eps, qtype)
+    def rms_norm(self, x, weight, eps):
+        return self.triton.norm_quant.rms_norm(x, weight, eps, opts=self.options)
 
-    def add_rms_norm(x, delta, weight, eps, qtype=None):
-        _fp8_gate(qtype, "add_rms_norm")
-        return nq.add_rms_norm(x, delta, weight, eps, qtype)
+    def rms_norm_quant(self, x, weight, eps, qtype):
+        self._fp8_gate(qtype, "rms_norm_quant")
+        return self.triton.norm_quant.rms_norm_quant(x, weight, eps, qtype, opts=self.options)
 
-    def silu_mul(x):
-        return nq.silu_mul(x)
+    def add_rms_norm(self, x, delta, weight, eps, qtype=None):
+        self._fp8_gate(qtype, "add_rms_norm")
+        return self.triton.norm_quant.add_rms_norm(x, delta, weight, eps, qtype, opts=self.options)
 
-    def silu_mul_quant(x, qtype):
-        _fp8_gate(qtype, "silu_mul_quant")
-        return nq.silu_mul_quant(x, qtype)
+    def silu_mul(self, x):
+        return self.triton.norm_quant.silu_mul(x, opts=self.options)
 
-    def _activation(x, qtype: str, w) -> QActivation:
-        if isinstance(x, QActivation):
-            if x.qtype != qtype:
-                raise ValueError(f"activation quantized as {x.qtype}, the GEMM needs {qtype}")
-            return x
-        return quantize_per_token(_rows(_rotate(x, w)), qtype)
+    def silu_mul_quant(self, x, qtype):
+        self._fp8_gate(qtype, "silu_mul_quant")
+        return self.triton.norm_quant.silu_mul_quant(x, qtype, opts=self.options)
 
-    def _check_act(x, scheme):
-        if x.dtype not in DTYPES:
-            raise UnsupportedError(f"gemm_{scheme}: activations must be bf16, fp16 or fp32, got {x.dtype}")
+    def rope(self, x, cos, sin):
+        return R.rope(x, cos, sin)
 
-    # ------------------------------------------------------------------ GEMMs
-    def gemm_bf16(x, w, bias=None):
-        # cuBLAS, except at the few-row shapes where the tuned table for this GPU measured the
-        # weight-streaming Triton kernel faster (kind "bf16"; none on GPUs without a table)
-        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (not interp and 0 < m <= 16 and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
-                and w.is_contiguous() and w.shape[1] % 256 == 0
-                and kn.tuning.tuned("bf16", m, w.shape[0], w.shape[1], x.device) is not None):
-            return g8.gemm_dense_stream(_rows(x), w, bias).view(*x.shape[:-1], w.shape[0])
-        return F.linear(x, w, bias)
+    def kv_write(self, cache, layer, k, v, positions):
+        return R.kv_write(cache, layer, k, v, positions)
 
-    def gemm_w8a8_int8(x, w, bias=None):
-        lead = x.shape[:-1]
-        return g8.gemm_w8a8_int8(_activation(x, "int8", w), w, bias).view(*lead, w.n)
+    def rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer):
+        return self.triton.rope.rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer,
+                                              opts=self.options)
 
-    def gemm_w8a16(x, w, bias=None):
-        _check_act(x, "w8a16")
-        lead = x.shape[:-1]
-        return g8.gemm_w8a16(_rows(_rotate(x, w)), w, bias).view(*lead, w.n)
-
-    def gemm_w4a16(x, w, bias=None):
-        _check_act(x, "w4a16")
-        lead = x.shape[:-1]
-        return g4.gemm_w4a16(_rows(_rotate(x, w)), w, bias).view(*lead, w.n)
-
-    def gemm_w4a4(x, w, bias=None):
-        lead = x.shape[:-1]
-        return g4.gemm_w4a4(_activation(x, "int4", w), w, bias).view(*lead, w.n)
-
-    def gemm_w8a8_fp8(x, w, bias=None):
-        if not fp8_ok:
-            _no_fp8("gemm_w8a8_fp8")
-        lead = x.shape[:-1]
-        return g8.gemm_w8a8_fp8(_activation(x, "fp8", w), w, bias).view(*lead, w.n)
-
-    # ------------------------------------------------------------------ attention, cache, rope
-    def attention(q, cache, layer, positions, kv_len, mask=None):
+    def attention(self, q, cache, layer, positions, kv_len, mask=None):
+        attn = self.triton.attention
         if attn.supports(q, cache):
-            return attn.attention(q, cache, layer, positions, kv_len, mask)
+            return attn.attention(q, cache, layer, positions, kv_len, mask, opts=self.options)
         return R.attention(q, cache, layer, positions, kv_len, mask)   # prefill: torch SDPA
 
-    def synchronize():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-    # ------------------------------------------------------------------ weight preparation
-    def prepare_dense(w):
-        if isinstance(w, QuantizedWeight):
-            raise UnsupportedError("the bf16 scheme takes a dense weight tensor, not a quantized one")
-        return w.to(dev)
+    def graph_runner(self, model, cache, chunk_lengths, modes):
+        if self.device.type != "cuda":
+            return None
+        from .cuda_graphs import GraphRunner
+        return GraphRunner(model, cache, chunk_lengths, modes)
 
-    int8_prep = _shared("int8", lambda qw: g8.pack_int8(_on_device(qw)))
-    int4_prep = _shared("int4", lambda qw: g4.pack_int4(_on_device(qw)))
 
-    def prepare_fp8(qw):
-        if not fp8_ok:
-            raise UnsupportedError(f"quantization scheme 'w8a8-fp8' on the cuda backend: {notes['w8a8-fp8']}")
-        qw = _on_device(qw)
-        if not qw.is_fp8 or qw.scale.shape[1] != 1:
-            raise UnsupportedError("w8a8-fp8 needs float8_e4m3fn per-channel weights")
-        return g8.pack_fp8(qw)
-
-    ops = {
-        "rms_norm": rms_norm, "rms_norm_quant": rms_norm_quant, "add_rms_norm": add_rms_norm, "rope": R.rope,
-        "quantize_per_token": quantize_per_token, "silu_mul": silu_mul,
-        "silu_mul_quant": silu_mul_quant, "gemm_bf16": gemm_bf16, "gemm_w8a8_int8": gemm_w8a8_int8,
-        "gemm_w8a8_fp8": gemm_w8a8_fp8, "gemm_w8a16": gemm_w8a16, "gemm_w4a16": gemm_w4a16,
-        "gemm_w4a4": gemm_w4a4, "kv_write": R.kv_write, "rope_kv_write": kn.rope.rope_kv_write,
-        "attention": attention,
-        "synchronize": synchronize,
-    }
-    prepare = {"bf16": prepare_dense, "w8a8-int8": int8_prep, "w8a16": int8_prep,
-               "w4a16": int4_prep, "w4a4": int4_prep, "w8a8-fp8": prepare_fp8}
-    make_runner = None
-    if dev.type == "cuda":     # decode / draft / verify steps replayed from CUDA graphs
-        def make_runner(model, chunk_lengths, modes=("verify",)):
-            from quasar.backends.cuda_graphs import GraphRunner
-            return GraphRunner(model, chunk_lengths, modes)
-    be = Backend(name="cuda", device=dev, ops=ops, prepare=prepare, schemes=schemes, dtypes=DTYPES,
-                 attention_modes=("prefill", "decode", "verify"), notes=notes, make_runner=make_runner)
-    be.interpret = interp
-    be.kernels = kn
-    return be
+def make_backend(device: str = "cuda", interpret: bool | None = None, options=None) -> CudaBackend:
+    """A CUDA backend outside the registry's cache (tests; interpret=True: the CPU twin)."""
+    return CudaBackend.create(options, device, interpret)

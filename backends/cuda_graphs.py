@@ -7,17 +7,16 @@ reads each query's visible length from the positions buffer on the device, so on
 every context length. Captures happen once, before the first prefill (a warm-up forward writes
 KV slots, which the prefill then overwrites), and share one memory pool.
 
-Capture hygiene: a runner holds its model by weak reference (the model owns the runner, so a
-strong one would make a cycle that only Python's cyclic GC frees), and the cyclic GC is
-collected before and disabled during each capture. Otherwise a collection that happens to run
-mid-capture can free another model's graphs, whose reset is not permitted while a stream
-captures and invalidates the capture (cudaErrorStreamCaptureInvalidated, seen once in the step
-benchmark, which builds one model after another).
+The runner wraps the model and the KV cache it was given (by the engine's ModelRunner, which owns
+both); the model knows nothing of it. Capture hygiene: the cyclic GC is collected before and
+disabled during each capture. Otherwise a collection that happens to run mid-capture can free
+another model's graphs, whose reset is not permitted while a stream captures and invalidates the
+capture (cudaErrorStreamCaptureInvalidated, seen once in the step benchmark, which builds one
+model after another).
 """
 from __future__ import annotations
 
 import gc
-import weakref
 
 import torch
 
@@ -29,8 +28,8 @@ class StaticStepRunner:
     `positions`): everything a captured graph does, run eagerly. It is the CPU twin of the graph
     runner in tests, and its base class."""
 
-    def __init__(self, model, chunk_lengths, modes=("verify",)):
-        self._model = weakref.ref(model)
+    def __init__(self, model, cache, chunk_lengths, modes=("verify",)):
+        self.model, self.cache = model, cache
         dev = model.device
         t_max = max(chunk_lengths)
         self.ids = torch.zeros(1, t_max, dtype=torch.int64, device=dev)
@@ -38,13 +37,6 @@ class StaticStepRunner:
         self.pos = torch.arange(model.max_seq_len - t_max, model.max_seq_len, device=dev).view(1, -1)
         self.lengths = sorted(set(chunk_lengths), reverse=True)
         self.modes = tuple(modes)
-
-    @property
-    def model(self):
-        m = self._model()
-        if m is None:
-            raise RuntimeError("the model this step runner was built for has been freed")
-        return m
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mode: str = "verify") -> torch.Tensor:
         t = input_ids.shape[1]
@@ -55,12 +47,12 @@ class StaticStepRunner:
         m = self.model
         if m.mode != mode:
             set_mode(m, mode)
-        return m.forward(self.ids[:, :t], self.pos[:, :t], kv_len=m.max_seq_len)
+        return m.forward(self.ids[:, :t], self.pos[:, :t], self.cache, kv_len=m.max_seq_len)
 
 
 class GraphRunner(StaticStepRunner):
-    def __init__(self, model, chunk_lengths, modes=("verify",)):
-        super().__init__(model, chunk_lengths, modes)
+    def __init__(self, model, cache, chunk_lengths, modes=("verify",)):
+        super().__init__(model, cache, chunk_lengths, modes)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict = {}
         for mode in modes:
@@ -77,7 +69,7 @@ class GraphRunner(StaticStepRunner):
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):                      # compile / autotune outside the capture
-                m.forward(ids, pos, kv_len=m.max_seq_len)
+                m.forward(ids, pos, self.cache, kv_len=m.max_seq_len)
         torch.cuda.current_stream().wait_stream(s)
         gc.collect()                 # free dead graphs now, not in the middle of the capture
         enabled = gc.isenabled()
@@ -85,7 +77,7 @@ class GraphRunner(StaticStepRunner):
         try:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                out = m.forward(ids, pos, kv_len=m.max_seq_len)
+                out = m.forward(ids, pos, self.cache, kv_len=m.max_seq_len)
         finally:
             if enabled:
                 gc.enable()

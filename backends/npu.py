@@ -37,9 +37,10 @@ dynamic-quant and quantized-GEMM kernels take float16/bfloat16 only, so in float
 as composed torch ops on the device from the same prepared weights and the same mask (logged once
 per op); rms_norm, rope and silu_mul keep their kernels. Speed runs use bfloat16 (``dtype: auto``).
 
-Not supported (``check_scheme`` says why and lists the alternatives): w8a8-fp8 (FP8 matmul exists
-only on Ascend 950, not on the A2/A3 parts torch_npu's quantized matmul targets) and w4a4 (see
-NOTES). Nothing here has run on Ascend hardware: it is verified against the emulation of the
+The GEMM rows above are the kernels the schemes list for "npu" (quasar/quant/): they call
+``quant_matmul`` / ``weight_quant_matmul`` and ``prepare_int8`` / ``prepare_int4`` here. Schemes
+without an npu kernel (w8a8-fp8: FP8 matmul exists only on Ascend 950; w4a4) say why in their
+module (``Scheme.unsupported``), and ``check_scheme`` repeats it. Nothing here has run on Ascend hardware: it is verified against the emulation of the
 documented semantics only (docs/ascend.md).
 """
 from __future__ import annotations
@@ -52,32 +53,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from quasar.backends import Backend
+from .base import Backend
 from quasar.errors import UnsupportedError
 from quasar.ops import reference as ref
-from quasar.quant.format import QActivation, QuantizedWeight
+from quasar.ops.types import QActivation, QuantizedWeight
 
 log = logging.getLogger("quasar")
 
-SCHEMES = ("bf16", "w8a8-int8", "w8a16", "w4a16")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)   # what the fused kernels accept for activations
 LAST_DIM_LIMIT = 65535     # npu_quant_matmul: last dims of x1, x2 <= 65535; WQBMM: K, N in [1, 65535]
 N_TILE = 65472             # largest multiple of 64 <= 65535: the N-tile when out-features exceed it
-
-NOTES = {
-    "w8a8-fp8": (
-        "unsupported on npu: torch_npu's quantized matmul takes FP8 operands only on Ascend 950; the "
-        "Atlas A2/A3 (910B/910C) NPUs have no FP8 matmul. Alternatives: w8a8-int8 (Quasar's W8A8, "
-        "npu_quant_matmul) or w8a16 on npu, or w8a8-fp8 on cuda (compute capability >= 8.9)"),
-    "w4a4": (
-        "unsupported on npu: npu_quant_matmul takes int4 operands only as int32-packed words, and its "
-        "documented dtype combinations pair a per-token activation scale with int4 x int4 only in the "
-        "per-group form (2-D weight scale + float16 offset); Quasar's w4a4 (per-channel int4 weights x "
-        "per-token int4 activations, QSpec's draft mode) has no documented mapping. Alternatives: "
-        "w4a16 (the same int4 weights, npu_weight_quant_batchmatmul) or w8a8-int8 on npu, or w4a4 on "
-        "cpu/cuda"),
-}
 
 INSTALL_HINT = (
     "install Ascend's PyTorch adapter, matched exactly to torch and to the CANN toolkit, on an Ascend "
@@ -98,43 +84,6 @@ def _import_torch_npu():
             f"this environment has torch {torch.__version__}. To run on an Ascend NPU, {INSTALL_HINT}. "
             "Without an NPU use --device cpu or cuda") from None
     return torch_npu
-
-
-def make_backend() -> Backend:
-    tnpu = _import_torch_npu()
-    emulated = bool(getattr(tnpu, "_quasar_emulation", False))
-    if emulated:
-        device = torch.device("cpu")          # the test emulation computes on the CPU
-    else:
-        try:
-            ok = bool(tnpu.npu.is_available())
-        except Exception:
-            ok = False
-        if not ok:
-            raise UnsupportedError(
-                "torch_npu imported but sees no Ascend NPU: check the driver (npu-smi info), that CANN's "
-                "set_env.sh was sourced, and ASCEND_RT_VISIBLE_DEVICES; without an NPU use --device cpu")
-        device = torch.device("npu")
-    k = _NpuOps(tnpu, device)
-    ops = {
-        "rms_norm": k.rms_norm, "rms_norm_quant": k.rms_norm_quant, "rope": k.rope,
-        "add_rms_norm": ref.add_rms_norm_with(k.rms_norm, k.rms_norm_quant),
-        "quantize_per_token": k.quantize_per_token, "silu_mul": k.silu_mul, "silu_mul_quant": k.silu_mul_quant,
-        "gemm_bf16": k.gemm_bf16, "gemm_w8a8_int8": k.gemm_w8a8_int8, "gemm_w8a16": k.gemm_w8a16,
-        "gemm_w4a16": k.gemm_w4a16, "kv_write": k.kv_write, "attention": k.attention,
-        "rope_kv_write": ref.rope_kv_write_with(k.rms_norm, k.rope, k.kv_write),
-        "synchronize": k.synchronize,
-    }
-    prepare = {"bf16": _identity, "w8a8-int8": k.prepare_int8, "w8a16": k.prepare_int8,
-               "w4a16": k.prepare_w4a16}
-    be = Backend(name="npu", device=device, ops=ops, prepare=prepare, schemes=SCHEMES, dtypes=DTYPES,
-                 notes=dict(NOTES))
-    be.emulated = emulated
-    return be
-
-
-def _identity(w):
-    return w
 
 
 # ------------------------------------------------------------------------------ prepared weights
@@ -210,13 +159,46 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- the ops
 
-class _NpuOps:
-    def __init__(self, tnpu, device: torch.device):
-        self.t = tnpu
-        self.device = device
+class NpuBackend(Backend):
+    name = "npu"
+    dtypes = DTYPES
+
+    def __init__(self, tnpu, device: torch.device, options=None, emulated: bool = False):
+        super().__init__(device, options)
+        self.t = self.tnpu = tnpu
+        self.emulated = emulated
         self._said: set = set()
         self._mask_key: Optional[tuple] = None
         self._mask_val: Optional[torch.Tensor] = None
+
+    @classmethod
+    def create(cls, options=None) -> "NpuBackend":
+        tnpu = _import_torch_npu()
+        emulated = bool(getattr(tnpu, "_quasar_emulation", False))
+        if emulated:
+            device = torch.device("cpu")          # the test emulation computes on the CPU
+        else:
+            try:
+                ok = bool(tnpu.npu.is_available())
+            except Exception:
+                ok = False
+            if not ok:
+                raise UnsupportedError(
+                    "torch_npu imported but sees no Ascend NPU: check the driver (npu-smi info), that CANN's "
+                    "set_env.sh was sourced, and ASCEND_RT_VISIBLE_DEVICES; without an NPU use --device cpu")
+            device = torch.device("npu")
+        return cls(tnpu, device, options, emulated)
+
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+    def add_rms_norm(self, x, delta, weight, eps, qtype=None):
+        s = x + delta
+        return (self.rms_norm_quant(s, weight, eps, qtype) if qtype else self.rms_norm(s, weight, eps)), s
+
+    def rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer):
+        return ref.rope_kv_write_with(self.rms_norm, self.rope, self.kv_write)(
+            qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer)
 
     def _once(self, key: str, msg: str) -> None:
         if key not in self._said:
@@ -265,12 +247,17 @@ class _NpuOps:
         return self.quantize_per_token(self.silu_mul(x), qtype)
 
     # ----------------------------------------------------------------------- weight preparation
-    def _check_k(self, k: int, scheme: str) -> None:
+    def check_k(self, k: int) -> tuple[bool, str]:
         if k > LAST_DIM_LIMIT:
-            raise UnsupportedError(
-                f"{scheme} on npu: in-features K={k} exceeds the 65535 limit of npu_quant_matmul / "
-                "npu_weight_quant_batchmatmul (torch_npu docs, 约束说明); tiling K would add a rounding "
-                "step per tile, so it is refused; use the cpu or cuda backend for this layer")
+            return False, (f"in-features K={k} exceeds the 65535 limit of npu_quant_matmul / "
+                           "npu_weight_quant_batchmatmul (torch_npu docs, 约束说明); tiling K would add a "
+                           "rounding step per tile, so it is refused; use the cpu or cuda backend for this layer")
+        return True, ""
+
+    def _check_k(self, k: int, scheme: str) -> None:
+        ok, why = self.check_k(k)
+        if not ok:
+            raise UnsupportedError(f"{scheme} on npu: {why}")
 
     def prepare_int8(self, qw: QuantizedWeight) -> NpuWeight:
         """w8a8-int8 and w8a16: int8 per-channel symmetric codes [N, K] -> [K, N], scale fp32 [N]."""
@@ -288,7 +275,7 @@ class _NpuOps:
             self._once(f"tile-{n}", f"out-features {n} > 65535: the GEMM runs in {len(parts)} N-tiles")
         return NpuWeight("int8", n, k, 8, 0, qw.hadamard, parts)
 
-    def prepare_w4a16(self, qw: QuantizedWeight) -> NpuWeight:
+    def prepare_int4(self, qw: QuantizedWeight) -> NpuWeight:
         """int4 codes [N, K] (+ scales [N, G], zero points [N, G]) -> int4pack [K, N/8],
         antiquant_scale [G, N] (per group) or [N] (per channel), antiquant_offset = -zero."""
         if not isinstance(qw, QuantizedWeight) or qw.bits != 4:
@@ -340,23 +327,8 @@ class _NpuOps:
     def _cat(outs: list) -> torch.Tensor:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, w: NpuWeight) -> torch.Tensor:
-        if not w.hadamard:
-            return x
-        from quasar.quant.hadamard import rotate
-        return rotate(x)
-
-    def gemm_bf16(self, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return F.linear(x, w, bias)
-
-    def gemm_w8a8_int8(self, x, w: NpuWeight, bias=None) -> torch.Tensor:
-        if isinstance(x, QActivation):
-            if x.qtype != "int8":
-                raise ValueError(f"activation quantized as {x.qtype}, the GEMM needs int8")
-            a = x
-        else:
-            a = self.quantize_per_token(self._rotate(x, w), "int8")
+    def quant_matmul(self, a: QActivation, w: NpuWeight, bias=None) -> torch.Tensor:
+        """npu_quant_matmul of a per-token int8 activation with prepared int8 weights [K, N]."""
         if a.dtype in KERNEL_DTYPES:
             # bias: bfloat16 with bfloat16 output (documented in every torch_npu version; the model's
             # bias is bf16 anyway), float32 with float16 output (float16 bias is not in the table)
@@ -375,8 +347,8 @@ class _NpuOps:
             outs.append(y.to(a.dtype))
         return self._cat(outs)
 
-    def _weight_only(self, x: torch.Tensor, w: NpuWeight, bias) -> torch.Tensor:
-        x = self._rotate(x, w)
+    def weight_quant_matmul(self, x: torch.Tensor, w: NpuWeight, bias=None) -> torch.Tensor:
+        """npu_weight_quant_batchmatmul of float activations with prepared int8 / int4 weights."""
         if x.dtype in KERNEL_DTYPES:
             bias_dtype = torch.float32 if x.dtype == torch.bfloat16 else torch.float16
             outs = []
@@ -400,12 +372,6 @@ class _NpuOps:
                 y = y + p.bias(bias, torch.float32)
             outs.append(y.to(x.dtype))
         return self._cat(outs)
-
-    def gemm_w8a16(self, x, w: NpuWeight, bias=None) -> torch.Tensor:
-        return self._weight_only(x, w, bias)
-
-    def gemm_w4a16(self, x, w: NpuWeight, bias=None) -> torch.Tensor:
-        return self._weight_only(x, w, bias)
 
     # -------------------------------------------------------------------- KV cache, attention
     def kv_write(self, cache, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
@@ -476,4 +442,10 @@ class _NpuOps:
         return out[..., :d].transpose(1, 2)
 
 
-__all__ = ["make_backend", "NpuWeight", "SCHEMES", "NOTES", "INSTALL_HINT"]
+
+
+def make_backend(options=None) -> NpuBackend:
+    return NpuBackend.create(options)
+
+
+__all__ = ["NpuBackend", "make_backend", "NpuWeight", "INSTALL_HINT"]

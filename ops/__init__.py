@@ -1,9 +1,12 @@
 """The op contract: every hardware-specific op, declared once.
 
 Each op has a name, a signature with tensor layouts, and reference semantics. The reference
-implementation (`quasar.ops.reference`, registered by the CPU backend) *is* the definition: every
-other backend is tested against it. Model and scheduler code call ops only through a backend
-(`quasar.backends.get(device)`), never a hardware API directly.
+implementation (`quasar.ops.reference`, what the CPU backend runs) *is* the definition: every
+other backend is tested against it. `quasar.backends.Backend` has one method per op; a device's
+backend is a subclass (`quasar.backends.get(device)`). Model and scheduler code call ops only
+through a backend, never a hardware API directly. The GEMM is one op for every scheme: each
+quantization scheme (quasar/quant/) defines its reference arithmetic and lists its kernels per
+backend. The in-memory formats (QuantizedWeight, QActivation) are in `quasar.ops.types`.
 
 Conventions
 - B batch, T tokens in the chunk (prefill: prompt length; decode: 1; verify: k+1), H query heads,
@@ -45,9 +48,10 @@ _op("quantize_per_token", "(x[M, K], qtype: 'int8'|'int4'|'fp8') -> QActivation(
     "int4 codes are held one per int8 element in [-8, 7]; fp8 is float8_e4m3fn")
 _op("silu_mul", "(x[M, 2I]) -> y[M, I]", "silu(x[:, :I]) * x[:, I:]  (x = concatenated gate|up)")
 _op("silu_mul_quant", "(x[M, 2I], qtype) -> QActivation", "quantize_per_token(silu_mul(x), qtype)")
-for _s in ("bf16", "w8a8_int8", "w8a8_fp8", "w8a16", "w4a16", "w4a4"):
-    _op(f"gemm_{_s}", "(x[M, K] | QActivation, w: PreparedWeight, bias[N] | None) -> y[M, N] (out dtype)",
-        f"y = x @ dequant(w).T + bias for scheme {_s}; see quasar.quant.{_s} for the exact arithmetic")
+_op("gemm", "(x[M, K] | QActivation, w: prepared weight, bias[N] | None) -> y[M, N] (out dtype)",
+    "y = x @ dequant(w).T + bias in the arithmetic of the layer's quantization scheme: the scheme's "
+    "reference_gemm (quasar/quant/<scheme>.py) is the definition; each backend runs it through the "
+    "kernel the scheme's list names for that backend (Scheme.choose_kernel)")
 _op("kv_write", "(cache: KVCache, layer: int, k[B, T, Hkv, D], v[B, T, Hkv, D], positions[B, T]) -> None",
     "cache slots positions[b, t] of sequence b take k[b, t], v[b, t]")
 _op("rope_kv_write", "(qkv[B, T, (H + 2 Hkv) D], q_norm[D] | None, k_norm[D] | None, eps, cos[S, D] f32, "

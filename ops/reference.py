@@ -1,7 +1,8 @@
 """Reference semantics of every op in the contract: plain torch, any device.
 
-This module is the definition. The CPU backend registers these functions as they are; the CUDA
-and NPU backends are tested against them.
+This module is the definition. The CPU backend runs these functions as they are; the CUDA and
+NPU backends are tested against them. The GEMMs' reference arithmetic is each scheme's
+`reference_gemm` (quasar/quant/), built on INVARIANT_ROWS below.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from quasar.quant.format import QMAX, QActivation, QuantizedWeight
+from quasar.ops.types import QMAX, QActivation
 
 
 # ------------------------------------------------------------------ norms, rope, activations
@@ -81,95 +82,6 @@ add_rms_norm = add_rms_norm_with(rms_norm, rms_norm_quant)
 INVARIANT_ROWS = 16
 
 
-def _by_row(fn, x: torch.Tensor) -> torch.Tensor:
-    if 1 < x.shape[0] <= INVARIANT_ROWS:
-        return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
-    return fn(x)
-
-
-# ------------------------------------------------------------------ GEMMs, one per scheme
-
-def _finish(acc: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    if bias is not None:
-        acc = acc + bias.to(acc.dtype)
-    return acc.to(dtype)
-
-
-def _rotate(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    if not w.hadamard:
-        return x
-    from quasar.quant.hadamard import rotate
-    return rotate(x)
-
-
-def _as_activation(x, qtype: str, w: QuantizedWeight) -> QActivation:
-    if isinstance(x, QActivation):
-        if x.qtype != qtype:
-            raise ValueError(f"activation quantized as {x.qtype}, the GEMM needs {qtype}")
-        return x
-    return quantize_per_token(_rotate(x, w), qtype)
-
-
-def gemm_bf16(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Unquantized: w[N, K] in the model dtype."""
-    return _by_row(lambda r: F.linear(r, w, bias), x)
-
-
-def _weight_only(x: torch.Tensor, w: QuantizedWeight, bias) -> torch.Tensor:
-    x = _rotate(x, w)
-    dense = w.dense_f32()
-    acc = _by_row(lambda r: r.float() @ dense.T, x)
-    return _finish(acc, bias, x.dtype)
-
-
-def gemm_w8a16(x, w: QuantizedWeight, bias=None):
-    """int8 per-channel weights, activations in the model dtype; fp32 accumulation."""
-    return _weight_only(x, w, bias)
-
-
-def gemm_w4a16(x, w: QuantizedWeight, bias=None):
-    """int4 weights (grouped or per-channel, sym or asym), activations in the model dtype."""
-    return _weight_only(x, w, bias)
-
-
-def _int_gemm(a: QActivation, w: QuantizedWeight, bias) -> torch.Tensor:
-    """Exact int32 accumulation, then the per-token x per-channel rescale in fp32.
-
-    Computed in fp32 over K-chunks small enough that every partial sum is an integer below 2^24
-    (exact in fp32), summed in fp64: the same integers an int32 accumulator holds."""
-    codes = w.__dict__.get("_codes_f32")
-    if codes is None:
-        codes = w.codes.float()
-    q = a.q.float()
-    k = q.shape[1]
-    bound = QMAX[a.qtype] + 1
-    chunk = max(1, (1 << 24) // (bound * 128))
-    if k <= chunk:
-        acc = q @ codes.T
-    else:
-        acc = sum((q[:, i:i + chunk] @ codes[:, i:i + chunk].T).double() for i in range(0, k, chunk)).float()
-    return _finish(acc * a.scale * w.scale.view(1, -1).float(), bias, a.dtype)
-
-
-def gemm_w8a8_int8(x, w: QuantizedWeight, bias=None):
-    """int8 per-channel weights x per-token dynamic int8 activations, int32 accumulation."""
-    return _int_gemm(_as_activation(x, "int8", w), w, bias)
-
-
-def gemm_w4a4(x, w: QuantizedWeight, bias=None):
-    """int4 per-channel weights x per-token dynamic int4 activations (QSpec's draft mode)."""
-    return _int_gemm(_as_activation(x, "int4", w), w, bias)
-
-
-def gemm_w8a8_fp8(x, w: QuantizedWeight, bias=None):
-    """e4m3 per-channel weights x per-token dynamic e4m3 activations, fp32 accumulation."""
-    a = _as_activation(x, "fp8", w)
-    codes = w.codes.float()
-    acc = _by_row(lambda r: r.float() @ codes.T, a.q)
-    return _finish(acc * a.scale * w.scale.view(1, -1).float(), bias, a.dtype)
-
-
-# ------------------------------------------------------------------ KV cache and attention
 
 def kv_write(cache, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
     b = torch.arange(k.shape[0], device=k.device)[:, None]
@@ -228,12 +140,3 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
         q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=allow[:, None],
         scale=d ** -0.5, enable_gqa=heads != kv_heads)
     return out.transpose(1, 2)
-
-
-REFERENCE_OPS = {
-    "rms_norm": rms_norm, "rms_norm_quant": rms_norm_quant, "add_rms_norm": add_rms_norm, "rope": rope,
-    "quantize_per_token": quantize_per_token, "silu_mul": silu_mul, "silu_mul_quant": silu_mul_quant,
-    "gemm_bf16": gemm_bf16, "gemm_w8a8_int8": gemm_w8a8_int8, "gemm_w8a8_fp8": gemm_w8a8_fp8,
-    "gemm_w8a16": gemm_w8a16, "gemm_w4a16": gemm_w4a16, "gemm_w4a4": gemm_w4a4,
-    "kv_write": kv_write, "rope_kv_write": rope_kv_write, "attention": attention,
-}

@@ -4,18 +4,21 @@
     device: auto                        # auto | cpu | cuda | npu
     dtype: auto                         # auto | float32 | bfloat16 | float16
     max_seq_len: 2048
-    verifier: {quant: w8a8-int8, group_size: 128, lm_head_quant: bf16}
+    verifier: {quant: w8a8-int8, group_size: auto, lm_head_quant: unquantized}
     drafter: {method: ngram, num_tokens: 5, ngram: {min: 1, max: 3}}
     sampling: {temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, max_new_tokens: 128}
-    runtime: {cuda_graphs: null}
+    runtime: {cuda_graphs: null, threads: null, kernels: {pdl: auto, prefetch: true, early_loads: true,
+              ptx_dequant: true, tuning: auto}}
 
 Every level rejects unknown keys (listing the valid ones and the closest match), and every value
-is type- and range-checked.
+is type- and range-checked. Scheme names come from the scheme registry (quasar.quant.SCHEMES);
+`bf16` is accepted as the old name of `unquantized`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,25 +28,60 @@ import yaml
 
 from .errors import ConfigError
 
-SCHEMES = ("bf16", "w8a8-int8", "w8a8-fp8", "w8a16", "w4a16", "w4a4")
 DRAFTERS = ("none", "ngram", "quantized_self", "draft_model")
 
 
-def _c(default=dataclasses.MISSING, *, min=None, max=None, doc="", **kw):
-    """A field with range metadata (used by the validator and the README table)."""
+def _c(default=dataclasses.MISSING, *, min=None, max=None, doc="", check=None, **kw):
+    """A field with range metadata (used by the validator and the README table). check(path,
+    value) -> value: a custom validation (scheme names, group sizes)."""
+    meta = {"min": min, "max": max, "doc": doc, "check": check}
     if isinstance(default, type) or callable(default) and not isinstance(default, (int, float, str)):
-        return field(default_factory=default, metadata={"min": min, "max": max, "doc": doc}, **kw)
-    return field(default=default, metadata={"min": min, "max": max, "doc": doc}, **kw)
+        return field(default_factory=default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _close(value, choices) -> str:
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def scheme_choice(path: str, value):
+    """A registered scheme name (or alias) -> its registered name."""
+    from quasar import quant
+    if not isinstance(value, str) or quant.canonical(value) not in quant.SCHEMES:
+        names = quant.names()
+        raise ConfigError(f"{path} must be one of {', '.join(repr(n) for n in names)}, got {value!r}"
+                          + _close(value, quant.names(with_aliases=True)))
+    return quant.canonical(value)
+
+
+def group_size_choice(path: str, value):
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1 or (value > 0 and value % 8):
+        raise ConfigError(f"{path} must be 'auto', -1 (per channel) or a positive multiple of 8, got {value!r}")
+    return value
+
+
+def tuning_choice(path: str, value):
+    if not isinstance(value, str):
+        raise ConfigError(f"{path} must be 'auto', 'none' or the path of a tuning JSON file, got {value!r}")
+    if value not in ("auto", "none") and not Path(value).expanduser().is_file():
+        raise ConfigError(f"{path}: tuning file {value} does not exist; give 'auto', 'none' or the JSON "
+                          "file written by `python -m quasar.bench.ops --out FILE`")
+    return value
 
 
 @dataclass
 class VerifierConfig:
-    quant: Optional[Literal[SCHEMES]] = _c(
-        None, doc="scheme of every decoder linear; null = the checkpoint's own (bf16 = unquantized, in `dtype`)")
-    group_size: int = _c(128, min=-1, doc="int4 group size along K; -1 = per output channel")
+    quant: Optional[str] = _c(
+        None, check=scheme_choice,
+        doc="scheme of every decoder linear (see the scheme table); null = the checkpoint's own (unquantized for float checkpoints)")
+    group_size: Any = _c("auto", check=group_size_choice,
+                         doc="int4 group size along K: auto (128 where it divides K, else 64 or 32, else per channel), 32, 64, 128, ..., or -1 = per output channel")
     symmetric: bool = _c(True, doc="int4 RTN: symmetric (True) or asymmetric with zero points")
     hadamard: bool = _c(False, doc="fold a Hadamard rotation into int4 weights (keeps w4a4 usable)")
-    lm_head_quant: Literal[SCHEMES] = _c("bf16", doc="scheme of lm_head (kept in `dtype` by default)")
+    lm_head_quant: str = _c("unquantized", check=scheme_choice, doc="scheme of lm_head (unquantized: kept in `dtype`)")
 
 
 @dataclass
@@ -57,7 +95,7 @@ class DrafterConfig:
     method: Literal[DRAFTERS] = _c("none", doc="none | ngram | quantized_self | draft_model")
     num_tokens: int = _c(5, min=1, doc="k: tokens drafted per step")
     ngram: NgramConfig = _c(NgramConfig)
-    scheme: Optional[Literal[SCHEMES]] = _c(None, doc="quantized_self: scheme the draft runs (default w4a4)")
+    scheme: Optional[str] = _c(None, check=scheme_choice, doc="quantized_self: scheme the draft runs (default w4a4)")
     model: Optional[str] = _c(None, doc="draft_model: path or name of the small draft model")
 
 
@@ -70,10 +108,50 @@ class SamplingConfig:
     max_new_tokens: int = _c(128, min=1, doc="stop after this many generated tokens")
 
 
+@dataclass(frozen=True)
+class KernelConfig:
+    """Kernel options of the CUDA backend (other backends ignore them). Environment variables
+    override them, read in one place (`with_env`): QUASAR_PDL, QUASAR_PREFETCH, QUASAR_EARLY,
+    QUASAR_PTX_DEQUANT, QUASAR_TRITON_TUNING."""
+    pdl: Literal["auto", "on", "off"] = _c("auto", doc="programmatic dependent launch: auto (sm_90+), on, off")
+    prefetch: bool = _c(True, doc="GEMMs prefetch their first weight block into L2 before the PDL wait")
+    early_loads: bool = _c(True, doc="8-bit GEMMs and attention load their first block before the PDL wait")
+    ptx_dequant: bool = _c(True, doc="int4 / w8a16 weight conversion in inline PTX on the GPU (else Triton's)")
+    tuning: str = _c("auto", check=tuning_choice,
+                     doc="GEMM launch table: auto (shipped for this GPU), none, or a JSON from python -m quasar.bench.ops")
+
+    _ENV = {"pdl": "QUASAR_PDL", "prefetch": "QUASAR_PREFETCH", "early_loads": "QUASAR_EARLY",
+            "ptx_dequant": "QUASAR_PTX_DEQUANT", "tuning": "QUASAR_TRITON_TUNING"}
+
+    def with_env(self, environ=None) -> "KernelConfig":
+        """These options with the QUASAR_* environment overrides applied (the one place they are read)."""
+        env = os.environ if environ is None else environ
+        upd: dict = {}
+        for key, var in self._ENV.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            v = raw.strip()
+            low = v.lower()
+            if key == "pdl":
+                upd[key] = "on" if low in ("force", "on", "1", "true", "yes") else (
+                    "off" if low in ("0", "off", "false", "no") else "auto")
+            elif key == "tuning":
+                upd[key] = low if low in ("auto", "none") else v
+            else:
+                upd[key] = low not in ("0", "off", "false", "no")
+        if not upd:
+            return self
+        out = dataclasses.replace(self, **upd)
+        _check_value("runtime.kernels", KernelConfig, out, {})
+        return out
+
+
 @dataclass
 class RuntimeConfig:
     cuda_graphs: Optional[bool] = _c(None, doc="capture decode/verify steps in CUDA graphs (null = on for CUDA)")
-    threads: Optional[int] = _c(None, min=1, doc="CPU threads for torch (null = the default chosen by quasar.runtime_threads)")
+    threads: Optional[int] = _c(None, min=1, doc="CPU threads for torch (null = the default chosen by quasar.threads)")
+    kernels: KernelConfig = _c(KernelConfig, doc="kernel options (CUDA): pdl, prefetch, early_loads, ptx_dequant, tuning")
 
 
 @dataclass
@@ -106,6 +184,10 @@ def _type_name(tp) -> str:
 
 
 def _check_value(path: str, tp, value, meta: dict):
+    if meta.get("check") is not None:
+        if value is None and typing.get_origin(tp) is typing.Union:
+            return None
+        return meta["check"](path, value)
     origin = typing.get_origin(tp)
     nullable = ""
     if origin is typing.Union:
@@ -116,6 +198,10 @@ def _check_value(path: str, tp, value, meta: dict):
         nullable = " or null"
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
+            hints = typing.get_type_hints(tp)
+            for f in dataclasses.fields(tp):
+                v = _check_value(f"{path}.{f.name}", hints[f.name], getattr(value, f.name), f.metadata)
+                object.__setattr__(value, f.name, v)      # canonical values (scheme aliases, floats)
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping with keys {_keys(tp)}, got {value!r}")
@@ -173,15 +259,12 @@ def validate(cfg: DeployConfig) -> None:
     """Field checks (types/ranges) plus the cross-field rules."""
     hints = typing.get_type_hints(DeployConfig)
     for f in dataclasses.fields(cfg):
-        _check_value(f.name, hints[f.name], getattr(cfg, f.name), f.metadata)
+        setattr(cfg, f.name, _check_value(f.name, hints[f.name], getattr(cfg, f.name), f.metadata))
     d = cfg.drafter
     if d.ngram.min > d.ngram.max:
         raise ConfigError(f"drafter.ngram.min ({d.ngram.min}) must be <= drafter.ngram.max ({d.ngram.max})")
     if d.method == "draft_model" and not d.model:
         raise ConfigError("drafter.method 'draft_model' needs drafter.model (a path or name of the draft model)")
-    gs = cfg.verifier.group_size
-    if gs == 0 or (gs > 0 and gs % 8):
-        raise ConfigError(f"verifier.group_size must be -1 (per channel) or a positive multiple of 8, got {gs}")
 
 
 def from_dict(data: dict | None) -> DeployConfig:

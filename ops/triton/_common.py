@@ -1,8 +1,6 @@
 """Small @triton.jit helpers shared by the kernel modules (rounding, dtype casts)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -24,27 +22,30 @@ def is_interpreted(fn) -> bool:
 # Whether this copy of the kernel package was decorated for the interpreter (see __init__).
 INTERPRETED = is_interpreted(_probe)
 
-_OFF = ("0", "off", "false", "no")
+def default_options():
+    """The kernel options when a caller passes none: quasar.config.KernelConfig's defaults
+    (runtime.kernels; the CUDA backend passes its own, environment overrides included)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        from quasar.config import KernelConfig
+        _DEFAULT = KernelConfig()
+    return _DEFAULT
 
 
-def env_on(name: str) -> bool:
-    """An on/off switch read once from the environment: on unless set to 0 / off / false / no."""
-    return os.environ.get(name, "1").strip().lower() not in _OFF
-
+_DEFAULT = None
 
 # Programmatic dependent launch (Hopper+): each kernel is launched with launch_pdl and starts with
 # pdl_prologue, so its launch and set-up overlap the tail of the kernel before it in the stream
-# (and in a CUDA graph, which keeps the programmatic edges). QUASAR_PDL=0 turns it off;
-# QUASAR_PDL=force turns it on without asking the device (the sm_90 compile check).
+# (and in a CUDA graph, which keeps the programmatic edges). Option `pdl`: auto (on where the
+# device is sm_90+), on (without asking the device: the sm_90 compile check), off.
 _PDL: dict = {}
-_PDL_MODE = os.environ.get("QUASAR_PDL", "auto").strip().lower()   # read once: pdl() runs per launch
 
 
-def pdl(device) -> bool:
-    mode = _PDL_MODE
-    if INTERPRETED or mode in _OFF:
+def pdl(device, opts=None) -> bool:
+    mode = (opts or default_options()).pdl
+    if INTERPRETED or mode == "off":
         return False
-    if mode == "force":
+    if mode == "on":
         return True
     device = torch.device(device)
     if device.type != "cuda":
@@ -55,37 +56,38 @@ def pdl(device) -> bool:
     return _PDL[key]
 
 
-def pdl_kw(device) -> dict:
+def pdl_kw(device, opts=None) -> dict:
     """Launch keywords: the PDL constexpr of the kernel, and Triton's launch_pdl option."""
-    return {"PDL": True, "launch_pdl": True} if pdl(device) else {"PDL": False}
+    return {"PDL": True, "launch_pdl": True} if pdl(device, opts) else {"PDL": False}
 
 
-# Work before the wait: a kernel may read, before pdl_prologue, what no kernel of the step writes
-# (weights; the KV slots below the chunk's positions). Per kind of kernel: "gemm_q" the GEMMs on
-# 8-bit activations (w8a8-int8, w8a8-fp8), "gemm_f" those on float activations (w8a16, dense
-# bf16), "attention". Measured in the step on an H100 (BENCHMARKS.md, tools/exp_ablate.py): on for
-# gemm_q and attention (W8A8 verify 4.14 -> 4.00 ms); off for gemm_f, whose bf16 weight tile held
-# across the wait made the bf16 decode step ~1.5% slower. QUASAR_EARLY=0 turns all off.
-_EARLY_ON = env_on("QUASAR_EARLY")
-EARLY = {"gemm_q": _EARLY_ON, "gemm_f": False, "attention": _EARLY_ON}
+# Work before the wait (option `early_loads`): a kernel may read, before pdl_prologue, what no
+# kernel of the step writes (weights; the KV slots below the chunk's positions). Per kind of
+# kernel: "gemm_q" the GEMMs on 8-bit activations (w8a8-int8, w8a8-fp8), "gemm_f" those on float
+# activations (w8a16, dense), "attention". Measured in the step on an H100 (BENCHMARKS.md): on for
+# gemm_q and attention (W8A8 verify 4.14 -> 4.00 ms); never for gemm_f, whose bf16 weight tile held
+# across the wait made the bf16 decode step ~1.5% slower.
+EARLY_KINDS = {"gemm_q": True, "gemm_f": False, "attention": True}
 
 
-def early_loads(kind: str) -> bool:
-    return EARLY[kind]
+def early_loads(kind: str, opts=None) -> bool:
+    return (opts or default_options()).early_loads and EARLY_KINDS[kind]
 
 
-# The weight dequantizations written in inline PTX on the GPU (the int4 GEMMs' _chunk_asm*, the
-# w8a16 GEMM's _i8_pairs), or Triton's own lowering of the same arithmetic (what the interpreter
-# always runs): QUASAR_PTX_DEQUANT=0 selects the latter on the GPU too.
-PTX_DEQUANT = env_on("QUASAR_PTX_DEQUANT")
+# Option `ptx_dequant`: the weight dequantizations written in inline PTX on the GPU (the int4
+# GEMMs' _chunk_asm*, the w8a16 GEMM's _i8_pairs), or Triton's own lowering of the same arithmetic
+# (what the interpreter always runs).
+def ptx_dequant(opts=None) -> bool:
+    return (opts or default_options()).ptx_dequant and not INTERPRETED
 
-# L2 prefetch before the PDL wait: a GEMM issues prefetch.global.L2 for the first weight block(s) of
-# its program before griddepcontrol.wait, so that their HBM reads overlap the previous kernel's tail
-# and the first loads after the wait hit L2. A hint only: no registers are held across the wait
-# (unlike the early loads above) and no result changes. Blocks per program, per GEMM kind (see
-# gemm_int8.PREFETCH, gemm_int4.PREFETCH); QUASAR_PREFETCH=0 turns it off. Measured in the step on
-# an H100 (BENCHMARKS.md, tools/exp_ablate.py).
-L2_PREFETCH = env_on("QUASAR_PREFETCH")
+
+# Option `prefetch`: L2 prefetch before the PDL wait: a GEMM issues prefetch.global.L2 for the first
+# weight block of its program before griddepcontrol.wait, so that its HBM reads overlap the
+# previous kernel's tail and the first loads after the wait hit L2. A hint only: no registers are
+# held across the wait and no result changes. Measured in the step on an H100 (BENCHMARKS.md).
+def prefetch(opts=None) -> int:
+    """Weight blocks per program prefetched into L2 (before prefetch_blocks' rounding)."""
+    return 1 if (opts or default_options()).prefetch else 0
 
 
 def prefetch_blocks(blocks: int, limit: int | None = None) -> int:
@@ -102,13 +104,6 @@ def prefetch_l2(ptrs):
     """prefetch.global.L2 of the 128-byte line at each pointer (a hint; nothing waits for it)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)
-
-
-# The int4 GEMM with programmatic dependent launch or without. On (the default) since the k-pair
-# layout (session 6): H100, one process, W4A16 verify T=6 3.460 -> 3.400 ms, T=1 3.244 -> 3.016
-# (the planar-layout kernel had been 4% slower with it). Its first word tile loaded before the
-# wait was 10-15% slower. QUASAR_INT4_PDL=0 turns it off (experiments: tools/exp_ablate.py).
-INT4_PDL = env_on("QUASAR_INT4_PDL")
 
 
 @triton.jit

@@ -190,7 +190,7 @@ def default_splits(batch_heads: int, kv_len: int, device) -> int:
     from .tuning import sm_count
     # ~2 programs per SM, at least 64 slots of the launch's kv_len per split (a CUDA graph
     # launches with kv_len = the whole cache; splits past the visible length exit at once).
-    # H100, 8 kv heads, ctx 4096: 33 splits 8.7 us vs 17 splits 10.3 (tools/tune_attention.py).
+    # H100, 8 kv heads, ctx 4096: 33 splits 8.7 us vs 17 splits 10.3 (a sweep; BENCHMARKS.md history).
     # 64 slots = one block, which each program loads before its PDL wait: with 128 slots per split
     # the Qwen3-8B step at ctx 512 (cache 576: 5 -> 9 splits) was 0.8% slower in bf16 decode and
     # 0.5% in W8A8 verify (same process, BENCHMARKS.md)
@@ -201,7 +201,7 @@ def default_splits(batch_heads: int, kv_len: int, device) -> int:
 def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_len: int,
               mask: Optional[torch.Tensor] = None, num_splits: Optional[int] = None,
               block_s: Optional[int] = None, out: Optional[torch.Tensor] = None,
-              num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+              num_warps: Optional[int] = None, num_stages: Optional[int] = None, opts=None) -> torch.Tensor:
     if getattr(cache, "representation", "dense") != "dense":
         raise UnsupportedError(f"the Triton attention kernel reads a dense KV cache, not "
                                f"{cache.representation!r}")
@@ -248,10 +248,10 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
         v.stride(0), v.stride(1), v.stride(2), positions.stride(0), positions.stride(1),
         sm[0], sm[1], sm[2], out.stride(0), out.stride(1), out.stride(2),
         G=g, BR=br, BS=bs, BD=bd, NUM_SPLITS=ns, HAS_MASK=mask is not None, F32DOT=bool(f32dot),
-        EARLY_KV=early_loads("attention"), INTERP=INTERPRETED, num_warps=nw, num_stages=nst, **pdl_kw(q.device))
+        EARLY_KV=early_loads("attention", opts), INTERP=INTERPRETED, num_warps=nw, num_stages=nst, **pdl_kw(q.device, opts))
     if ns > 1:
         _attn_combine_kernel[(bsz * hkv, t * g)](
             wacc, wml, out, hkv, dh, out.stride(0), out.stride(1), out.stride(2),
             G=g, BR=br, BD=bd, NUM_SPLITS=ns, NSP=max(2, triton.next_power_of_2(ns)),
-            INTERP=INTERPRETED, num_warps=1 if INTERPRETED else 4, **pdl_kw(q.device))
+            INTERP=INTERPRETED, num_warps=1 if INTERPRETED else 4, **pdl_kw(q.device, opts))
     return out

@@ -24,7 +24,7 @@ Kernel (weight streaming, one launch; see gemm_int8 for the split-K / swapped-op
     accumulation. On the GPU this dequantization is three PTX instructions per 32-bit register
     (_chunk_asm: shift, lop3, and the pair subtraction), on the tile read as int16 so that each
     register is one pair. Triton's own lowering of the same arithmetic (_chunk, which the
-    interpreter runs, and which the GPU runs with ASM_DEQUANT = False) splits and re-packs the
+    interpreter runs, and which the GPU runs with the ptx_dequant option off) splits and re-packs the
     16-bit halves: H100 W4A16 verify step 3.344 -> 3.105 ms with the PTX (BENCHMARKS.md).
     Per-channel weights accumulate all chunks and scale once in the epilogue; grouped weights
     scale the partial sums of each group's chunks (a chunk lies in one group when the group size
@@ -47,19 +47,17 @@ import triton
 import triton.language as tl
 
 from quasar.errors import UnsupportedError
-from quasar.quant.format import QActivation, QuantizedWeight
+from quasar.ops.types import QActivation, QuantizedWeight
 from . import tuning
 from . import _common
-from ._common import INTERPRETED, PTX_DEQUANT, gemm_finish, pdl_kw, pdl_prologue, prefetch_blocks, prefetch_l2
+from ._common import INTERPRETED, gemm_finish, pdl_kw, pdl_prologue, prefetch, prefetch_blocks, prefetch_l2, ptx_dequant
 
-# blocks of each program's codes prefetched into L2 before the PDL wait (see _common.L2_PREFETCH;
-# a power of two, 0: none). H100, Qwen3-8B step, one process, 5 rounds (BENCHMARKS.md): W4A16 verify
-# 3.071 -> 3.037 ms, QSpec w4a4 draft 3.080 -> 2.979 with one block (two: no better; four: slower
-# than none).
-PREFETCH = 1 if _common.L2_PREFETCH else 0
+# Option `prefetch`: one block of each program's codes prefetched into L2 before the PDL wait. H100,
+# Qwen3-8B step, one process, 5 rounds (BENCHMARKS.md): W4A16 verify 3.071 -> 3.037 ms, QSpec w4a4
+# draft 3.080 -> 2.979 with one block (two: no better; four: slower than none). Option
+# `ptx_dequant`: the PTX dequantization on the GPU (_chunk_asm*), else pure Triton.
 
 PLANE = 32                   # the smallest group size: half a chunk
-ASM_DEQUANT = PTX_DEQUANT    # the PTX dequantization on the GPU (_chunk_asm*); False: pure Triton
 KBLOCK = tuning.KBLOCK       # 4 chunks of 64
 
 
@@ -358,7 +356,7 @@ def _int4_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt
                 SPLIT, ACT_INT4, PER_CHANNEL, HAS_BIAS, INTERP)
 
 
-def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, config=None):
+def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, config=None, opts=None):
     m, k = x.shape
     if k != w.k:
         raise ValueError(f"GEMM: activation has {k} features, the weight expects {w.k}")
@@ -366,7 +364,7 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
     if act_int4 and (w.group_size != -1 or w.zero is not None):
         raise UnsupportedError("w4a4 needs symmetric per-channel int4 weights "
                                f"(got group_size={w.group_size}, asymmetric={w.zero is not None})")
-    cfg = tuning.pick("w4a4" if act_int4 else "w4a16", m, n, k, x.device, config)
+    cfg = tuning.pick("w4a4" if act_int4 else "w4a16", m, n, k, x.device, config, opts)
     bm = tuning.block_m(m)
     kb = w.packed.shape[0]
     if out is None:
@@ -388,21 +386,21 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
         QPG=4 if group % 256 == 0 else (2 if group % 128 == 0 else 1),
         HAS_ZERO=w.zero is not None, ACT_INT4=act_int4, HAS_BIAS=bias is not None,
         SPLIT=split > 1, BN=cfg.bn, BM=bm, MAGIC=magic, EVEN_K=k % KBLOCK == 0, F32DOT=f32dot,
-        INTERP=INTERPRETED, ASM=ASM_DEQUANT and not (INTERPRETED or f32dot), NPF=prefetch_blocks(PREFETCH),
-        **(pdl_kw(out.device) if _common.INT4_PDL else {"PDL": False}),
+        INTERP=INTERPRETED, ASM=ptx_dequant(opts) and not f32dot, NPF=prefetch_blocks(prefetch(opts)),
+        **pdl_kw(out.device, opts),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
-def gemm_w4a16(x: torch.Tensor, w: Int4Weight, bias=None, out=None, config=None) -> torch.Tensor:
+def gemm_w4a16(x: torch.Tensor, w: Int4Weight, bias=None, out=None, config=None, opts=None) -> torch.Tensor:
     """x[M, K] in bf16/fp16/fp32; output in x.dtype."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise UnsupportedError(f"w4a16 activations must be fp16, bf16 or fp32, got {x.dtype}")
-    return _launch(x, None, w, bias, x.dtype, False, out, config)
+    return _launch(x, None, w, bias, x.dtype, False, out, config, opts)
 
 
-def gemm_w4a4(a: QActivation, w: Int4Weight, bias=None, out=None, config=None) -> torch.Tensor:
+def gemm_w4a4(a: QActivation, w: Int4Weight, bias=None, out=None, config=None, opts=None) -> torch.Tensor:
     """a: per-token int4 activation (codes one per int8 element); output in a.dtype."""
     q = a.q.reshape(-1, a.q.shape[-1])
     s = a.scale.reshape(-1).float().contiguous()
-    return _launch(q, s, w, bias, a.dtype, True, out, config)
+    return _launch(q, s, w, bias, a.dtype, True, out, config, opts)

@@ -32,18 +32,16 @@ import triton
 import triton.language as tl
 
 from quasar.errors import UnsupportedError
-from quasar.quant.format import QActivation, QuantizedWeight
+from quasar.ops.types import QActivation, QuantizedWeight
 from . import tuning
-from ._common import (pdl_kw, pdl_prologue, INTERPRETED, L2_PREFETCH, PTX_DEQUANT, early_loads, gemm_finish,
+from ._common import (pdl_kw, pdl_prologue, INTERPRETED, early_loads, gemm_finish, prefetch, ptx_dequant,
                       prefetch_blocks, prefetch_l2)
 
-ASM_W8A16 = PTX_DEQUANT   # w8a16's int8 -> float conversion in PTX on the GPU (_i8_pairs); False: Triton's own
-# Blocks of each program's weight rows prefetched into L2 (prefetch.global.L2, 128-byte lines) before
-# the PDL wait (see _common.L2_PREFETCH), per kind of GEMM: "gemm_q" 8-bit activations, "gemm_f"
-# float activations; 0: none. H100, Qwen3-8B step, one process, 5 rounds (BENCHMARKS.md): W8A8
-# verify 3.988 -> 3.917 ms with one block (two: 3.933). For the float GEMMs (bf16 decode) one block
-# was within the noise in three processes (-0.5%, -1.0%, 0.0%); on for the same code path.
-PREFETCH = {"gemm_q": 1 if L2_PREFETCH else 0, "gemm_f": 1 if L2_PREFETCH else 0}
+# Option `prefetch`: blocks of each program's weight rows prefetched into L2 (prefetch.global.L2,
+# 128-byte lines) before the PDL wait, for both kinds of GEMM ("gemm_q" 8-bit activations, "gemm_f"
+# float). H100, Qwen3-8B step (BENCHMARKS.md): W8A8 verify 3.988 -> 3.917 ms with one block (two:
+# 3.933); for the float GEMMs (bf16 decode) one block was within the noise. Option `ptx_dequant`:
+# w8a16's int8 -> float conversion in PTX on the GPU (_i8_pairs), else Triton's own.
 
 
 @triton.jit
@@ -222,7 +220,7 @@ def _int8_weight_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt
 
 
 def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, config=None, kind=None,
-            act_fp8: bool = False):
+            act_fp8: bool = False, opts=None):
     m, k = x.shape
     if k != w.k:
         raise ValueError(f"GEMM: activation has {k} features, the weight expects {w.k}")
@@ -230,9 +228,9 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
     kind = kind or ("w8a8_int8" if act_int8 else ("w8a8_fp8" if act_fp8 else "w8a16"))
     # FP8 streams the same bytes through the same loop as int8: without an entry of its own it
     # takes int8's tuned configuration
-    if act_fp8 and config is None and tuning.tuned(kind, m, n, k, x.device) is None:
+    if act_fp8 and config is None and tuning.tuned(kind, m, n, k, x.device, opts) is None:
         kind = "w8a8_int8"
-    cfg = tuning.pick(kind, m, n, k, x.device, config)
+    cfg = tuning.pick(kind, m, n, k, x.device, config, opts)
     bm = tuning.block_m(m)
     bk = cfg.bk
     kpad = w.codes.shape[1]
@@ -247,7 +245,7 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
     f32dot = (x.dtype == torch.float32) or INTERPRETED
     codes = w.codes
     # w8a16 (int8 codes, 16-bit activations) on the GPU: the PTX conversion (_i8_pairs)
-    asm16 = bool(ASM_W8A16 and not (act_int8 or act_fp8 or f32dot) and codes.dtype == torch.int8)
+    asm16 = bool(ptx_dequant(opts) and not (act_int8 or act_fp8 or f32dot) and codes.dtype == torch.int8)
     if act_fp8:
         x, codes = x.view(torch.uint8), codes.view(torch.uint8)
     _int8_weight_kernel[grid](
@@ -255,20 +253,20 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
         out, ws, cnt, m, n, k, kpad, nkb, per, split, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         ACT_INT8=act_int8, ACT_FP8=act_fp8, HAS_BIAS=bias is not None, SPLIT=split > 1, BN=cfg.bn, BM=bm,
         BK=bk, F32DOT=bool(f32dot and not act_int8),
-        EARLY_W=early_loads("gemm_q" if (act_int8 or act_fp8) else "gemm_f") and not asm16, INTERP=INTERPRETED,
-        ASM16=asm16, NPF=prefetch_blocks(PREFETCH["gemm_q" if (act_int8 or act_fp8) else "gemm_f"], nkb),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kw(out.device))
+        EARLY_W=early_loads("gemm_q" if (act_int8 or act_fp8) else "gemm_f", opts) and not asm16, INTERP=INTERPRETED,
+        ASM16=asm16, NPF=prefetch_blocks(prefetch(opts), nkb),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kw(out.device, opts))
     return out
 
 
-def gemm_w8a8_int8(a: QActivation, w: Int8Weight, bias=None, out=None, config=None) -> torch.Tensor:
+def gemm_w8a8_int8(a: QActivation, w: Int8Weight, bias=None, out=None, config=None, opts=None) -> torch.Tensor:
     """a: per-token int8 activation (q[M, K] int8, scale[M, 1] fp32); output in a.dtype."""
     q = a.q.reshape(-1, a.q.shape[-1])
     s = a.scale.reshape(-1).float().contiguous()
-    return _launch(q, s, w, bias, a.dtype, True, out, config)
+    return _launch(q, s, w, bias, a.dtype, True, out, config, opts=opts)
 
 
-def gemm_w8a8_fp8(a: QActivation, w: Int8Weight, bias=None, out=None, config=None) -> torch.Tensor:
+def gemm_w8a8_fp8(a: QActivation, w: Int8Weight, bias=None, out=None, config=None, opts=None) -> torch.Tensor:
     """a: per-token e4m3 activation (q[M, K] float8_e4m3fn, scale[M, 1] fp32); w: pack_fp8's;
     output in a.dtype, as quasar.ops.reference.gemm_w8a8_fp8 (fp32 accumulation, then
     (acc * x_scale) * w_scale (+ bias))."""
@@ -276,18 +274,18 @@ def gemm_w8a8_fp8(a: QActivation, w: Int8Weight, bias=None, out=None, config=Non
         raise UnsupportedError(f"w8a8-fp8 needs e4m3 activations and weights, got {a.q.dtype} x {w.codes.dtype}")
     q = a.q.reshape(-1, a.q.shape[-1])
     s = a.scale.reshape(-1).float().contiguous()
-    return _launch(q, s, w, bias, a.dtype, False, out, config, act_fp8=True)
+    return _launch(q, s, w, bias, a.dtype, False, out, config, act_fp8=True, opts=opts)
 
 
-def gemm_w8a16(x: torch.Tensor, w: Int8Weight, bias=None, out=None, config=None) -> torch.Tensor:
+def gemm_w8a16(x: torch.Tensor, w: Int8Weight, bias=None, out=None, config=None, opts=None) -> torch.Tensor:
     """x[M, K] in bf16/fp16/fp32; output in x.dtype."""
-    return _launch(x, None, w, bias, x.dtype, False, out, config)
+    return _launch(x, None, w, bias, x.dtype, False, out, config, opts=opts)
 
 
 _ONES: dict = {}
 
 
-def gemm_dense_stream(x: torch.Tensor, w: torch.Tensor, bias=None, out=None, config=None) -> torch.Tensor:
+def gemm_dense_stream(x: torch.Tensor, w: torch.Tensor, bias=None, out=None, config=None, opts=None) -> torch.Tensor:
     """x[M, K] @ w[N, K]^T for a dense bf16/fp16 weight through the same weight-streaming kernel
     (the w8a16 path without the int8 -> float conversion; the per-channel scale is 1.0, an exact
     multiply). cuBLAS picks tiles for large M; at M = 1..16 on the small projections it reaches
@@ -300,4 +298,4 @@ def gemm_dense_stream(x: torch.Tensor, w: torch.Tensor, bias=None, out=None, con
     ones = _ONES.get(key)
     if ones is None:
         ones = _ONES[key] = torch.ones(n, dtype=torch.float32, device=w.device)
-    return _launch(x, None, Int8Weight(w, ones, n, k), bias, x.dtype, False, out, config, kind="bf16")
+    return _launch(x, None, Int8Weight(w, ones, n, k), bias, x.dtype, False, out, config, kind="bf16", opts=opts)

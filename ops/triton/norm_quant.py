@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quasar.quant.format import QMAX, QActivation
+from quasar.ops.types import QMAX, QActivation
 from ._common import pdl_kw, pdl_prologue, INTERPRETED, rint, to_dtype
 
 _QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
@@ -202,7 +202,7 @@ def _block(k: int, cap: int = 4096) -> int:
 def _warps(block: int) -> int:
     """~128 elements of a row per warp, 4..32 warps: these kernels are latency-bound (a few rows
     of 4096..12288), and on an H100 32 warps beat 8 or 16 on a 4096-wide row by 1.3..1.9x
-    (tools/bench_norms.py)."""
+    (BENCHMARKS.md history)."""
     return 1 if INTERPRETED else min(32, max(4, block // 128))
 
 
@@ -238,7 +238,7 @@ def _kq(q: torch.Tensor) -> torch.Tensor:
     return q.view(torch.int8) if q.dtype == torch.float8_e4m3fn else q
 
 
-def quantize_per_token(x: torch.Tensor, qtype: str, out=None) -> QActivation:
+def quantize_per_token(x: torch.Tensor, qtype: str, out=None, opts=None) -> QActivation:
     qmax = _check_qtype(qtype)
     x2 = _rows(x)
     m, k = x2.shape
@@ -246,11 +246,11 @@ def quantize_per_token(x: torch.Tensor, qtype: str, out=None) -> QActivation:
     if m:
         blk = _block(k)
         _quant_kernel[(m,)](x2, _kq(q), s, k, x2.stride(0), q.stride(0), QMAX=qmax, BLOCK=blk,
-                            num_warps=_warps(blk), **pdl_kw(x.device))
+                            num_warps=_warps(blk), **pdl_kw(x.device, opts))
     return QActivation(q.view(*x.shape[:-1], k), s.view(*x.shape[:-1], 1), qtype, x.dtype)
 
 
-def _norm(x, weight, eps, qtype, out=None, delta=None):
+def _norm(x, weight, eps, qtype, out=None, delta=None, opts=None):
     x2 = _rows(x)
     m, k = x2.shape
     if weight.shape[-1] != k:
@@ -267,7 +267,7 @@ def _norm(x, weight, eps, qtype, out=None, delta=None):
     else:
         d2 = r = x2
     res = dict(RES=delta is not None, INTERP=INTERPRETED, ONE_PASS=k <= blk, num_warps=_warps(blk),
-               **pdl_kw(x.device))
+               **pdl_kw(x.device, opts))
     if qtype is None:
         y = out.view(m, k) if out is not None else torch.empty((m, k), dtype=out_dtype, device=x.device)
         if m:
@@ -287,24 +287,24 @@ def _norm(x, weight, eps, qtype, out=None, delta=None):
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                 qtype=None):
+                 qtype=None, opts=None):
     """(rms_norm(x + delta) [quantized when qtype is given], x + delta): the residual add fused
     into the next norm (one read of x and delta, one write of the sum)."""
-    return _norm(x, weight, eps, qtype, None, delta)
+    return _norm(x, weight, eps, qtype, None, delta, opts)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out=None) -> torch.Tensor:
-    return _norm(x, weight, eps, None, out)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out=None, opts=None) -> torch.Tensor:
+    return _norm(x, weight, eps, None, out, opts=opts)
 
 
-def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, qtype: str, out=None) -> QActivation:
-    return _norm(x, weight, eps, qtype, out)
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, qtype: str, out=None, opts=None) -> QActivation:
+    return _norm(x, weight, eps, qtype, out, opts=opts)
 
 
-def _silu(x, qtype, out=None):
+def _silu(x, qtype, out=None, opts=None):
     """SiLU*mul over row chunks of 1024 (all programs busy at M = 1..16); with qtype, the chunks
     also emit their amax and a second row-chunked kernel quantizes. Measured on an H100 at M = 6,
-    I = 12288 (tools/bench_norms.py): one program per row doing SiLU and quantization in one pass
+    I = 12288 (BENCHMARKS.md history): one program per row doing SiLU and quantization in one pass
     took 11.7 us at its best; the row-chunked pair takes less (see BENCHMARKS.md)."""
     x2 = _rows(x)
     m, k2 = x2.shape
@@ -317,7 +317,7 @@ def _silu(x, qtype, out=None):
         y = out.view(m, i) if out is not None else torch.empty((m, i), dtype=x.dtype, device=x.device)
         if m:
             _silu_mul_kernel[(m, nch)](x2, y, y, i, x2.stride(0), y.stride(0), nch, AMAX=False, BLOCK=blk,
-                                       INTERP=INTERPRETED, num_warps=_warps(blk), **pdl_kw(x.device))
+                                       INTERP=INTERPRETED, num_warps=_warps(blk), **pdl_kw(x.device, opts))
         return y.view(*x.shape[:-1], i)
     qmax = _check_qtype(qtype)
     q, s = _qs_out(out, m, i, x.device, qtype)
@@ -325,19 +325,19 @@ def _silu(x, qtype, out=None):
         y = torch.empty((m, i), dtype=x.dtype, device=x.device)
         part = torch.empty((m, nch), dtype=torch.float32, device=x.device)
         _silu_mul_kernel[(m, nch)](x2, y, part, i, x2.stride(0), y.stride(0), nch, AMAX=True, BLOCK=blk,
-                                   INTERP=INTERPRETED, num_warps=_warps(blk), **pdl_kw(x.device))
+                                   INTERP=INTERPRETED, num_warps=_warps(blk), **pdl_kw(x.device, opts))
         _quant_chunks_kernel[(m, nch)](y, part, _kq(q), s, i, y.stride(0), q.stride(0), nch, QMAX=qmax, BLOCK=blk,
                                        PCH=triton.next_power_of_2(nch), num_warps=_warps(blk),
-                                       **pdl_kw(x.device))
+                                       **pdl_kw(x.device, opts))
     return QActivation(q.view(*x.shape[:-1], i), s.view(*x.shape[:-1], 1), qtype, x.dtype)
 
 
-def silu_mul(x: torch.Tensor, out=None) -> torch.Tensor:
-    return _silu(x, None, out)
+def silu_mul(x: torch.Tensor, out=None, opts=None) -> torch.Tensor:
+    return _silu(x, None, out, opts)
 
 
-def silu_mul_quant(x: torch.Tensor, qtype: str, out=None) -> QActivation:
-    return _silu(x, qtype, out)
+def silu_mul_quant(x: torch.Tensor, qtype: str, out=None, opts=None) -> QActivation:
+    return _silu(x, qtype, out, opts)
 
 
 assert set(_QMAX) <= set(QMAX)

@@ -85,7 +85,8 @@ def _rope_kv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k
 
 
 def rope_kv_write(qkv: torch.Tensor, q_norm, k_norm, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                  positions: torch.Tensor, cache, layer: int, heads_per_program: int | None = None) -> torch.Tensor:
+                  positions: torch.Tensor, cache, layer: int, heads_per_program: int | None = None,
+                  opts=None) -> torch.Tensor:
     """See quasar.ops (op rope_kv_write). qkv [B, T, (H + 2 Hkv) D]; cos/sin [S, D] fp32 tables.
     heads_per_program (a power of two) overrides the default (tests run the GPU's choice, 1, under
     the interpreter too)."""
@@ -125,5 +126,5 @@ def rope_kv_write(qkv: torch.Tensor, q_norm, k_norm, eps: float, cos: torch.Tens
         qkv2, qn, kn, cos, sin, pos, q, kc, vc, t, d, qkv2.stride(0), q.stride(1), q.stride(2),
         kc.stride(0), kc.stride(1), kc.stride(2), float(eps), H=h, HKV=hkv,
         QNORM=q_norm is not None, KNORM=k_norm is not None, HB=hb, BLOCK_D=blk, INTERP=INTERPRETED,
-        num_warps=1 if INTERPRETED or blk <= 128 else 2, **pdl_kw(qkv.device))
+        num_warps=1 if INTERPRETED or blk <= 128 else 2, **pdl_kw(qkv.device, opts))
     return q

@@ -6,12 +6,11 @@ tl.dot's N dimension after the swap) follows from M: 16 for M <= 16, 32 for M <=
 stream fills HBM at N = 4096: SPLIT_K grows (powers of two) while there are too few
 (N-tile x M-tile) programs and every split keeps >= 2 K blocks.
 
-Tuned entries override the heuristic: `TABLE[(kind, m_bucket, N, K)] = GemmConfig(...)`, filled
-by `python -m quasar.bench.ops` (its JSON output loads with `load_table(path)`). Like vLLM's
-per-GPU fused-MoE configs, tables tuned on a GPU ship in `tuned/` and load on first use on a GPU
-whose name matches (`DEFAULT_TABLES`); shapes they do not cover take the heuristic. Setting
-QUASAR_TRITON_TUNING to a JSON file loads that one instead (before the backend is built), and
-QUASAR_TRITON_TUNING=none turns tables off.
+Tuned entries override the heuristic. Like vLLM's per-GPU fused-MoE configs, tables tuned on a GPU
+ship in `tuned/` and are used on a GPU whose name matches (`DEFAULT_TABLES`); shapes they do not
+cover take the heuristic. The kernel option `tuning` (runtime.kernels.tuning) picks the table:
+auto (the shipped one), none, or a JSON file written by `python -m quasar.bench.ops`. Entries set
+in this process (`TABLE`, `load_table`; the sweeps) come first.
 """
 from __future__ import annotations
 
@@ -69,34 +68,52 @@ def load_table(path: str) -> int:
 
 # GPU name substring -> table in tuned/ (graph-timed sweeps of `python -m quasar.bench.ops`)
 DEFAULT_TABLES = {"H100": "h100.json"}
-_ENV = os.environ.get("QUASAR_TRITON_TUNING", "")
-_DEFAULTS_DONE: set = set()
-
-if _ENV and _ENV.lower() != "none":
-    try:
-        load_table(_ENV)
-    except Exception as e:  # a bad tuning file must not break the backend
-        import warnings
-        warnings.warn(f"QUASAR_TRITON_TUNING={_ENV!r} not loaded: {e}")
+_FILES: dict[str, dict] = {}
 
 
-def load_default_table(device) -> Optional[str]:
-    """Load the shipped table for this GPU once (unless QUASAR_TRITON_TUNING is set); returns
-    the file loaded, if any."""
+def _read(path: str) -> dict:
+    if path not in _FILES:
+        with open(path) as f:
+            data = json.load(f)
+        rows = data.get("tuned", data) if isinstance(data, dict) else data
+        _FILES[path] = {(r["kind"], int(r["m_bucket"]), int(r["n"]), int(r["k"])): GemmConfig(**r["config"])
+                        for r in rows}
+    return _FILES[path]
+
+
+def default_table_path(device) -> Optional[str]:
+    """The shipped table for this GPU, if there is one."""
     device = torch.device(device)
-    if _ENV or device.type != "cuda" or INTERPRETED:
+    if device.type != "cuda" or INTERPRETED:
         return None
     key = device.index if device.index is not None else torch.cuda.current_device()
-    if key in _DEFAULTS_DONE:
-        return None
-    _DEFAULTS_DONE.add(key)
     name = torch.cuda.get_device_name(key)
     for sub, fname in DEFAULT_TABLES.items():
         path = os.path.join(os.path.dirname(__file__), "tuned", fname)
         if sub in name and os.path.exists(path):
-            load_table(path)
             return path
     return None
+
+
+def load_default_table(device) -> Optional[str]:
+    """The shipped table file for this GPU, read once (None when there is none)."""
+    path = default_table_path(device)
+    if path is not None:
+        _read(path)
+    return path
+
+
+def table_for(device, opts=None) -> dict:
+    """The tuned table that option `tuning` selects: auto (the shipped table for this GPU, if
+    any), none, or a JSON file of `python -m quasar.bench.ops`."""
+    if opts is None:
+        from ._common import default_options
+        opts = default_options()
+    choice = opts.tuning
+    if choice == "none":
+        return {}
+    path = default_table_path(device) if choice == "auto" else choice
+    return _read(path) if path else {}
 
 
 _SMS: dict = {}
@@ -136,16 +153,19 @@ def heuristic(kind: str, m: int, n: int, k: int, device) -> GemmConfig:
     return GemmConfig(bn=bn, split_k=split_for(m, n, k, bn, device), bk=256, num_warps=4, num_stages=3)
 
 
-def tuned(kind: str, m: int, n: int, k: int, device) -> Optional[GemmConfig]:
-    """The tuned table's entry, if any (loading the shipped table for this GPU first)."""
-    load_default_table(device)
-    return TABLE.get((kind, m_bucket(m), n, k))
+def tuned(kind: str, m: int, n: int, k: int, device, opts=None) -> Optional[GemmConfig]:
+    """The tuned entry, if any: TABLE (entries set in this process: load_table, the sweeps), then
+    the table option `tuning` selects."""
+    key = (kind, m_bucket(m), n, k)
+    hit = TABLE.get(key)
+    return hit if hit is not None else table_for(device, opts).get(key)
 
 
-def pick(kind: str, m: int, n: int, k: int, device, config: Optional[GemmConfig] = None) -> GemmConfig:
+def pick(kind: str, m: int, n: int, k: int, device, config: Optional[GemmConfig] = None,
+         opts=None) -> GemmConfig:
     if config is not None:
         return config
-    hit = tuned(kind, m, n, k, device)
+    hit = tuned(kind, m, n, k, device, opts)
     return hit if hit is not None else heuristic(kind, m, n, k, device)
 
 

@@ -1,7 +1,8 @@
 """One dense decoder for Qwen3, OpenPangu-Embedded, Qwen2 and Llama, chosen by ModelArgs.
 
-`forward(input_ids[B, T], positions[B, T], kv_len)` serves prefill, one-token decode and a chunk
-of k+1 tokens verified against the static cache. Every hardware-specific op goes through the
+`forward(input_ids[B, T], positions[B, T], cache, kv_len)` serves prefill, one-token decode and a
+chunk of k+1 tokens verified against the cache; the model holds no cache and no step runner (the
+engine's ModelRunner owns both). Every hardware-specific op goes through the
 backend; linears are quasar.quant layers holding backend-prepared weights. QKV and gate/up are
 concatenated at load time.
 """
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from quasar.quant import QuantLinear
-from quasar.spec_decode.kv_cache import KVCache
+from quasar.kv import KVCache
 from .args import ModelArgs
 
 
@@ -34,10 +35,10 @@ class Attention(nn.Module):
         self.args = args
         self.qkv_proj, self.o_proj = qkv_proj, o_proj
         self.q_norm, self.k_norm = q_norm, k_norm
-        self.B = backend
+        self.backend = backend
 
     def forward(self, h, cos, sin, positions, cache: KVCache, kv_len: int, mask):
-        a, B = self.args, self.B
+        a, B = self.args, self.backend
         bsz, t = positions.shape
         qkv = self.qkv_proj(h).view(bsz, t, -1)
         # q/k norms, RoPE and the cache write: one fused op (cos/sin are the fp32 tables)
@@ -51,12 +52,12 @@ class MLP(nn.Module):
     def __init__(self, gate_up_proj: QuantLinear, down_proj: QuantLinear, backend):
         super().__init__()
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
-        self.B = backend
+        self.backend = backend
 
     def forward(self, h):
         gu = self.gate_up_proj(h)
         qtype = self.down_proj.fused_act_qtype
-        act = self.B.silu_mul_quant(gu, qtype) if qtype else self.B.silu_mul(gu)
+        act = self.backend.silu_mul_quant(gu, qtype) if qtype else self.backend.silu_mul(gu)
         return self.down_proj(act)
 
 
@@ -66,16 +67,16 @@ class Block(nn.Module):
         self.attn, self.mlp = attn, mlp
         self.input_norm, self.post_norm = input_norm, post_norm
         self.eps = args.rms_norm_eps
-        self.B = backend
+        self.backend = backend
 
     def _norm(self, x, delta, w, consumer: QuantLinear):
         """(norm(x + delta), x + delta): the residual add fused into the norm (delta None: x)."""
         qtype = consumer.fused_act_qtype
         if delta is not None:
-            return self.B.add_rms_norm(x, delta, w, self.eps, qtype)
+            return self.backend.add_rms_norm(x, delta, w, self.eps, qtype)
         if qtype:
-            return self.B.rms_norm_quant(x, w, self.eps, qtype), x
-        return self.B.rms_norm(x, w, self.eps), x
+            return self.backend.rms_norm_quant(x, w, self.eps, qtype), x
+        return self.backend.rms_norm(x, w, self.eps), x
 
     def forward(self, x, delta, cos, sin, positions, cache, kv_len, mask):
         """x: the residual stream [M, hidden] (M = B*T rows) still owed `delta` (the previous
@@ -95,40 +96,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(blocks)
         self.norm = norm
         self.lm_head = lm_head
-        self.B = backend
+        self.backend = backend
         self.dtype = dtype
         self.device = backend.device
         self.max_seq_len = max_seq_len
         self.cos, self.sin = rope_table(args, max_seq_len, backend.device)
-        self.cache: Optional[KVCache] = None
-        self.mode = "verify"
-        self.runner = None          # a backend step runner (e.g. CUDA graphs), installed by the engine
-
-    def new_cache(self, batch: int = 1) -> KVCache:
-        a = self.args
-        self.cache = KVCache(a.num_layers, batch, a.num_kv_heads, self.max_seq_len, a.head_dim,
-                             self.dtype, self.device)
-        return self.cache
-
-    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int,
-             mode: str = "verify") -> torch.Tensor:
-        """A decode / draft / verify step (a few tokens against the cache): replayed by the
-        backend's runner when one is installed (static buffers; kv_len is then the whole cache
-        and the attention reads the visible length from `positions`), else run eagerly."""
-        if self.runner is not None:
-            return self.runner(input_ids, positions, mode)
-        if mode != self.mode:
-            from quasar.quant import set_mode
-            set_mode(self, mode)
-        return self.forward(input_ids, positions, kv_len)
+        self.mode = "verify"        # which scheme the quantized layers run (quasar.quant.set_mode)
+        self.scheme = self.draft_scheme = None
+        self.path = None
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                mask: Optional[torch.Tensor] = None, last_only: bool = False,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        """input_ids, positions: [B, T]. kv_len: cache slots to attend over (> max position).
-        Returns logits [B, T, vocab] (fp32), or [B, 1, vocab] with last_only (prefill)."""
-        cache = cache or self.cache
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int,
+                mask: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids, positions: [B, T]; cache: the KV cache (made and owned by the engine's
+        ModelRunner); kv_len: cache slots to attend over (> max position). Returns logits
+        [B, T, vocab] (fp32), or [B, 1, vocab] with last_only (prefill)."""
         bsz, t = input_ids.shape
         x = self.embed[input_ids].reshape(bsz * t, -1)
         delta = None
@@ -139,7 +121,7 @@ class Transformer(nn.Module):
             delta = None if delta is None else delta.view(bsz, t, -1)[:, -1]
             t = 1
         if delta is None:       # no layers (a pruning experiment taken to the end)
-            x = self.B.rms_norm(x, self.norm, self.args.rms_norm_eps)
+            x = self.backend.rms_norm(x, self.norm, self.args.rms_norm_eps)
         else:
-            x, _ = self.B.add_rms_norm(x, delta, self.norm, self.args.rms_norm_eps)
+            x, _ = self.backend.add_rms_norm(x, delta, self.norm, self.args.rms_norm_eps)
         return self.lm_head(x).view(bsz, t, -1).float()

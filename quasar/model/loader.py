@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from quasar.errors import CheckpointError, ConfigError
-from quasar.quant import SCHEMES, scheme_class
+from quasar import quant
 from quasar.quant import compressed_tensors as ct
 from quasar.quant.format import QuantizedWeight
 from .args import ModelArgs, read_config
@@ -124,16 +124,15 @@ class SafetensorsSource:
 
 
 def build_model(path: Path, backend, dtype: torch.dtype, max_seq_len: int, verifier,
-                draft_scheme: Optional[str] = None, skip_layers: tuple[int, ...] = ()) -> Transformer:
+                draft_scheme: Optional[str] = None) -> Transformer:
     """Load a local HF directory onto `backend`, quantizing (RTN) or unpacking as configured.
 
     verifier: quasar.config.VerifierConfig. draft_scheme: a second scheme each decoder linear can
-    run in draft mode over the same weights (QSpec). skip_layers: layer indices to drop (the
-    structurally pruned verifier of the fidelity study)."""
+    run in draft mode over the same weights (QSpec)."""
     path = Path(path)
     hf = read_config(path)
     return build_from_source(hf, SafetensorsSource(path), path, backend, dtype, max_seq_len, verifier,
-                             draft_scheme, skip_layers)
+                             draft_scheme)
 
 
 def build_random_model(hf: dict, backend, dtype: torch.dtype, max_seq_len: int, verifier,
@@ -141,7 +140,7 @@ def build_random_model(hf: dict, backend, dtype: torch.dtype, max_seq_len: int, 
     """A model of the shape `hf` (a config.json dict) with random weights, generated on the
     device: for timing real shapes (Qwen3-8B, OpenPangu-7B) whose weights are not available."""
     return build_from_source(hf, RandomSource(backend.device, seed), Path(f"random-{hf.get('model_type')}"),
-                             backend, dtype, max_seq_len, verifier, draft_scheme, ())
+                             backend, dtype, max_seq_len, verifier, draft_scheme)
 
 
 class RandomSource:
@@ -168,11 +167,12 @@ class RandomSource:
 
 
 def build_from_source(hf: dict, src, path: Path, backend, dtype, max_seq_len, verifier,
-                      draft_scheme=None, skip_layers=()) -> Transformer:
+                      draft_scheme=None) -> Transformer:
     args = ModelArgs.from_hf(hf, str(path / "config.json"))
     backend.check_dtype(dtype)
     ckpt_scheme = ct.checkpoint_scheme(hf, path)
-    scheme = verifier.quant or ckpt_scheme or "bf16"
+    scheme = quant.canonical(verifier.quant or ckpt_scheme or quant.default())
+    draft_scheme = quant.canonical(draft_scheme) if draft_scheme else None
     if ckpt_scheme and scheme != ckpt_scheme:
         raise ConfigError(
             f"{path} is a {ckpt_scheme} compressed-tensors checkpoint but verifier.quant asks for "
@@ -200,20 +200,20 @@ def build_from_source(hf: dict, src, path: Path, backend, dtype, max_seq_len, ve
         parts = [raw_linear(p, n, k) for p, n in zip(prefixes, ns)]
         biases = [bias(p, n, has_bias) for p, n in zip(prefixes, ns)]
         b = torch.cat(biases) if has_bias else None
-        cls = scheme_class(sch)
+        cls = quant.get(sch)
         w_float = None
         if isinstance(parts[0], QuantizedWeight):
             qw = QuantizedWeight.cat(parts) if len(parts) > 1 else parts[0]
         else:
             w_float = torch.cat(parts) if len(parts) > 1 else parts[0]
             qw = cls.quantize(w_float, verifier)
-        lin = cls(backend, qw, b, dtype)
+        lin = cls.layer(backend, qw, b, dtype)
         if drafted and draft_scheme and draft_scheme != sch:
-            dcls = scheme_class(draft_scheme)
+            dcls = quant.get(draft_scheme)
             if dcls.accepts(qw):       # QSpec: the very same codes, run another way
-                lin.draft = dcls(backend, qw, b, dtype)
+                lin.draft = dcls.layer(backend, qw, b, dtype)
             elif w_float is not None:  # the same weights, quantized a second time for drafting
-                lin.draft = dcls(backend, dcls.quantize(w_float, verifier), b, dtype)
+                lin.draft = dcls.layer(backend, dcls.quantize(w_float, verifier), b, dtype)
             else:
                 raise ConfigError(f"drafting with {draft_scheme!r} needs weights it can run; this "
                                   f"{sch} checkpoint's weights cannot: load the bf16 checkpoint")
@@ -222,9 +222,8 @@ def build_from_source(hf: dict, src, path: Path, backend, dtype, max_seq_len, ve
     blocks = []
     h, qd, kvd, inter = a.hidden_size, a.num_heads * d, a.num_kv_heads * d, a.intermediate_size
     from tqdm.auto import tqdm
-    keep = [i for i in range(a.num_layers) if i not in set(skip_layers)]
     label = f"loading {path.name} [{scheme}{', draft ' + draft_scheme if draft_scheme else ''}]"
-    for i in tqdm(keep, desc=label, leave=False, disable=len(keep) < 8):
+    for i in tqdm(range(a.num_layers), desc=label, leave=False, disable=a.num_layers < 8):
         p = f"model.layers.{i}."
         at = p + "self_attn."
         qkv = linear([at + "q_proj", at + "k_proj", at + "v_proj"], [qd, kvd, kvd], h, a.qkv_bias, scheme, True)
@@ -239,7 +238,7 @@ def build_from_source(hf: dict, src, path: Path, backend, dtype, max_seq_len, ve
                             dense(p + "post_attention_layernorm.weight", (h,)), backend))
     embed = dense("model.embed_tokens.weight", (a.vocab_size, h))
     norm = dense("model.norm.weight", (h,))
-    head_scheme = verifier.lm_head_quant
+    head_scheme = quant.canonical(verifier.lm_head_quant)
     if a.tie_word_embeddings:
         src.used.add("lm_head.weight")
         head_w = embed
@@ -249,11 +248,9 @@ def build_from_source(hf: dict, src, path: Path, backend, dtype, max_seq_len, ve
         head_scheme = ckpt_scheme
     else:
         head_w = src.get("lm_head.weight", (a.vocab_size, h)).to(dev)
-    hcls = scheme_class(head_scheme)
-    lm_head = hcls(backend, head_w if not isinstance(head_w, torch.Tensor) else hcls.quantize(head_w, verifier),
-                   None, dtype)
-    if skip_layers:
-        src.used.update(n for n in src.files if n.startswith("model.layers."))
+    hcls = quant.get(head_scheme)
+    lm_head = hcls.layer(backend, head_w if not isinstance(head_w, torch.Tensor) else hcls.quantize(head_w, verifier),
+                         None, dtype)
     extra = src.unused()
     if extra:
         raise CheckpointError(f"{path}: unexpected tensors not used by a {a.family} model: "
@@ -263,4 +260,4 @@ def build_from_source(hf: dict, src, path: Path, backend, dtype, max_seq_len, ve
     return model
 
 
-__all__ = ["resolve_model", "build_model", "SafetensorsSource", "SCHEMES"]
+__all__ = ["resolve_model", "build_model", "SafetensorsSource"]

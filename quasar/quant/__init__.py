@@ -1,24 +1,79 @@
-"""Quantization schemes (one file each), weight formats, RTN quantizers and checkpoint unpacking.
+"""Quantization schemes: one module per scheme (its format, RTN quantizer, reference GEMM and
+kernels per backend: quasar/quant/scheme.py), registered here. This registry is the only list of
+scheme names in the engine.
 
-| scheme     | weights                         | activations           |
-|------------|---------------------------------|-----------------------|
-| bf16       | model dtype                     | model dtype           |
-| w8a8-int8  | int8 per channel, symmetric     | int8 per token, dyn.  |
-| w8a8-fp8   | e4m3 per channel                | e4m3 per token, dyn.  |
-| w8a16      | int8 per channel                | model dtype           |
-| w4a16      | int4, group 128 (or -1), sym/asym | model dtype         |
-| w4a4       | int4 per channel, sym (+Hadamard) | int4 per token, dyn. |
+Adding a scheme = its own module + one `register(...)` line (or a call to `register` from
+anywhere, e.g. a test or a plugin).
 """
-from .bf16 import DenseLinear
-from .linear import QuantLinear, scheme_class, set_mode
-from .w4a16 import W4A16Linear
-from .w4a4 import W4A4Linear
-from .w8a16 import W8A16Linear
-from .w8a8_fp8 import W8A8Fp8Linear
-from .w8a8_int8 import W8A8Int8Linear
+from __future__ import annotations
 
-SCHEMES: dict[str, type[QuantLinear]] = {
-    c.scheme: c for c in (DenseLinear, W8A8Int8Linear, W8A8Fp8Linear, W8A16Linear, W4A16Linear, W4A4Linear)
-}
+from quasar.errors import UnsupportedError
+from .linear import QuantLinear, set_mode
+from .scheme import Kernel, ReferenceKernel, Scheme
 
-__all__ = ["SCHEMES", "QuantLinear", "scheme_class", "set_mode"]
+SCHEMES: dict[str, type[Scheme]] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register(scheme: type[Scheme]) -> type[Scheme]:
+    if scheme.name in SCHEMES and SCHEMES[scheme.name] is not scheme:
+        raise ValueError(f"scheme {scheme.name!r} is already registered")
+    SCHEMES[scheme.name] = scheme
+    for a in scheme.aliases:
+        ALIASES[a] = scheme.name
+    return scheme
+
+
+def unregister(name: str) -> None:
+    scheme = SCHEMES.pop(name, None)
+    for a in getattr(scheme, "aliases", ()):
+        ALIASES.pop(a, None)
+
+
+def canonical(name: str) -> str:
+    """A scheme name or alias -> the registered name (unknown names pass through)."""
+    return ALIASES.get(name, name)
+
+
+def get(name: str) -> type[Scheme]:
+    name = canonical(name)
+    if name not in SCHEMES:
+        raise UnsupportedError(f"unknown quantization scheme {name!r}; choose one of {', '.join(SCHEMES)}")
+    return SCHEMES[name]
+
+
+def names(with_aliases: bool = False) -> tuple[str, ...]:
+    return tuple(SCHEMES) + (tuple(ALIASES) if with_aliases else ())
+
+
+def default() -> str:
+    """The unquantized scheme: what a float checkpoint runs when nothing else is asked for."""
+    return next(n for n, s in SCHEMES.items() if s.weight_bits == 16 and s.act_qtype is None)
+
+
+def table() -> str:
+    """The markdown table of the registered schemes (README, --help)."""
+    lines = ["| scheme | weights | activations | backends |", "|---|---|---|---|"]
+    for s in SCHEMES.values():
+        alias = f" (alias {', '.join(s.aliases)})" if s.aliases else ""
+        lines.append(f"| `{s.name}`{alias} | {s.weights} | {s.activations} | {', '.join(s.backends())} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the registered schemes
+from .unquantized import Unquantized  # noqa: E402
+from .w4a16 import W4A16  # noqa: E402
+from .w4a4 import W4A4  # noqa: E402
+from .w8a16 import W8A16  # noqa: E402
+from .w8a8_fp8 import W8A8Fp8  # noqa: E402
+from .w8a8_int8 import W8A8Int8  # noqa: E402
+
+register(Unquantized)
+register(W8A8Int8)
+register(W8A8Fp8)
+register(W8A16)
+register(W4A16)
+register(W4A4)
+
+__all__ = ["SCHEMES", "QuantLinear", "Scheme", "Kernel", "ReferenceKernel", "register", "get",
+           "canonical", "names", "set_mode", "table"]

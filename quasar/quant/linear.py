@@ -1,55 +1,48 @@
-"""The quantized linear: holds a backend-prepared weight and calls its backend's GEMM.
+"""The quantized linear: a scheme, the kernel its backend chose for this layer, and the weight
+that kernel prepared once.
 
-One subclass per scheme (one file each in quasar/quant/). A layer may also carry a *draft*
-scheme that runs the same canonical weights another way (QSpec: the int4 weights run as w4a4
-while drafting and as w4a16 while verifying); `set_mode(model, "draft" | "verify")` flips every
-layer at once. Model code never branches on hardware or scheme.
+A layer may also carry a *draft* layer that runs the same canonical weights in another scheme
+(QSpec: the int4 weights run as w4a4 while drafting and as w4a16 while verifying); `set_mode(model,
+"draft" | "verify")` flips every layer at once. Model code never branches on hardware or scheme.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from quasar.errors import UnsupportedError
-from .format import QActivation, QuantizedWeight
+from quasar.ops.types import QActivation, QuantizedWeight
 
 
 class QuantLinear(nn.Module):
-    scheme: ClassVar[str]
-    act_qtype: ClassVar[Optional[str]] = None   # per-token activation type the GEMM consumes
-    weight_bits: ClassVar[int] = 16
-
-    def __init__(self, backend, weight, bias: Optional[torch.Tensor], dtype: torch.dtype):
+    def __init__(self, scheme, backend, weight, bias: Optional[torch.Tensor], dtype: torch.dtype):
         super().__init__()
-        backend.check_scheme(self.scheme)
-        self.backend = backend
-        self.canonical_format = _fmt(weight)
+        scheme.check_weight(weight)
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(device=backend.device, dtype=dtype)
         n, k = weight.shape
+        self.scheme = scheme
+        self.kernel = scheme.choose_kernel(backend, (n, k), dtype, weight)
+        self.canonical_format = _fmt(weight)
         self.in_features, self.out_features = k, n
+        self.group_size = getattr(weight, "group_size", -1)
         self.hadamard = getattr(weight, "hadamard", False)
-        self.weight = backend.prepare_weight(self.scheme, weight)
+        self.weight = self.kernel.prepare(weight)
         self.bias = None if bias is None else bias.to(device=backend.device, dtype=dtype)
         self.dtype = dtype
         self.draft: Optional[QuantLinear] = None
         self.mode = "verify"
 
-    @classmethod
-    def quantize(cls, w: torch.Tensor, qcfg) -> QuantizedWeight | torch.Tensor:
-        """RTN from a float weight[N, K] (qcfg: quasar.config.VerifierConfig)."""
-        raise NotImplementedError
-
-    @classmethod
-    def accepts(cls, w) -> bool:
-        """Whether this scheme can run these canonical weights as they are (no requantization)."""
-        return False
+    @property
+    def scheme_name(self) -> str:
+        return self.scheme.name
 
     @property
     def fused_act_qtype(self) -> Optional[str]:
         """What the preceding op may hand over pre-quantized (None: a plain tensor)."""
         active = self.draft if (self.mode == "draft" and self.draft is not None) else self
-        return None if active.hadamard else active.act_qtype
+        return None if active.hadamard else active.scheme.act_qtype
 
     def forward(self, x):
         if self.mode == "draft" and self.draft is not None:
@@ -57,25 +50,18 @@ class QuantLinear(nn.Module):
         shape = x.shape
         if not isinstance(x, QActivation):
             x = x.reshape(-1, shape[-1])
-        y = self.backend.gemm(self.scheme, x, self.weight, self.bias)
+        y = self.kernel.apply(x, self.weight, self.bias)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, scheme={self.scheme}" + (
-            f", draft={self.draft.scheme}" if self.draft is not None else "")
+        return (f"{self.in_features} -> {self.out_features}, scheme={self.scheme.name}, "
+                f"kernel={self.kernel.name}") + (f", draft={self.draft.scheme.name}" if self.draft is not None else "")
 
 
 def _fmt(w) -> tuple:
     if isinstance(w, QuantizedWeight):
         return (w.bits, w.group_size, w.zero is not None, w.is_fp8, w.hadamard)
     return ("dense", str(w.dtype))
-
-
-def scheme_class(name: str) -> type[QuantLinear]:
-    from . import SCHEMES
-    if name not in SCHEMES:
-        raise UnsupportedError(f"unknown quantization scheme {name!r}; choose one of {', '.join(SCHEMES)}")
-    return SCHEMES[name]
 
 
 def set_mode(model: nn.Module, mode: str) -> None:

@@ -11,18 +11,17 @@ from .sampling import SamplingParams, probs, sample
 class DraftModelDrafter(Drafter):
     name = "draft_model"
 
-    def __init__(self, model, sp: SamplingParams, generator: torch.Generator | None = None):
-        self.model, self.sp = model, sp
+    def __init__(self, runner, sp: SamplingParams, generator: torch.Generator | None = None):
+        """runner: the draft model's ModelRunner (its own KV cache)."""
+        self.runner, self.sp = runner, sp
         self.generator = generator
         self.cached = 0
 
     def begin(self, prompt):
-        if self.model.cache is None:
-            self.model.new_cache(1)
         self.cached = 0
 
     def propose(self, ctx, last, k):
-        m = self.model
+        m = self.runner
         L = len(ctx)                       # positions 0 .. L-1; ctx[-1] = last
         if L + k > m.max_seq_len:
             k = m.max_seq_len - L

@@ -36,18 +36,19 @@ class Drafter:
 NoneDrafter = Drafter
 
 
-def make_drafter(cfg, model, sampling, draft_model=None) -> Drafter:
-    """cfg: quasar.config.DrafterConfig."""
+def make_drafter(cfg, runner, sampling, draft_runner=None) -> Drafter:
+    """cfg: quasar.config.DrafterConfig; runner: the verifier's ModelRunner (QSpec drafts through
+    it in draft mode); draft_runner: the draft model's ModelRunner (draft_model)."""
     m = cfg.method
     if m == "none":
         return Drafter()
     if m == "ngram":
         from .ngram import NgramDrafter
-        return NgramDrafter(model.device, cfg.ngram.min, cfg.ngram.max)
+        return NgramDrafter(runner.device, cfg.ngram.min, cfg.ngram.max)
     if m == "quantized_self":
         from .quantized_self import QuantizedSelfDrafter
-        return QuantizedSelfDrafter(model, sampling)
+        return QuantizedSelfDrafter(runner, sampling)
     if m == "draft_model":
         from .draft_model import DraftModelDrafter
-        return DraftModelDrafter(draft_model, sampling)
+        return DraftModelDrafter(draft_runner, sampling)
     raise ValueError(m)

@@ -12,14 +12,15 @@ from .sampling import SamplingParams, probs, sample
 class QuantizedSelfDrafter(Drafter):
     name = "quantized_self"
 
-    def __init__(self, model, sp: SamplingParams, generator: torch.Generator | None = None):
-        if getattr(model, "draft_scheme", None) is None:
+    def __init__(self, runner, sp: SamplingParams, generator: torch.Generator | None = None):
+        """runner: the verifier's ModelRunner (quasar.engine.ModelRunner)."""
+        if getattr(runner.model, "draft_scheme", None) is None:
             raise ValueError("the model was loaded without a draft scheme")
-        self.model, self.sp = model, sp
+        self.runner, self.sp = runner, sp
         self.generator = generator
 
     def propose(self, ctx, last, k):
-        m = self.model
+        m = self.runner
         pos = len(ctx) - 1
         toks, dists = [], []
         cur = last.view(1, 1)

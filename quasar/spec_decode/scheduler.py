@@ -73,9 +73,11 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, model, drafter: Drafter, sp: SamplingParams, k: int, eos_ids: set[int],
+    def __init__(self, runner, drafter: Drafter, sp: SamplingParams, k: int, eos_ids: set[int],
                  generator: Optional[torch.Generator] = None, sync: Optional[Callable] = None):
-        self.model, self.drafter, self.sp, self.k = model, drafter, sp, k
+        """runner: the verifier's ModelRunner (quasar.engine.ModelRunner: the model, its KV cache
+        and its captured steps)."""
+        self.runner, self.drafter, self.sp, self.k = runner, drafter, sp, k
         self.eos = set(eos_ids)
         self.generator = generator
         # sync(): waits for the device, so that draft and verify times are split correctly. The
@@ -90,7 +92,7 @@ class Scheduler:
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int,
                  on_tokens: Optional[Callable[[list[int]], None]] = None) -> tuple[list[int], Stats]:
-        m = self.model
+        m = self.runner
         S = m.max_seq_len
         st = Stats(prompt_tokens=len(prompt), pos_tries=[0] * self.k, pos_accepts=[0] * self.k)
         if not prompt:
@@ -100,13 +102,11 @@ class Scheduler:
                 f"the prompt has {len(prompt)} tokens but max_seq_len is {S}; raise max_seq_len "
                 f"(--max-seq-len / max_seq_len:) to at least {len(prompt) + max_new_tokens + self.k + 1} "
                 "or shorten the prompt")
-        if m.cache is None:
-            m.new_cache(1)
         dev = m.device
         t0 = time.perf_counter()
         ids = torch.tensor([prompt], dtype=torch.int64, device=dev)
         pos = torch.arange(len(prompt), device=dev).view(1, -1)
-        logits = m(ids, pos, kv_len=len(prompt), last_only=True)[0, -1]
+        logits = m.prefill(ids, pos, kv_len=len(prompt))[0, -1]
         last = self._first_token(logits)
         first = int(last)                                     # the prefill's one sync
         st.prefill_s = time.perf_counter() - t0

@@ -1,4 +1,10 @@
-"""LLM: a deployment config turned into a loaded verifier, tokenizer, drafter and scheduler."""
+"""LLM: a deployment config turned into a loaded verifier, tokenizer, drafter and scheduler.
+
+    from quasar import LLM
+    from quasar.config import DeployConfig
+    llm = LLM(DeployConfig(drafter={"method": "ngram"}, verifier={"quant": "w8a8-int8"}))
+    print(llm.generate("Write a haiku about GPUs.").text)
+"""
 from __future__ import annotations
 
 import json
@@ -15,6 +21,7 @@ from quasar.model.loader import build_model, resolve_model
 from quasar.spec_decode.drafter import make_drafter
 from quasar.spec_decode.sampling import SamplingParams
 from quasar.spec_decode.scheduler import Scheduler, Stats
+from .model_runner import ModelRunner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,9 +34,10 @@ class Result:
     stats: Stats
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
+def resolve_dtype(name: str, backend) -> torch.dtype:
+    """`auto` -> the backend's default (float32 on the CPU, bfloat16 on accelerators)."""
     if name == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        return backend.default_dtype()
     return DTYPES[name]
 
 
@@ -54,13 +62,13 @@ def eos_ids(path: Path, tokenizer) -> set[int]:
 
 
 class LLM:
-    def __init__(self, cfg: DeployConfig, model_path: Optional[Path] = None, skip_layers=()):
+    def __init__(self, cfg: DeployConfig, model_path: Optional[Path] = None):
         self.cfg = cfg
         self.device = backends.resolve_device(cfg.device)
         from quasar import threads
         self.threads = threads.apply(cfg.runtime.threads)
-        self.backend = backends.get(self.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.backend = backends.get(self.device, cfg.runtime.kernels)
+        self.dtype = resolve_dtype(cfg.dtype, self.backend)
         self.path = Path(model_path) if model_path else resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.path)
         d = cfg.drafter
@@ -68,8 +76,7 @@ class LLM:
         if d.scheme and d.method != "quantized_self":
             raise ConfigError(f"drafter.scheme applies to drafter.method 'quantized_self', not {d.method!r}")
         self.model = build_model(self.path, self.backend, self.dtype, cfg.max_seq_len, cfg.verifier,
-                                 draft_scheme=draft_scheme, skip_layers=skip_layers)
-        self.model.new_cache(1)
+                                 draft_scheme=draft_scheme)
         self.eos = eos_ids(self.path, self.tokenizer)
         s = cfg.sampling
         self.sp = SamplingParams(s.temperature, s.top_p, s.top_k, s.seed)
@@ -78,30 +85,21 @@ class LLM:
         if d.method == "draft_model":
             self.draft_llm = self._load_draft(d.model)
         self.k = d.num_tokens if d.method != "none" else 0
-        self._install_runner(draft_scheme is not None)
-        self.drafter = make_drafter(d, self.model, self.sp, self.draft_llm.model if self.draft_llm else None)
+        modes = ("verify", "draft") if draft_scheme is not None else ("verify",)
+        self.runner = ModelRunner(self.model, batch=1, chunk_lengths=range(1, self.k + 2), modes=modes,
+                                  graphs=cfg.runtime.cuda_graphs)
+        self.drafter = make_drafter(d, self.runner, self.sp, self.draft_llm.runner if self.draft_llm else None)
         if hasattr(self.drafter, "generator"):
             self.drafter.generator = self.generator
-        self.scheduler = Scheduler(self.model, self.drafter, self.sp, self.k, self.eos, self.generator,
-                                   sync=self.backend.ops.get("synchronize"))
-
-    def _install_runner(self, drafts_in_place: bool) -> None:
-        """Captured step execution (CUDA graphs) when the backend has it and the config allows."""
-        want = self.cfg.runtime.cuda_graphs
-        make = self.backend.make_runner
-        if want and make is None:
-            raise ConfigError(f"runtime.cuda_graphs is true but the {self.backend.name} backend has no "
-                              "graph capture; set it to null or false")
-        if make is None or want is False:
-            return
-        modes = ("verify", "draft") if drafts_in_place else ("verify",)
-        self.model.runner = make(self.model, list(range(1, self.k + 2)), modes)
+        self.scheduler = Scheduler(self.runner, self.drafter, self.sp, self.k, self.eos, self.generator,
+                                   sync=self.backend.synchronize)
 
     def _load_draft(self, name: str) -> "LLM":
         from quasar.config import override
-        dcfg = override(self.cfg, {"model": name, "drafter.method": "none", "drafter.model": None,
-                                   "verifier.quant": "bf16", "drafter.scheme": None})
-        dcfg.drafter.model = None
+        from quasar import quant
+        dcfg = override(self.cfg, {"model": name, "drafter.method": "none"})
+        dcfg.drafter.model = dcfg.drafter.scheme = None
+        dcfg.verifier.quant = quant.default()        # the draft model runs unquantized
         draft = LLM(dcfg)
         if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ConfigError(f"drafter.model {name!r} has a different tokenizer (vocabulary) than the "

@@ -1,4 +1,5 @@
-"""The static KV cache: preallocated for max_seq_len, with a batch dimension from day one.
+"""The dense KV cache representation: in the model dtype, preallocated for max_seq_len, with a
+batch dimension from day one.
 
 Layout per layer is BNSD: k[layer] is [B, Hkv, S, D] (what both SDPA and Ascend's fused attention
 take). `attention` receives the cache object, not bare tensors, so that other representations

@@ -1,0 +1,65 @@
+"""The ModelRunner owns a model's step: the KV cache (made here, the one place a cache is made for
+a model) and, where the backend captures steps (CUDA graphs), the captured runner that wraps the
+model. Mode (verify / draft) is an explicit argument of `step`, not a flag flipped by callers.
+
+The scheduler, the drafters and the tools drive a model only through its runner. The batched
+runtime (paged cache, continuous batching) grows here.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from quasar import kv
+from quasar.errors import ConfigError
+from quasar.quant import set_mode
+
+
+class ModelRunner:
+    def __init__(self, model, batch: int = 1, chunk_lengths: Sequence[int] = (),
+                 modes: Sequence[str] = ("verify",), graphs: Optional[bool] = None):
+        """chunk_lengths / modes: the steps to capture (decode and verify chunk lengths; "draft"
+        too for QSpec). graphs: None = capture where the backend can, True = must, False = never."""
+        self.model = model
+        self.backend = model.backend
+        self.cache = kv.allocate(model.args, batch, model.max_seq_len, model.dtype, model.device)
+        self.captured = None
+        if graphs is not False and chunk_lengths:
+            self.captured = self.backend.graph_runner(model, self.cache, list(chunk_lengths), tuple(modes))
+        if graphs and self.captured is None:
+            raise ConfigError(f"runtime.cuda_graphs is true but the {self.backend.name} backend on "
+                              f"{self.model.device} has no graph capture; set it to null or false")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                mask: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+        """An eager forward over this runner's cache (prefill, or any chunk)."""
+        if self.model.mode != "verify":
+            set_mode(self.model, "verify")
+        return self.model.forward(input_ids, positions, self.cache, kv_len, mask=mask, last_only=last_only)
+
+    __call__ = forward
+
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Logits of the last position [B, 1, vocab]."""
+        return self.forward(input_ids, positions, kv_len, last_only=True)
+
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int,
+             mode: str = "verify") -> torch.Tensor:
+        """A decode / draft / verify step (a few tokens against the cache): replayed from the
+        captured runner when there is one (static buffers; the attention reads the visible length
+        from `positions`), else run eagerly in `mode`."""
+        if self.captured is not None:
+            return self.captured(input_ids, positions, mode)
+        m = self.model
+        if m.mode != mode:
+            set_mode(m, mode)
+        return m.forward(input_ids, positions, self.cache, kv_len)
