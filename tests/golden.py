@@ -104,27 +104,26 @@ def greedy(model, ids: list[int], k: int = 0, drafter=None) -> tuple[list[int], 
     from quasar.spec_decode.ngram import NgramDrafter
     from quasar.spec_decode.sampling import SamplingParams
     from quasar.spec_decode.scheduler import Scheduler
-    model.new_cache(1)
+    from quasar.engine import ModelRunner
+    runner = ModelRunner(model, graphs=False)          # a fresh KV cache
     if drafter is None:
         drafter = Drafter() if k == 0 else NgramDrafter(model.device, 1, 3)
-    return Scheduler(model, drafter, SamplingParams(), k, set()).generate(ids, MAX_NEW)
+    return Scheduler(runner, drafter, SamplingParams(), k, set()).generate(ids, MAX_NEW)
 
 
 def build(path: Path, backend, case: str, dtype=torch.float32):
     from quasar.config import VerifierConfig
     from quasar.model.loader import build_model
     _, _, _, quant, vkw = CASES[case]
-    m = build_model(Path(path), backend, dtype, 128, VerifierConfig(quant=quant, **vkw))
-    m.new_cache(1)
-    return m
+    return build_model(Path(path), backend, dtype, 128, VerifierConfig(quant=quant, **vkw))
 
 
 def min_margin(model, ids: list[int], out: list[int]) -> float:
     """Smallest top-1 minus top-2 logit along the greedy path (one teacher-forced forward)."""
     seq = torch.tensor([ids + out], device=model.device)
     pos = torch.arange(seq.shape[1], device=model.device).view(1, -1)
-    model.new_cache(1)
-    logits = model(seq, pos, seq.shape[1])[0, len(ids) - 1:-1].float().cpu()
+    from quasar.engine import ModelRunner
+    logits = ModelRunner(model, graphs=False)(seq, pos, seq.shape[1])[0, len(ids) - 1:-1].float().cpu()
     top = logits.topk(2, dim=-1).values
     return (top[:, 0] - top[:, 1]).min().item()
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from quasar import quant
+from quasar.engine import ModelRunner
 from quasar.errors import CheckpointError, ConfigError, UnsupportedError
 from quasar.quant import compressed_tensors as ct
 from quasar.quant.format import QActivation
@@ -107,7 +109,7 @@ def _hf(path):
 
 
 def _quasar_logits(path, ids, **kw):
-    q = load_quasar(path, **kw)
+    q = ModelRunner(load_quasar(path, **kw))
     return q(ids, torch.arange(ids.shape[1]).view(1, -1), kv_len=ids.shape[1])
 
 
@@ -122,6 +124,16 @@ def _ct_quantize_per_token(orig):
         q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
         return QActivation(q, scale, qtype, x.dtype)
     return quantize
+
+
+def _patch_ct_rounding(monkeypatch):
+    """compressed-tensors' int8 rounding in Quasar's per-token quantizer: the op
+    (quasar.ops.reference) and the name the schemes' reference GEMMs call (quasar.quant.reference)."""
+    import quasar.ops.reference as ref_ops
+    import quasar.quant.reference as ref_gemm
+    patched = _ct_quantize_per_token(ref_ops.quantize_per_token)
+    monkeypatch.setattr(ref_ops, "quantize_per_token", patched)
+    monkeypatch.setattr(ref_gemm, "quantize_per_token", patched)
 
 
 # ------------------------------------------------------------------ what llmcompressor writes
@@ -183,7 +195,7 @@ def test_w4a16_logits_match_transformers(ckpts, ids, preset):
     ref = _hf(path)(ids).logits
     q = load_quasar(path)
     assert q.scheme == "w4a16"
-    out = q(ids, torch.arange(T).view(1, -1), kv_len=T)
+    out = ModelRunner(q)(ids, torch.arange(T).view(1, -1), kv_len=T)
     assert rel(out, ref) <= 1e-5
 
 
@@ -210,7 +222,6 @@ def test_dequantized_weights_match_transformers(ckpts, ids, preset):
 def test_w8a8_each_linear_matches_transformers_on_its_input(ckpts, ids, monkeypatch):
     """With compressed-tensors' activation rounding, Quasar's W8A8 GEMM on the input that
     transformers gave each Linear reproduces that Linear's output (fp32 rounding only)."""
-    import quasar.ops.reference as ref_ops
     from quasar.model.loader import SafetensorsSource
     path = ckpts["W8A8"]
     hf = _hf(path)
@@ -219,13 +230,13 @@ def test_w8a8_each_linear_matches_transformers_on_its_input(ckpts, ids, monkeypa
         if name.endswith(LINEARS):
             mod.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, (a[0], o)))
     hf(ids)
-    monkeypatch.setattr(ref_ops, "quantize_per_token", _ct_quantize_per_token(ref_ops.quantize_per_token))
+    _patch_ct_rounding(monkeypatch)
     cfg = json.loads((path / "config.json").read_text())
     src = SafetensorsSource(path)
     assert len(seen) == 14
     for name, (x, y) in seen.items():
         qw = ct.load_linear(src, name, y.shape[-1], x.shape[-1], cfg)
-        got = ref_ops.gemm_w8a8_int8(x.reshape(-1, x.shape[-1]), qw).view_as(y)
+        got = quant.get("w8a8-int8").reference_gemm(x.reshape(-1, x.shape[-1]), qw).view_as(y)
         assert rel(got, y) <= 1e-5, name
 
 
@@ -242,7 +253,7 @@ def test_w8a8_logits_match_transformers(ckpts, ids, monkeypatch):
 
     q = load_quasar(path)
     assert q.scheme == "w8a8-int8"
-    out = q(ids, torch.arange(T).view(1, -1), kv_len=T)
+    out = ModelRunner(q)(ids, torch.arange(T).view(1, -1), kv_len=T)
     # Quasar rounds the activations on another grid (max|x|/127 vs /127.5): two independent
     # roundings differ by about sqrt(2) times one rounding's error.
     assert rel(out, ref) <= 2.5 * act_rounding
@@ -252,8 +263,7 @@ def test_w8a8_logits_match_transformers(ckpts, ids, monkeypatch):
     # first position where a last-bit fp32 difference upstream flips one activation code (a
     # flip then spreads to later positions through attention): much closer than Quasar's own
     # rounding, and well within one rounding's error. Each Linear agrees exactly (test above).
-    import quasar.ops.reference as ref_ops
-    monkeypatch.setattr(ref_ops, "quantize_per_token", _ct_quantize_per_token(ref_ops.quantize_per_token))
+    _patch_ct_rounding(monkeypatch)
     same = _quasar_logits(path, ids)
     assert rel(same, ref) <= 0.6 * act_rounding
     assert rel(same, ref) < rel(out, ref)

@@ -37,6 +37,7 @@ if not torch.cuda.is_available():
 import golden
 from npu_emulation import emulated_torch_npu, use_real_torch_npu
 from quasar import backends
+from quasar.engine import ModelRunner
 from quasar.ops import reference as R
 from quasar.quant import rtn
 from quasar.quant.format import QActivation
@@ -82,9 +83,12 @@ def build(path, be, quant=None, dtype=torch.float32, **vkw):
 
     from quasar.config import VerifierConfig
     from quasar.model.loader import build_model
-    m = build_model(Path(path), be, dtype, 128, VerifierConfig(quant=quant, **vkw))
-    m.new_cache(1)
-    return m
+    return build_model(Path(path), be, dtype, 128, VerifierConfig(quant=quant, **vkw))
+
+
+def runner(path, be, quant=None, dtype=torch.float32, **vkw) -> ModelRunner:
+    """The model of `build` with its own KV cache (eager steps)."""
+    return ModelRunner(build(path, be, quant, dtype, **vkw))
 
 
 # ------------------------------------------------------------------ 1. logits vs transformers
@@ -97,7 +101,7 @@ def test_fp32_logits_match_transformers(be, tiny_root, family, kw):
     path = make_tiny(tiny_root, family, **kw)
     ids = torch.randint(0, 256, (1, 34), generator=torch.Generator().manual_seed(1))
     want = load_hf(path)(ids).logits[0]
-    m = build(path, be)
+    m = runner(path, be)
     got, t = [], 0
     for size in (9, 1, 6, 18):          # prefill, decode, verify chunk (k = 5), long chunk
         pos = torch.arange(t, t + size, device=m.device).view(1, -1)
@@ -116,9 +120,9 @@ def test_bf16_kernels_no_worse_than_the_cpu_reference(be, tiny_root, quant, kw):
     ids = torch.randint(0, 256, (1, 29), generator=torch.Generator().manual_seed(43))
     pos = torch.arange(29).view(1, -1)
     cpu = backends.get("cpu")
-    truth = build(path, cpu, quant, **kw)(ids, pos, 29)
-    cpu16 = build(path, cpu, quant, torch.bfloat16, **kw)(ids, pos, 29)
-    m = build(path, be, quant, torch.bfloat16, **kw)
+    truth = runner(path, cpu, quant, **kw)(ids, pos, 29)
+    cpu16 = runner(path, cpu, quant, torch.bfloat16, **kw)(ids, pos, 29)
+    m = runner(path, be, quant, torch.bfloat16, **kw)
     got = m(ids.to(m.device), pos.to(m.device), 29)
     assert rel(got, truth) <= 1.5 * rel(cpu16, truth) + 5e-3
 

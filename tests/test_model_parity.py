@@ -6,6 +6,8 @@ import torch
 
 from tiny import load_hf, load_quasar, make_tiny
 
+from quasar.engine import ModelRunner
+
 CASES = [
     ("llama", dict(tie=True)),
     ("llama", dict(tie=False, num_key_value_heads=1)),
@@ -24,7 +26,7 @@ def rel(a, b):
 @pytest.mark.parametrize("family,kw", CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
 def test_full_forward_matches_transformers(tiny_root, family, kw):
     path = make_tiny(tiny_root, family, **kw)
-    hf, q = load_hf(path), load_quasar(path)
+    hf, q = load_hf(path), ModelRunner(load_quasar(path))
     ids = torch.randint(0, 256, (1, 37), generator=torch.Generator().manual_seed(1))
     ref = hf(ids).logits
     pos = torch.arange(37).view(1, -1)
@@ -36,7 +38,7 @@ def test_full_forward_matches_transformers(tiny_root, family, kw):
 @pytest.mark.parametrize("family", ["llama", "qwen3", "pangu"])
 def test_prefill_decode_and_chunks_match_one_full_forward(tiny_root, family):
     path = make_tiny(tiny_root, family, num_key_value_heads=1 if family != "qwen3" else 2)
-    hf, q = load_hf(path), load_quasar(path)
+    hf, q = load_hf(path), ModelRunner(load_quasar(path))
     n = 40
     ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(2))
     ref = hf(ids).logits[0]
@@ -57,10 +59,10 @@ def test_prefill_decode_and_chunks_match_one_full_forward(tiny_root, family):
 def test_stale_cache_slots_beyond_the_chunk_are_ignored(tiny_root):
     """A rejected draft leaves stale KV behind; a verify chunk must not see it."""
     path = make_tiny(tiny_root, "qwen3")
-    q = load_quasar(path)
+    q = ModelRunner(load_quasar(path))
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
     clean = q(ids, torch.arange(12).view(1, -1), kv_len=12)[0]
-    q.new_cache(1)
+    q = ModelRunner(q.model)
     q(ids[:, :8], torch.arange(8).view(1, -1), kv_len=8)
     junk = torch.randint(0, 256, (1, 6))
     q(junk, torch.arange(8, 14).view(1, -1), kv_len=14)          # a "draft" that gets rejected
@@ -70,9 +72,9 @@ def test_stale_cache_slots_beyond_the_chunk_are_ignored(tiny_root):
 
 def test_last_only_prefill_returns_the_last_row(tiny_root):
     path = make_tiny(tiny_root, "llama")
-    q = load_quasar(path)
+    q = ModelRunner(load_quasar(path))
     ids = torch.randint(0, 256, (1, 9))
     full = q(ids, torch.arange(9).view(1, -1), kv_len=9)[0, -1]
-    q.new_cache(1)
+    q = ModelRunner(q.model)
     last = q(ids, torch.arange(9).view(1, -1), kv_len=9, last_only=True)[0, -1]
     assert rel(last, full) <= 1e-5

@@ -3,7 +3,7 @@ activation quantization, Hadamard folding and format concatenation."""
 import pytest
 import torch
 
-from quasar import backends
+from quasar import backends, quant
 from quasar.config import VerifierConfig
 from quasar.errors import ConfigError
 from quasar.ops import reference as R
@@ -51,8 +51,8 @@ def test_cpu_gemm_matches_float64_dequant_matmul(scheme, kw, m):
     w = torch.randn(n, k, generator=g)
     x = torch.randn(m, k, generator=g) * 3
     bias = torch.randn(n, generator=g)
-    cls = SCHEMES[scheme]
-    layer = cls(CPU, cls.quantize(w, VerifierConfig(**kw)), bias, torch.float32)
+    cls = quant.get(scheme)
+    layer = cls.layer(CPU, cls.quantize(w, VerifierConfig(**kw)), bias, torch.float32)
     canonical = cls.quantize(w, VerifierConfig(**kw))
     y = layer(x)
     ref = f64_reference(scheme, x, canonical, bias)
@@ -64,9 +64,9 @@ def test_cpu_gemm_matches_float64_dequant_matmul(scheme, kw, m):
 def test_bf16_activations_give_bf16_output_close_to_reference(scheme):
     w = torch.randn(64, 128)
     x = torch.randn(5, 128).bfloat16()
-    cls = SCHEMES[scheme]
+    cls = quant.get(scheme)
     qw = cls.quantize(w.bfloat16() if scheme == "bf16" else w, VerifierConfig())
-    y = cls(CPU, qw, None, torch.bfloat16)(x)
+    y = cls.layer(CPU, qw, None, torch.bfloat16)(x)
     assert y.dtype == torch.bfloat16
     assert rel(y, f64_reference(scheme, x.float(), qw if scheme != "bf16" else qw.float(), None)) < 1e-2
 
@@ -109,7 +109,7 @@ def test_hadamard_reduces_w4a4_error_on_outlier_activations():
     errs = {}
     for had in (False, True):
         cfg = VerifierConfig(group_size=-1, hadamard=had)
-        layer = SCHEMES["w4a4"](CPU, SCHEMES["w4a4"].quantize(w, cfg), None, torch.float32)
+        layer = SCHEMES["w4a4"].layer(CPU, SCHEMES["w4a4"].quantize(w, cfg), None, torch.float32)
         errs[had] = rel(layer(x), exact)
     assert errs[True] < 0.5 * errs[False]
 
@@ -119,10 +119,11 @@ def test_pre_quantized_activation_equals_internal_quantization():
     x = torch.randn(4, 128)
     qw = rtn.int8_per_channel(w)
     a = R.quantize_per_token(x, "int8")
-    assert torch.equal(R.gemm_w8a8_int8(a, qw, None), R.gemm_w8a8_int8(x, qw, None))
+    gemm = quant.get("w8a8-int8").reference_gemm
+    assert torch.equal(gemm(a, qw, None), gemm(x, qw, None))
     nw = torch.ones(128) * 0.5
-    assert torch.equal(R.gemm_w8a8_int8(R.rms_norm_quant(x, nw, 1e-6, "int8"), qw, None),
-                       R.gemm_w8a8_int8(R.rms_norm(x, nw, 1e-6), qw, None))
+    assert torch.equal(gemm(R.rms_norm_quant(x, nw, 1e-6, "int8"), qw, None),
+                       gemm(R.rms_norm(x, nw, 1e-6), qw, None))
 
 
 def test_quantized_weight_concatenation_equals_parts():
@@ -136,7 +137,7 @@ def test_quantized_weight_concatenation_equals_parts():
 def test_w4a4_rejects_grouped_weights():
     qw = rtn.int4(torch.randn(16, 64), 32)
     with pytest.raises(ConfigError, match="w4a4 needs symmetric per-channel int4 weights"):
-        SCHEMES["w4a4"](CPU, qw, None, torch.float32)
+        SCHEMES["w4a4"].layer(CPU, qw, None, torch.float32)
 
 
 def test_group_size_must_divide_k():

@@ -13,6 +13,7 @@ from scipy.stats import chisquare
 import quasar.spec_decode.scheduler as sched
 from quasar import backends
 from quasar.config import VerifierConfig
+from quasar.engine import ModelRunner
 from quasar.model.loader import build_model
 from quasar.spec_decode import accept as acc
 from quasar.spec_decode.draft_model import DraftModelDrafter
@@ -46,9 +47,7 @@ def setup(tiny_root):
     assert abs(joint.sum().item() - 1) < 1e-6
 
     def load(p):
-        m = build_model(p, backends.get("cpu"), torch.float32, 64, VerifierConfig())
-        m.new_cache(1)
-        return m
+        return ModelRunner(build_model(p, backends.get("cpu"), torch.float32, 64, VerifierConfig()))
     return load(target), load(draft), joint.numpy().ravel()
 
 

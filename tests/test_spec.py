@@ -5,6 +5,7 @@ import torch
 
 from quasar import backends
 from quasar.config import VerifierConfig
+from quasar.engine import ModelRunner
 from quasar.model.loader import build_model
 from quasar.spec_decode.draft_model import DraftModelDrafter
 from quasar.spec_decode.drafter import Draft, Drafter
@@ -20,10 +21,9 @@ K = 4
 
 
 def model(path, quant=None, draft_scheme=None, max_seq_len=160, **kw):
-    m = build_model(path, backends.get("cpu"), torch.float32, max_seq_len, VerifierConfig(quant=quant, **kw),
-                    draft_scheme=draft_scheme)
-    m.new_cache(1)
-    return m
+    """The verifier's ModelRunner (model + KV cache)."""
+    return ModelRunner(build_model(path, backends.get("cpu"), torch.float32, max_seq_len,
+                                   VerifierConfig(quant=quant, **kw), draft_scheme=draft_scheme))
 
 
 def ar(m, prompt, n, eos=EOS):

@@ -10,6 +10,7 @@ import torch
 from quasar import backends
 from quasar.backends.cuda_graphs import StaticStepRunner
 from quasar.config import VerifierConfig
+from quasar.engine import ModelRunner
 from quasar.model.loader import build_model
 from quasar.spec_decode.drafter import Drafter
 from quasar.spec_decode.ngram import NgramDrafter
@@ -28,9 +29,9 @@ def prompt(seed=0):
 
 
 def build(path, device, dtype, quant=None, draft=None, **kw):
+    """A ModelRunner (eager: no capture) over the model."""
     m = build_model(path, backends.get(device), dtype, 128, VerifierConfig(quant=quant, **kw), draft_scheme=draft)
-    m.new_cache(1)
-    return m
+    return ModelRunner(m, graphs=False)
 
 
 @pytest.mark.parametrize("quant,draft,kw", [(None, None, {}), ("w8a8-int8", None, {}),
@@ -41,37 +42,35 @@ def test_static_step_runner_matches_plain_forward(tiny_root, quant, draft, kw):
     k = 4
     drafter = (QuantizedSelfDrafter(m, G) if draft else NgramDrafter("cpu", 1, 3))
     ref, st_ref = Scheduler(m, drafter, G, k, set()).generate(prompt(), 30)
-    m.runner = StaticStepRunner(m, list(range(1, k + 2)), ("verify", "draft") if draft else ("verify",))
+    m.captured = StaticStepRunner(m.model, m.cache, list(range(1, k + 2)), ("verify", "draft") if draft else ("verify",))
     out, st = Scheduler(m, drafter, G, k, set()).generate(prompt(), 30)
     assert out == ref and st.steps == st_ref.steps
     # and logits of one chunk, static path vs plain
     ids = torch.tensor([prompt()[:5]])
     pos = torch.arange(40, 45).view(1, -1)
-    m.runner = None
+    m.captured = None
     plain = m.step(ids, pos, kv_len=45).clone()
-    m.runner = StaticStepRunner(m, [5])
+    m.captured = StaticStepRunner(m.model, m.cache, [5])
     assert torch.allclose(m.step(ids, pos, kv_len=45), plain, atol=1e-5, rtol=1e-5)
 
 
 def test_a_dropped_model_with_a_runner_is_freed_without_the_cyclic_gc(tiny_root):
-    """The model owns its runner; the runner must not own the model back. A cycle there is freed
+    """The runner wraps the model; the model must not own the runner back. A cycle there is freed
     only by the cyclic GC, at a moment nobody chooses: on a GPU, possibly in the middle of the
     next model's graph capture, whose stream capture it then invalidates."""
     path = make_tiny(tiny_root, "qwen3", seed=3)
-    m = build(path, "cpu", torch.float32)
-    m.runner = StaticStepRunner(m, [1, 2])
-    runner = m.runner
-    ref = weakref.ref(m)
+    r = build(path, "cpu", torch.float32)
+    r.captured = StaticStepRunner(r.model, r.cache, [1, 2])
+    ref, cache_ref = weakref.ref(r.model), weakref.ref(r.cache)
+    assert not any(v is r or v is r.captured for v in vars(r.model).values())
     enabled = gc.isenabled()
     gc.disable()
     try:
-        del m
-        assert ref() is None
+        del r
+        assert ref() is None and cache_ref() is None
     finally:
         if enabled:
             gc.enable()
-    with pytest.raises(RuntimeError, match="has been freed"):
-        runner(torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64))
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs, compiled Triton)")
@@ -87,7 +86,7 @@ def test_cuda_graph_replay_gives_the_same_tokens_as_eager(tiny_root, quant, draf
     k = 4
     mk = lambda: QuantizedSelfDrafter(m, G) if draft else NgramDrafter(m.device, 1, 3)  # noqa: E731
     eager, st_e = Scheduler(m, mk(), G, k, set()).generate(prompt(1), 40)
-    m.runner = GraphRunner(m, list(range(1, k + 2)), ("verify", "draft") if draft else ("verify",))
+    m.captured = GraphRunner(m.model, m.cache, list(range(1, k + 2)), ("verify", "draft") if draft else ("verify",))
     graphed, st_g = Scheduler(m, mk(), G, k, set()).generate(prompt(1), 40)
     assert graphed == eager and st_g.steps == st_e.steps
 
@@ -102,7 +101,7 @@ def test_capture_is_not_invalidated_by_a_collection_of_another_models_graphs(tin
     from quasar.backends.cuda_graphs import GraphRunner
     path = make_tiny(tiny_root, "qwen3", seed=5, hidden_size=128, intermediate_size=256, head_dim=32)
     old = build(path, "cuda", torch.bfloat16)
-    old.runner = GraphRunner(old, [1, 2])
+    old.captured = GraphRunner(old.model, old.cache, [1, 2])
     junk = [old]
     junk.append(junk)                  # a dead cycle holding the old graphs
     del old, junk
@@ -111,15 +110,15 @@ def test_capture_is_not_invalidated_by_a_collection_of_another_models_graphs(tin
     def collect_mid_capture(*_):
         if torch.cuda.is_current_stream_capturing() and gc.isenabled():
             gc.collect()
-    hook = m.layers[0].register_forward_pre_hook(collect_mid_capture)
+    hook = m.model.layers[0].register_forward_pre_hook(collect_mid_capture)
     try:
-        m.runner = GraphRunner(m, [1, 2])
+        m.captured = GraphRunner(m.model, m.cache, [1, 2])
     finally:
         hook.remove()
     ids = torch.tensor([[5, 6]], device="cuda")
     pos = torch.tensor([[0, 1]], device="cuda")
     graphed = m.step(ids, pos, 2).clone()
-    m.runner = None
+    m.captured = None
     eager = m.step(ids, pos, 2)
     assert torch.equal(graphed.argmax(-1), eager.argmax(-1))
     assert torch.allclose(graphed.float(), eager.float(), atol=3e-2, rtol=3e-2)
@@ -171,7 +170,7 @@ def test_dense_gemms_routed_by_a_tuned_table_match_cublas(tiny_root, monkeypatch
     from quasar.backends.cuda_graphs import GraphRunner
     path = make_tiny(tiny_root, "qwen3", seed=9, hidden_size=256, intermediate_size=512, head_dim=32)
     m = build(path, "cuda", torch.bfloat16, "bf16")
-    be = backends.get("cuda")
+    be = m.backend
     g8, tuning = be.kernels.gemm_int8, be.kernels.tuning
     ids = torch.randint(0, 256, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     pos = torch.arange(20, 26, device="cuda").view(1, -1)
@@ -180,7 +179,7 @@ def test_dense_gemms_routed_by_a_tuned_table_match_cublas(tiny_root, monkeypatch
     real = g8.gemm_dense_stream
     monkeypatch.setattr(g8, "gemm_dense_stream", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
     from quasar.quant import QuantLinear
-    shapes = {tuple(q.weight.shape) for q in m.modules() if isinstance(q, QuantLinear)}
+    shapes = {tuple(q.weight.shape) for q in m.model.modules() if isinstance(q, QuantLinear)}
     added = [("bf16", tuning.m_bucket(6), n, k) for (n, k) in shapes if k % 256 == 0]
     assert added
     for key in added:
@@ -191,7 +190,7 @@ def test_dense_gemms_routed_by_a_tuned_table_match_cublas(tiny_root, monkeypatch
         err = ((got - ref).norm() / ref.norm()).item()
         assert err < 2e-2, err
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
-        m.runner = GraphRunner(m, [6])
+        m.captured = GraphRunner(m.model, m.cache, [6])
         graphed = m.step(ids, pos, 26).float()
         assert ((graphed - ref).norm() / ref.norm()).item() < 2e-2
     finally:

@@ -91,10 +91,10 @@ def load_hf(path: Path, family: str | None = None):
 
 def load_quasar(path: Path, device: str = "cpu", dtype=torch.float32, max_seq_len: int = 256,
                 quant: str | None = None, **vkw):
-    """A quasar Transformer (with a fresh cache) for `path` on `device`."""
+    """A quasar Transformer for `path` on `device` (drive it through quasar.engine.ModelRunner,
+    which makes its KV cache)."""
     from quasar import backends
     from quasar.config import VerifierConfig
     from quasar.model.loader import build_model
     m = build_model(Path(path), backends.get(device), dtype, max_seq_len, VerifierConfig(quant=quant, **vkw))
-    m.new_cache(1)
     return m

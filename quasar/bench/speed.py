@@ -70,9 +70,7 @@ def add_args(ap) -> None:
 # ------------------------------------------------------------------ helpers
 
 def _sync(backend):
-    f = backend.ops.get("synchronize")
-    if f:
-        f()
+    backend.synchronize()
 
 
 def copy_bandwidth(backend, nbytes: int = 1 << 30, iters: int = 10) -> float:
@@ -104,6 +102,21 @@ def copy_bandwidth(backend, nbytes: int = 1 << 30, iters: int = 10) -> float:
     return 2 * n * 2 / statistics.median(ts)
 
 
+SCALE_BYTES = 4      # fp32 scales and zero points: what the kernels read per group
+
+
+def linear_bytes(m) -> int:
+    """Bytes one step reads for one linear: the codes, plus a scale (and, asymmetric, a zero
+    point) per output channel and group; or the dense weight in the model dtype."""
+    n, k = m.out_features, m.in_features
+    bits = m.scheme.weight_bits
+    if bits == 16:
+        return n * k * m.dtype.itemsize
+    groups = 1 if m.group_size == -1 else k // m.group_size
+    per_group = SCALE_BYTES * (1 if m.symmetric else 2)
+    return n * k * bits // 8 + n * groups * per_group
+
+
 def weight_bytes(model) -> int:
     """Bytes one step reads for the weights: every linear (codes + scales/zeros, or dense) once."""
     from quasar.quant import QuantLinear
@@ -111,13 +124,7 @@ def weight_bytes(model) -> int:
     for name, m in model.named_modules():
         # a QSpec draft linear (".draft") reads its verifier's codes: count them once
         if isinstance(m, QuantLinear) and not name.endswith(".draft"):
-            n, k = m.out_features, m.in_features
-            if m.weight_bits == 16:
-                total += n * k * model.dtype.itemsize if hasattr(model.dtype, "itemsize") else n * k * 2
-            else:
-                gs = getattr(m, "group_size", -1)
-                groups = 1 if gs in (-1, None) else k // gs
-                total += n * k * m.weight_bits // 8 + n * groups * 4
+            total += linear_bytes(m)
     a = model.args
     total += (2 * a.num_layers + 1) * a.hidden_size * 2          # norms
     return total
@@ -129,9 +136,10 @@ def kv_bytes(model, ctx: int) -> int:
 
 
 def time_step(model, backend, t: int, ctx: int, mode: str, iters: int) -> float:
-    """Median seconds of one step of t tokens at context ctx (graph replay if installed)."""
+    """Median seconds of one step of t tokens at context ctx; model: a ModelRunner (graph replay
+    when it captured the step)."""
     dev = model.device
-    ids = torch.randint(0, model.args.vocab_size, (1, t), device=dev)
+    ids = torch.randint(0, model.model.args.vocab_size, (1, t), device=dev)
     pos = torch.arange(ctx, ctx + t, device=dev).view(1, -1)
     for _ in range(3):
         model.step(ids, pos, ctx + t, mode=mode)
@@ -146,13 +154,23 @@ def time_step(model, backend, t: int, ctx: int, mode: str, iters: int) -> float:
 
 
 def random_step_model(hf: dict, backend, dtype, max_seq_len: int, verifier, draft_scheme=None):
-    """A model of the shape `hf` with random weights and a random (full) KV cache, for timing steps."""
+    """A ModelRunner over a model of the shape `hf` with random weights and a random (full) KV
+    cache, for timing steps (no capture yet: `capture(runner, t, mode)`)."""
+    from quasar.engine import ModelRunner
     from quasar.model.loader import build_random_model
     m = build_random_model(hf, backend, dtype, max_seq_len, verifier, draft_scheme=draft_scheme)
-    m.new_cache(1)
-    m.cache.k.normal_()
-    m.cache.v.normal_()
-    return m
+    r = ModelRunner(m, graphs=False)
+    r.cache.k.normal_()
+    r.cache.v.normal_()
+    return r
+
+
+def capture(runner, t: int, mode: str) -> None:
+    """(Re)capture the runner's step of t tokens in `mode` where the backend captures steps."""
+    runner.captured = None
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()
+    runner.captured = runner.backend.graph_runner(runner.model, runner.cache, [t], (mode,))
 
 
 def time_variants(model, backend, t: int, ctx: int, variants: dict, iters: int = 50, rounds: int = 3,
@@ -166,17 +184,13 @@ def time_variants(model, backend, t: int, ctx: int, variants: dict, iters: int =
     for r in range(rounds):
         for name, setup in variants.items():
             setup()
-            model.runner = None
-            if backend.make_runner is not None:
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                model.runner = backend.make_runner(model, [t], (mode,))
+            capture(model, t, mode)
             times[name].append(time_step(model, backend, t, ctx, mode, iters) * 1e3)
             if r == 0:
                 ids = torch.arange(t, device=dev).view(1, -1) + 100
                 pos = torch.arange(ctx, ctx + t, device=dev).view(1, -1)
                 logits[name] = model.step(ids, pos, ctx + t, mode=mode).float().clone()
-    model.runner = None
+    model.captured = None
     return times, logits
 
 
@@ -225,12 +239,11 @@ def step_bench(a, backend, dtype) -> dict:
                 vcfg = VerifierConfig(quant=scheme, group_size=gs)
                 m = random_step_model(hf, backend, dtype, max(contexts) + 2 * k + 8, vcfg, draft_scheme=draft)
                 t = tfn(k)
-                if backend.make_runner is not None:
-                    m.runner = backend.make_runner(m, [t], (mode,))
-                wb = weight_bytes_mode(m, mode)
+                capture(m, t, mode)
+                wb = weight_bytes_mode(m.model, mode)
                 for ctx in contexts:
                     sec = time_step(m, backend, t, ctx, mode, iters)
-                    floor_b = wb + kv_bytes(m, ctx)
+                    floor_b = wb + kv_bytes(m.model, ctx)
                     rows.append({"shape": shape, "case": label, "scheme": scheme if mode == "verify" else draft,
                                  "T": t, "ctx": ctx, "ms": sec * 1e3, "weight_GB": wb / 1e9,
                                  "floor_ms": floor_b / bw * 1e3, "ratio_to_floor": sec / (floor_b / bw)})

@@ -26,7 +26,8 @@ class QuantLinear(nn.Module):
         self.kernel = scheme.choose_kernel(backend, (n, k), dtype, weight)
         self.canonical_format = _fmt(weight)
         self.in_features, self.out_features = k, n
-        self.group_size = getattr(weight, "group_size", -1)
+        self.group_size = getattr(weight, "group_size", -1)      # -1: per output channel
+        self.symmetric = getattr(weight, "zero", None) is None
         self.hadamard = getattr(weight, "hadamard", False)
         self.weight = self.kernel.prepare(weight)
         self.bias = None if bias is None else bias.to(device=backend.device, dtype=dtype)
