@@ -1,7 +1,10 @@
 """python -m quasar.run: generate with a deployment (YAML + flag overrides).
 
 With no arguments it runs the demo: the embedded default model on the best available device,
-with a few built-in prompts. Flags override the YAML.
+with a few built-in prompts. Flags override the YAML. The installed `quasar` command is the same.
+
+    python -m quasar.run --prompt "Write a limerick." --max-new-tokens 64
+    python -m quasar.run --config configs/quasar-smollm2.yaml --prompts-file benchmarks/data/specbench/question.jsonl --limit 12 --json
 """
 from __future__ import annotations
 
@@ -97,7 +100,8 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m quasar.run", description=__doc__,
+    prog = "quasar" if Path(sys.argv[0]).name == "quasar" else "python -m quasar.run"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, help="YAML deployment config")
     ap.add_argument("--model", help="embedded model name, local HF directory or .gguf file")
