@@ -66,12 +66,12 @@ LAST_DIM_LIMIT = 65535     # npu_quant_matmul: last dims of x1, x2 <= 65535; WQB
 N_TILE = 65472             # largest multiple of 64 <= 65535: the N-tile when out-features exceed it
 
 INSTALL_HINT = (
-    "install Ascend's PyTorch adapter, matched exactly to torch and to the CANN toolkit, on an Ascend "
-    "host: CANN 9.1.x with torch==2.12.0 and torch-npu==2.12.0.post2 (recommended); or CANN 8.5.0 with "
-    "torch==2.9.0 and torch-npu==2.9.0; or CANN 8.3.RC1 with torch==2.7.1 and torch-npu==2.7.1 (the "
-    "vLLM-Ascend 0.11 stack). Source CANN's set_env.sh before starting Python, and never install "
-    "torch-npu into an environment whose CPU or CUDA torch you still need (it breaks `import torch` "
-    "there). See docs/ascend.md")
+    "install Ascend's PyTorch adapter (torch-npu) matched exactly to torch and CANN, on an Ascend host:\n"
+    "  CANN 9.1.x:   torch==2.12.0, torch-npu==2.12.0.post2 (recommended)\n"
+    "  CANN 8.5.0:   torch==2.9.0,  torch-npu==2.9.0\n"
+    "  CANN 8.3.RC1: torch==2.7.1,  torch-npu==2.7.1 (the vLLM-Ascend 0.11 stack)\n"
+    "Source CANN's set_env.sh before starting Python. Never install torch-npu into an environment whose\n"
+    "CPU or CUDA torch you still need (it breaks `import torch` there). Details: docs/ascend.md")
 
 
 def _import_torch_npu():
@@ -80,9 +80,9 @@ def _import_torch_npu():
     except Exception as e:  # ImportError, or OSError / RuntimeError from a broken CANN setup
         why = f"{type(e).__name__}: {e}"
         raise UnsupportedError(
-            f"--device npu needs torch_npu, which could not be imported ({why}); "
-            f"this environment has torch {torch.__version__}. To run on an Ascend NPU, {INSTALL_HINT}. "
-            "Without an NPU use --device cpu or cuda") from None
+            f"--device npu needs torch_npu, which could not be imported ({why.splitlines()[0][:200]}); "
+            "without an Ascend NPU use --device cpu or cuda.\n"
+            f"This environment has torch {torch.__version__}. To run on an Ascend NPU, {INSTALL_HINT}") from None
     return torch_npu
 
 

@@ -209,7 +209,11 @@ def _check_value(path: str, tp, value, meta: dict):
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            aliases = {"gpu": "cuda", "nvidia": "cuda", "ascend": "npu", "bf16": "bfloat16",
+                       "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+            alias = aliases.get(str(value).lower())
+            close = [alias] if alias in choices else \
+                difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path} must be {_type_name(tp)}{nullable}, got {value!r}{hint}")
         return value
@@ -249,8 +253,8 @@ def _from_dict(cls, data: dict, prefix: str = ""):
         if key not in names:
             close = difflib.get_close_matches(str(key), list(names), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            where = prefix[:-1] if prefix else "the top level"
-            raise ConfigError(f"unknown key {prefix}{key!r} at {where}; valid keys: {_keys(cls)}{hint}")
+            where = f"in {prefix[:-1]}" if prefix else "at the top level"
+            raise ConfigError(f"unknown key {key!r} {where}; valid keys: {_keys(cls)}{hint}")
     kwargs = {k: _check_value(prefix + k, hints[k], v, names[k].metadata) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -12,7 +12,11 @@ and structurally pruned verifiers that drop layers (`--prune N` drops N evenly s
 layers; `--prune-layers 3,5,7` drops exactly those). This reproduces the Quasar paper's finding:
 quantized verifiers keep the distribution, layer-skipped ones do not.
 
-    python -m quasar.fidelity --model smollm2-135m-instruct --prompts-file ../shared/data/specbench/question.jsonl --per-category 4
+    python -m quasar.fidelity --model smollm2-135m-instruct --per-category 4 --out fidelity.json
+
+Every variant is checked (scheme names, group sizes against the model's in-features, checkpoint
+directories, pruned layers) before anything runs. --out FILE.json is rewritten after each
+variant, so an interrupted run keeps the variants that finished.
 """
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ from pathlib import Path
 import torch
 
 from quasar import backends
-from quasar.config import VerifierConfig
+from quasar.config import SCHEMES, VerifierConfig
 from quasar.engine import eos_ids, load_tokenizer, resolve_dtype
-from quasar.errors import ConfigError, QuasarError
+from quasar.errors import ConfigError
 from quasar.model.loader import build_model, resolve_model
+from quasar.run import DEFAULT_PROMPTS_REL, cli_call, positive_int
 
 DEFAULT_SCHEMES = ("w8a8-int8", "w8a16", "w4a16", "w4a4")
 
@@ -49,6 +54,50 @@ def pruned_layers(num_layers: int, n: int) -> tuple[int, ...]:
     span = list(range(lo, hi)) if hi - lo >= n else list(range(1, num_layers - 1))
     step = len(span) / n
     return tuple(sorted({span[int(i * step)] for i in range(n)}))
+
+
+def in_features(args) -> dict[str, int]:
+    """K of each decoder linear, from the model's ModelArgs."""
+    return {"q/k/v, gate/up (hidden_size)": args.hidden_size,
+            "o (num_heads x head_dim)": args.num_heads * args.head_dim,
+            "down (intermediate_size)": args.intermediate_size}
+
+
+def auto_group_size(args) -> int:
+    """The largest of 128, 64, 32, 16, 8 that divides every linear's in-features (-1 if none)."""
+    ks = in_features(args).values()
+    return next((g for g in (128, 64, 32, 16, 8) if all(k % g == 0 for k in ks)), -1)
+
+
+def check_variants(spec: dict, args, model_name: str) -> None:
+    """Reject a bad variant before anything runs (a run takes minutes; it used to fail after the
+    reference and the earlier variants had finished)."""
+    for s in spec.get("schemes", ()):
+        if s not in SCHEMES:
+            valid = ", ".join(SCHEMES)
+            raise ConfigError(f"--schemes: unknown quantization scheme {s!r}; valid: {valid}")
+    gs = spec.get("group_size", 128)
+    if "w4a16" in spec.get("schemes", ()) and gs != -1:
+        if gs < 1 or gs % 8:
+            raise ConfigError(f"--group-size must be auto, -1 (per channel) or a positive multiple of 8, got {gs}")
+        bad = {name: k for name, k in in_features(args).items() if k % gs}
+        if bad:
+            raise ConfigError(
+                f"--group-size {gs} does not divide the in-features of {model_name}'s linears: "
+                + ", ".join(f"{n} = {k}" for n, k in bad.items())
+                + f"; use --group-size auto (here {auto_group_size(args)}) or a divisor of all of them")
+    for name, d in spec.get("checkpoints", {}).items():
+        if not name:
+            raise ConfigError(f"--checkpoint {name}={d}: the NAME is empty")
+        p = Path(d).expanduser()
+        if not (p.is_dir() and (p / "config.json").is_file()):
+            raise ConfigError(f"--checkpoint {name}={d}: not a Hugging Face model directory (no config.json)")
+    n = args.num_layers
+    if spec.get("prune") is not None:
+        pruned_layers(n, spec["prune"])
+    bad_layers = [i for i in spec.get("prune_layers") or () if not 0 <= i < n]
+    if bad_layers:
+        raise ConfigError(f"--prune-layers: {bad_layers} out of range for a {n}-layer model (0..{n - 1})")
 
 
 def variant_for_scheme(scheme: str, path: Path, group_size: int) -> Variant:
@@ -86,13 +135,19 @@ def compare(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, floa
 
 def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = "auto",
         dtype: str = "auto", n_tokens: int = 32, chat: bool = True, max_seq_len: int = 2048,
-        progress: bool = True, own_greedy: bool = True) -> list[dict]:
-    """own_greedy=False skips each variant's own generation (no greedy-token agreement)."""
+        progress: bool = True, own_greedy: bool = True, on_row=None) -> list[dict]:
+    """own_greedy=False skips each variant's own generation (no greedy-token agreement).
+    Every variant is validated before anything runs; on_row(rows) is called after each variant."""
     from tqdm.auto import tqdm
     dev = backends.resolve_device(device)
     be = backends.get(dev)
     dt = resolve_dtype(dtype, dev)
     path = resolve_model(model_name)
+    from quasar.model.args import ModelArgs
+    margs = ModelArgs.from_dir(path)
+    if variants_spec.get("group_size") in (None, "auto"):
+        variants_spec = {**variants_spec, "group_size": auto_group_size(margs)}
+    check_variants(variants_spec, margs, model_name)
     tok = load_tokenizer(path)
     eos = eos_ids(path, tok)
     ids = []
@@ -149,6 +204,8 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
                      "greedy_prefix": prefix / len(seqs) if own_greedy else None,
                      "positions": int(n), "prompts": len(seqs)})
         del m
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -164,15 +221,17 @@ def markdown(rows: list[dict], title: str) -> str:
 
 
 def main(argv=None) -> int:
-    from quasar.run import read_prompts_file
     ap = argparse.ArgumentParser(prog="python -m quasar.fidelity", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--prompts-file", type=Path, required=True)
-    ap.add_argument("--per-category", type=int, default=4, help="prompts per Spec-Bench task")
-    ap.add_argument("--tokens", type=int, default=32, help="N generated tokens per prompt")
+    ap.add_argument("--prompts-file", type=Path, default=None,
+                    help=f"JSONL, Spec-Bench format (default: the shipped {DEFAULT_PROMPTS_REL})")
+    ap.add_argument("--per-category", type=positive_int, default=4, help="prompts per Spec-Bench task")
+    ap.add_argument("--tokens", type=positive_int, default=32, help="N generated tokens per prompt")
     ap.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES), help="comma-separated RTN schemes")
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--group-size", type=_group_size, default="auto",
+                    help="w4a16 group size: auto (the largest of 128..8 dividing every in-features), "
+                         "-1 (per channel) or a multiple of 8")
     ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
                     help="a compressed-tensors checkpoint to compare (repeatable)")
     ap.add_argument("--prune", type=int, default=None, help="drop N evenly spaced middle layers")
@@ -180,28 +239,50 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-chat", action="store_true")
-    ap.add_argument("--out", type=Path, help="write the JSON rows here")
+    ap.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    ap.add_argument("--out", type=Path, metavar="FILE.json",
+                    help="write the JSON rows to this file (rewritten after each variant)")
     a = ap.parse_args(argv)
+    return cli_call(_main, a)
+
+
+def _group_size(text: str):
+    if text == "auto":
+        return "auto"
     try:
-        from quasar.bench.acceptance import select
-        recs = select(read_prompts_file(a.prompts_file), a.per_category)
-        ckpts = {}
-        for c in a.checkpoint:
-            if "=" not in c:
-                raise ConfigError(f"--checkpoint takes NAME=DIR, got {c!r}")
-            k, v = c.split("=", 1)
-            ckpts[k] = v
-        spec = {"schemes": [s for s in a.schemes.split(",") if s], "group_size": a.group_size,
-                "checkpoints": ckpts, "prune": a.prune if a.prune is not None else
-                (None if a.prune_layers else max(1, _layers(a.model) // 4)),
-                "prune_layers": [int(x) for x in a.prune_layers.split(",")] if a.prune_layers else None}
-        rows = run(a.model, [r["prompt"] for r in recs], spec, a.device, a.dtype, a.tokens, not a.no_chat)
-    except QuasarError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {text!r}") from None
+
+
+def _main(a) -> int:
+    from quasar import threads
+    from quasar.bench.acceptance import select
+    from quasar.run import check_out_file, default_prompts_file, read_prompts_file
+    threads.set_default(a.threads)
+    threads.apply(a.threads)
+    out = check_out_file(a.out)
+    recs = select(read_prompts_file(a.prompts_file or default_prompts_file()), a.per_category)
+    ckpts = {}
+    for c in a.checkpoint:
+        if "=" not in c:
+            raise ConfigError(f"--checkpoint takes NAME=DIR, got {c!r}")
+        k, v = c.split("=", 1)
+        ckpts[k] = v
+    spec = {"schemes": [s for s in a.schemes.split(",") if s], "group_size": a.group_size,
+            "checkpoints": ckpts, "prune": a.prune if a.prune is not None else
+            (None if a.prune_layers else max(1, _layers(a.model) // 4)),
+            "prune_layers": [int(x) for x in a.prune_layers.split(",")] if a.prune_layers else None}
+
+    def save(rows):
+        if out is not None:
+            out.write_text(json.dumps(rows, indent=2))
+    rows = run(a.model, [r["prompt"] for r in recs], spec, a.device, a.dtype, a.tokens, not a.no_chat,
+               on_row=save)
     print(markdown(rows, f"Fidelity vs the unquantized model: {a.model}, {len(recs)} prompts x {a.tokens} tokens"))
-    if a.out:
-        a.out.write_text(json.dumps(rows, indent=2))
+    if out is not None:
+        save(rows)
+        print(f"wrote {out}")
     return 0
 
 

@@ -1,7 +1,10 @@
 """python -m quasar.run: generate with a deployment (YAML + flag overrides).
 
 With no arguments it runs the demo: the embedded default model on the best available device,
-with a few built-in prompts. Flags override the YAML.
+with a few built-in prompts. Flags override the YAML. The installed `quasar` command is the same.
+
+    python -m quasar.run --prompt "Write a limerick." --max-new-tokens 64
+    python -m quasar.run --config configs/quasar-smollm2.yaml --prompts-file benchmarks/data/specbench/question.jsonl --limit 12 --json
 """
 from __future__ import annotations
 
@@ -20,8 +23,85 @@ DEMO_PROMPTS = [
 ]
 
 
+# optional modules -> the extra (setup.py extras_require) that installs them
+OPTIONAL_MODULES = {"triton": "cuda", "gguf": "gguf", "matplotlib": "plot", "llmcompressor": "quant",
+                    "compressed_tensors": "quant", "torch_npu": "npu"}
+
+
+def cli_call(fn, *args, **kwargs) -> int:
+    """Run a CLI's body: a QuasarError (or a missing optional module) becomes one line
+    `error: ...` on stderr and exit status 2; Ctrl-C exits 130. Every quasar CLI's main uses it."""
+    try:
+        rc = fn(*args, **kwargs)
+        return 0 if rc is None else rc
+    except QuasarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in OPTIONAL_MODULES:
+            raise
+        extra = OPTIONAL_MODULES[top]
+        print(f"error: the Python package {top!r} is not installed ({e}); it comes with the extra "
+              f"'{extra}': pip install -e '.[{extra}]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PROMPTS_REL = "benchmarks/data/specbench/question.jsonl"
+
+
+def default_prompts_file() -> Path:
+    """The Spec-Bench question set shipped in the repository (the benchmarks' default prompts)."""
+    p = REPO_ROOT / DEFAULT_PROMPTS_REL
+    if not p.is_file():
+        raise ConfigError(f"the default prompts file {p} is missing (it ships in the repository's "
+                          f"{DEFAULT_PROMPTS_REL}; an install from a wheel does not include it); "
+                          "pass --prompts-file FILE.jsonl")
+    return p
+
+
+def check_out_file(out):
+    """--out of the commands that write one JSON file (bench acceptance, bench.ops, fidelity):
+    a path ending in .json; its folder is created. Returns the Path (None stays None)."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.suffix != ".json" or out.is_dir():
+        raise ConfigError(f"--out {out}: give a file name ending in .json (this command writes one "
+                          "JSON file)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_out_dir(out):
+    """--out of `bench speed`, which writes several files (speed.json, bench_ops.json, plots): a
+    directory, created if needed; a path ending in .json or an existing file is rejected."""
+    out = Path(out)
+    if out.suffix == ".json" or out.is_file():
+        raise ConfigError(f"--out {out}: bench speed writes several files (speed.json, bench_ops.json, "
+                          "plots); give a directory, e.g. --out bench_out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (for --limit, --threads, ...)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m quasar.run", description=__doc__,
+    prog = "quasar" if Path(sys.argv[0]).name == "quasar" else "python -m quasar.run"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, help="YAML deployment config")
     ap.add_argument("--model", help="embedded model name, local HF directory or .gguf file")
@@ -35,15 +115,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--draft-scheme", help="quantized_self: the scheme the draft runs (default w4a4)")
     ap.add_argument("--draft-model", help="draft_model: path or name of the draft model")
     ap.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    ap.add_argument("--prompts-file", type=Path, help="JSONL, Spec-Bench format (first turn used)")
-    ap.add_argument("--limit", type=int, help="use only the first N prompts of --prompts-file")
+    ap.add_argument("--prompts-file", type=Path,
+                    help=f"JSONL, Spec-Bench format (first turn used), e.g. {DEFAULT_PROMPTS_REL}")
+    ap.add_argument("--limit", type=positive_int, help="use only the first N prompts of --prompts-file")
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
-    ap.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    ap.add_argument("--threads", type=positive_int,
+                    help="CPU threads for torch (runtime.threads; default: see README, 'CPU threads')")
+    ap.add_argument("--json", action="store_true",
+                    help="one JSON object per prompt per line (no streaming; a single prompt's text "
+                         "is otherwise printed as it is generated)")
     return ap.parse_args(argv)
 
 
@@ -56,7 +141,7 @@ def build_config(a: argparse.Namespace) -> qcfg.DeployConfig:
         "drafter.scheme": a.draft_scheme, "drafter.model": a.draft_model,
         "sampling.max_new_tokens": a.max_new_tokens, "sampling.temperature": a.temperature,
         "sampling.top_p": a.top_p, "sampling.top_k": a.top_k, "sampling.seed": a.seed,
-        "chat": False if a.no_chat else None,
+        "chat": False if a.no_chat else None, "runtime.threads": a.threads,
     })
 
 
@@ -87,15 +172,42 @@ def read_prompts_file(path: Path, limit=None) -> list[dict]:
     return out
 
 
+class TokenStream:
+    """on_tokens callback that prints a completion as its tokens are accepted. It decodes the whole
+    id list each time and prints the new suffix, and waits while the text ends in U+FFFD (a
+    multi-byte character split across tokens), so what it prints equals the final decode."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.shown = text
+            self.out.flush()
+
+    def __call__(self, new_ids) -> None:
+        self.ids.extend(int(t) for t in new_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._show(text)
+
+    def finish(self, text: str) -> None:
+        """The final text: print what is left (a trailing U+FFFD included) and end the line."""
+        if text.startswith(self.shown):
+            self._show(text)
+        else:       # decoding changed an earlier part (not seen with the shipped tokenizers)
+            self.out.write("\n" + text)
+            self.shown = text
+        self.out.write("\n")
+        self.out.flush()
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
-    try:
-        return _run(a)
-    except QuasarError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return cli_call(_run, a)
 
 
 def _run(a) -> int:
@@ -113,8 +225,15 @@ def _run(a) -> int:
           f"verifier {llm.model.scheme}, drafter {cfg.drafter.method}"
           + (f" k={cfg.drafter.num_tokens}" if cfg.drafter.method != "none" else ""), file=log)
     totals = {"new_tokens": 0, "decode_tokens": 0, "steps": 0, "decode_s": 0.0, "prefill_s": 0.0}
+    stream = len(prompts) == 1 and not a.json
     for i, rec in enumerate(prompts):
-        r = llm.generate(rec["prompt"])
+        if stream:
+            print(f"\n[{i + 1}/{len(prompts)}] {rec['prompt']}", flush=True)
+            printer = TokenStream(llm.tokenizer, sys.stdout)
+            r = llm.generate(rec["prompt"], on_tokens=printer)
+            printer.finish(r.text)
+        else:
+            r = llm.generate(rec["prompt"])
         s = r.stats
         for key in totals:
             totals[key] += getattr(s, key)
@@ -124,7 +243,8 @@ def _run(a) -> int:
                        stats=s.as_dict())
             print(json.dumps(obj, ensure_ascii=False), flush=True)
         else:
-            print(f"\n[{i + 1}/{len(prompts)}] {rec['prompt']}\n{r.text}")
+            if not stream:
+                print(f"\n[{i + 1}/{len(prompts)}] {rec['prompt']}\n{r.text}")
             print(f"-- {s.new_tokens} new tokens | prefill {s.prefill_s * 1e3:.1f} ms | decode "
                   f"{s.decode_tok_s:.1f} tok/s | tau {s.tau:.2f} | finish: {s.finish_reason}", flush=True)
     if len(prompts) > 1:

@@ -11,7 +11,19 @@ from typing import Optional
 import torch
 
 
+_override: Optional[int] = None
+
+
+def set_default(threads: Optional[int]) -> None:
+    """A CLI's --threads: the count used where a config leaves runtime.threads null (None: the
+    built-in default below)."""
+    global _override
+    _override = None if threads is None else int(threads)
+
+
 def default_threads() -> int:
+    if _override is not None:
+        return _override
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // 2)
 

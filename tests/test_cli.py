@@ -25,7 +25,7 @@ def assert_clean_error(rc, err, needle):
 
 
 @pytest.mark.parametrize("yaml_text,needle", [
-    ("drafter:\n  num_token: 5\n", "unknown key drafter.'num_token'"),
+    ("drafter:\n  num_token: 5\n", "unknown key 'num_token' in drafter"),
     ("drafter:\n  num_tokens: five\n", "drafter.num_tokens must be an integer >= 1, got 'five'"),
     ("verifier:\n  quant: int3\n", "verifier.quant must be one of"),
 ])

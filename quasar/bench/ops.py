@@ -551,9 +551,25 @@ def report(data: dict, ms: list[int], smoke: bool) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="bench_ops.json", help="JSON output path")
+def is_skip(err) -> bool:
+    """`NAME: skipped: why`: a case this device cannot run (FP8 under the interpreter), not a failure."""
+    return str(err).split(":", 2)[1:2] == [" skipped"]
+
+
+def one_line(err) -> str:
+    """One line for an error kept in the JSON (a worker's error can carry a stderr tail)."""
+    lines = [x.strip() for x in str(err).strip().splitlines() if x.strip()]
+    text = lines[0] if len(lines) <= 1 else f"{lines[0]} ... {lines[-1]}"
+    return text[:300]
+
+
+def main(argv=None, summary: bool = True) -> int:
+    """Exit status: 0 when every case ran (or was skipped), 1 when any failed (one `FAILED ...` line each on stderr
+    when `summary`), 2 for a usage error."""
+    ap = argparse.ArgumentParser(prog="python -m quasar.bench.ops", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_ops.json", metavar="FILE.json",
+                    help="JSON output file (default: bench_ops.json)")
     ap.add_argument("--ms", default="1,2,4,6,8,16,32", help="row counts M")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--budget", type=float, default=330.0, help="total seconds (autotune stops early)")
@@ -565,23 +581,38 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
+    from quasar.run import cli_call
+    return cli_call(_main, args, summary)
+
+
+def _main(args, summary: bool = True) -> int:
+    from quasar.errors import ConfigError
+    from quasar.run import check_out_file
+    out = check_out_file(args.out)
+    schemes = [s for s in args.schemes.split(",") if s]
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise ConfigError(f"--schemes: unknown scheme(s) {', '.join(map(repr, unknown))}; valid: {', '.join(SCHEMES)}")
+    try:
+        ms = [int(m) for m in args.ms.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ms takes comma-separated integers, got {args.ms!r}") from None
     if not args.smoke:
         import torch
         if not torch.cuda.is_available():
-            print("the ops benchmark needs a CUDA GPU (or --smoke for a CPU run under the Triton interpreter)")
-            return 2
+            raise ConfigError("the ops benchmark needs a CUDA GPU (or --smoke for a CPU run under the "
+                              "Triton interpreter)")
     t0 = time.time()
-    schemes = [s for s in args.schemes.split(",") if s]
-    data = {"argv": sys.argv[1:], "ms": [int(m) for m in args.ms.split(",")], "gemm": {}, "errors": []}
+    data = {"argv": sys.argv[1:], "ms": ms, "gemm": {}, "errors": []}
     data["copy"] = run_worker("copy", args, max(20.0, SLICE["copy"] * args.budget))
     data["errors"] += data["copy"].get("errors", [])
     for s in schemes:
         left = args.budget - (time.time() - t0)
         share = SLICE[s] / sum(SLICE[x] for x in schemes + ["attention"] if x in SLICE and
                                (x not in data["gemm"]))
-        out = run_worker(s, args, max(15.0, min(left, share * left)))
-        data["gemm"][s] = out
-        data["errors"] += out.get("errors", [])
+        res = run_worker(s, args, max(15.0, min(left, share * left)))
+        data["gemm"][s] = res
+        data["errors"] += res.get("errors", [])
     if not args.no_attention:
         data["attention"] = run_worker("attention", args, max(20.0, args.budget - (time.time() - t0)))
         data["errors"] += data["attention"].get("errors", [])
@@ -592,11 +623,17 @@ def main(argv=None) -> int:
     print()
     print(report(data, data["ms"], args.smoke))
     print(f"total {data['wall_s']}s")
-    with open(args.out, "w") as f:
+    with open(out, "w") as f:
         json.dump(data, f, indent=1)
-    print(f"JSON written to {args.out}")
+    print(f"JSON written to {out}")
+    failed = [e for e in data["errors"] if not is_skip(e)]
+    if failed:
+        if summary:
+            for e in failed:
+                print(f"FAILED {one_line(e)}", file=sys.stderr)
+            print(f"error: {len(failed)} benchmark case(s) failed", file=sys.stderr)
+        return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -54,17 +54,23 @@ def add_args(ap) -> None:
     ap.add_argument("--shapes", default="qwen3-8b,openpangu-7b")
     ap.add_argument("--contexts", default="512,4096")
     ap.add_argument("--k", type=int, default=5, help="drafted tokens per step for the verify chunk (T = k+1)")
-    ap.add_argument("--iters", type=int, default=50)
+    from quasar.run import DEFAULT_PROMPTS_REL, positive_int
+    ap.add_argument("--iters", type=positive_int, default=50)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="e2e: the real model")
-    ap.add_argument("--prompts-file", type=Path, default=None)
-    ap.add_argument("--per-category", type=int, default=3, help="e2e: prompts per Spec-Bench task")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--prompts-file", type=Path, default=None,
+                    help=f"e2e: JSONL, Spec-Bench format (default: the shipped {DEFAULT_PROMPTS_REL})")
+    ap.add_argument("--per-category", type=positive_int, default=3, help="e2e: prompts per Spec-Bench task")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=256)
     ap.add_argument("--no-peers", action="store_true", help="e2e: skip the transformers peers")
     ap.add_argument("--configs", default=None, help="e2e: comma-separated subset of the config names")
     ap.add_argument("--cases", default=None,
                     help="step: comma-separated subset of the step cases, matched as substrings of their "
                          "labels (e.g. 'w4a16,decode bf16')")
-    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    ap.add_argument("--threads", type=positive_int, default=None,
+                    help="CPU threads for torch (step, and e2e's LLMs)")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"), metavar="DIR",
+                    help="output directory (created): speed.json, bench_ops.json, plots; a path "
+                         "ending in .json is rejected (default: bench_out)")
 
 
 # ------------------------------------------------------------------ helpers
@@ -539,15 +545,26 @@ def _smoke_model_dir() -> Path:
 
 
 def main(a) -> int:
-    from quasar import backends
+    import sys
+
+    from quasar import backends, threads
     from quasar.engine import resolve_dtype
+    from quasar.run import check_out_dir, default_prompts_file
     modes = [m.strip() for m in a.mode.split(",")]
+    unknown = [m for m in modes if m not in ("ops", "step", "e2e", "project")]
+    if unknown:
+        from quasar.errors import ConfigError
+        raise ConfigError(f"--mode: unknown mode(s) {', '.join(map(repr, unknown))}; valid: ops, step, e2e, project")
+    a.out = check_out_dir(a.out)
+    threads.set_default(a.threads)
+    threads.apply(a.threads)
     if a.smoke:
         a.device = "cpu"
+    if "e2e" in modes and not a.smoke and a.prompts_file is None:
+        a.prompts_file = default_prompts_file()
     dev = backends.resolve_device(a.device)
     backend = backends.get(dev)
     dtype = resolve_dtype("auto", dev) if not a.smoke else torch.float32
-    a.out.mkdir(parents=True, exist_ok=True)
     results = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if dev == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
@@ -557,17 +574,28 @@ def main(a) -> int:
         except ImportError:
             pass
     print(f"# quasar speed benchmark — {results.get('gpu', dev)}, torch {torch.__version__}, {results['date']}\n")
+    failures = []
     if "ops" in modes:
         from quasar.bench import ops as bench_ops
         f = a.out / "bench_ops.json"
-        bench_ops.main(["--out", str(f)] + (["--smoke", "--ms", "6", "--budget", "60"] if a.smoke else []))
-        results["ops"] = json.loads(f.read_text())
+        f.unlink(missing_ok=True)
+        rc = bench_ops.main(["--out", str(f)] + (["--smoke", "--ms", "6", "--budget", "60"] if a.smoke else []),
+                            summary=False)
+        results["ops"] = json.loads(f.read_text()) if f.is_file() else {"errors": [f"ops: exited with {rc}"]}
+        failures += [f"ops: {bench_ops.one_line(e)}" for e in results["ops"].get("errors", [])
+                     if not bench_ops.is_skip(e)]
+        if rc and not failures:
+            failures.append(f"ops: exited with {rc}")
     if "step" in modes:
         results["step"] = step_bench(a, backend, dtype)
         print("## step\n\n" + step_markdown(results["step"]) + "\n")
+        failures += [f"step: {r.get('shape')} {r.get('case')}: {r['error']}"
+                     for r in results["step"].get("rows", []) if "error" in r]
     if "e2e" in modes:
         results["e2e"] = e2e_bench(a, backend, dtype)
         print("## e2e\n\n" + e2e_markdown(results["e2e"]) + "\n")
+        failures += [f"e2e: {r.get('config', r.get('name', '?'))}: {r['error']}"
+                     for r in results["e2e"].get("rows", []) if isinstance(r, dict) and "error" in r]
     if "project" in modes:
         step = results.get("step") or json.loads((a.out / "speed.json").read_text())["step"]
         e2e = results.get("e2e") or json.loads((a.out / "speed.json").read_text())["e2e"]
@@ -579,4 +607,9 @@ def main(a) -> int:
     prev.write_text(json.dumps(merged, indent=2, default=str))
     made = plots(a.out, merged)
     print(f"wrote {prev}" + (f" and {', '.join(made)}" if made else ""))
+    if failures:
+        for line in failures:
+            print(f"FAILED {' '.join(str(line).split())[:300]}", file=sys.stderr)
+        print(f"error: {len(failures)} benchmark case(s) failed", file=sys.stderr)
+        return 1
     return 0

@@ -26,6 +26,19 @@ log = logging.getLogger("quasar")
 _SKIP = re.compile(r"(rotary_emb\.inv_freq|\.input_scale|\.output_scale)$")
 
 
+def _refetch_hint(f: Path) -> str:
+    """How to get a good copy: the fetch command for an embedded model's cached files."""
+    from quasar import fetch
+    try:
+        rel = Path(f).resolve().relative_to((fetch.cache_root() / "models").resolve())
+    except ValueError:
+        return "fetch or convert it again"
+    name = rel.parts[0] if rel.parts else ""
+    if name in fetch.MODELS:
+        return f"fetch it again: python -m quasar.fetch {name} --force"
+    return "convert it again (python -m quasar.fetch NAME --force for an embedded model)"
+
+
 def resolve_model(name_or_path: str) -> Path:
     """An embedded model name, a local HF directory, or a .gguf file -> a local HF directory."""
     from quasar import fetch
@@ -94,7 +107,7 @@ class SafetensorsSource:
                 h = safe_open(str(f), framework="pt", device="cpu")
             except Exception as e:
                 raise CheckpointError(f"{f}: cannot read safetensors ({e}); the file is corrupt or "
-                                      "truncated, fetch or convert it again") from None
+                                      f"truncated; {_refetch_hint(f)}") from None
             if not hasattr(self, "_handles"):
                 return h
             self._handles[f] = h
