@@ -29,13 +29,18 @@ from pathlib import Path
 import torch
 
 from quasar import backends
-from quasar.config import SCHEMES, VerifierConfig
-from quasar.engine import eos_ids, load_tokenizer, resolve_dtype
+from quasar import quant
+from quasar.config import VerifierConfig
+from quasar.engine import ModelRunner, eos_ids, load_tokenizer, resolve_dtype
 from quasar.errors import ConfigError
 from quasar.model.loader import build_model, resolve_model
 from quasar.run import DEFAULT_PROMPTS_REL, cli_call, positive_int
 
-DEFAULT_SCHEMES = ("w8a8-int8", "w8a16", "w4a16", "w4a4")
+
+
+def default_schemes() -> tuple[str, ...]:
+    """Every registered quantized scheme (the registry is the list)."""
+    return tuple(n for n in quant.SCHEMES if n != quant.default())
 
 
 @dataclass
@@ -73,11 +78,12 @@ def check_variants(spec: dict, args, model_name: str) -> None:
     """Reject a bad variant before anything runs (a run takes minutes; it used to fail after the
     reference and the earlier variants had finished)."""
     for s in spec.get("schemes", ()):
-        if s not in SCHEMES:
-            valid = ", ".join(SCHEMES)
+        if quant.canonical(s) not in quant.SCHEMES:
+            valid = ", ".join(quant.SCHEMES)
             raise ConfigError(f"--schemes: unknown quantization scheme {s!r}; valid: {valid}")
     gs = spec.get("group_size", 128)
-    if "w4a16" in spec.get("schemes", ()) and gs != -1:
+    grouped = any(quant.get(s).grouped for s in spec.get("schemes", ()))
+    if grouped and gs != -1:
         if gs < 1 or gs % 8:
             raise ConfigError(f"--group-size must be auto, -1 (per channel) or a positive multiple of 8, got {gs}")
         bad = {name: k for name, k in in_features(args).items() if k % gs}
@@ -101,11 +107,21 @@ def check_variants(spec: dict, args, model_name: str) -> None:
 
 
 def variant_for_scheme(scheme: str, path: Path, group_size: int) -> Variant:
-    if scheme == "w4a4":
-        return Variant("w4a4 (hadamard)", path, VerifierConfig(quant="w4a4", group_size=-1, hadamard=True))
-    if scheme == "w4a16":
-        return Variant(f"w4a16 g{group_size}", path, VerifierConfig(quant="w4a16", group_size=group_size))
-    return Variant(scheme, path, VerifierConfig(quant=scheme))
+    """RTN at load: grouped schemes at `group_size`; int4-activation schemes (QSpec's draft mode)
+    with the Hadamard rotation that keeps them usable."""
+    s = quant.get(scheme)
+    if s.act_qtype == "int4":
+        return Variant(f"{s.name} (hadamard)", path, VerifierConfig(quant=s.name, group_size=-1, hadamard=True))
+    if s.grouped:
+        return Variant(f"{s.name} g{group_size}", path, VerifierConfig(quant=s.name, group_size=group_size))
+    return Variant(s.name, path, VerifierConfig(quant=s.name))
+
+
+def drop_layers(model, layers) -> None:
+    """The structurally pruned verifier of the fidelity study: the decoder without `layers`
+    (their cache slots stay allocated and unused)."""
+    drop = set(layers)
+    model.layers = torch.nn.ModuleList(b for i, b in enumerate(model.layers) if i not in drop)
 
 
 @torch.inference_mode()
@@ -141,7 +157,7 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
     from tqdm.auto import tqdm
     dev = backends.resolve_device(device)
     be = backends.get(dev)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, be)
     path = resolve_model(model_name)
     from quasar.model.args import ModelArgs
     margs = ModelArgs.from_dir(path)
@@ -158,9 +174,9 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
             ids.append(tok(text, add_special_tokens=False)["input_ids"])
         else:
             ids.append(tok(p)["input_ids"])
-    ref = build_model(path, be, dt, max_seq_len, VerifierConfig(quant="bf16"))
-    ref.new_cache(1)
-    num_layers = ref.args.num_layers
+    unq = quant.default()
+    ref = ModelRunner(build_model(path, be, dt, max_seq_len, VerifierConfig(quant=unq)), graphs=False)
+    num_layers = ref.model.args.num_layers
     variants = []
     for s in variants_spec.get("schemes", ()):
         variants.append(variant_for_scheme(s, path, variants_spec.get("group_size", 128)))
@@ -170,11 +186,11 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
     if prune:
         layers = pruned_layers(num_layers, prune)
         variants.append(Variant(f"pruned: drop {len(layers)}/{num_layers} layers", path,
-                                VerifierConfig(quant="bf16"), layers))
+                                VerifierConfig(quant=unq), layers))
     if variants_spec.get("prune_layers"):
         layers = tuple(variants_spec["prune_layers"])
         variants.append(Variant(f"pruned: drop layers {','.join(map(str, layers))}", path,
-                                VerifierConfig(quant="bf16"), layers))
+                                VerifierConfig(quant=unq), layers))
     # reference continuations and logits
     seqs, ref_logits = [], []
     for p in tqdm(ids, desc="reference", disable=not progress):
@@ -184,8 +200,9 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
     del ref
     rows = []
     for v in variants:
-        m = build_model(v.path, be, dt, max_seq_len, v.verifier, skip_layers=v.skip_layers)
-        m.new_cache(1)
+        model = build_model(v.path, be, dt, max_seq_len, v.verifier)
+        drop_layers(model, v.skip_layers)
+        m = ModelRunner(model, graphs=False)
         kl = top1 = n = same = prefix = total = 0.0
         for (p, cont), rl in tqdm(list(zip(seqs, ref_logits)), desc=v.name, disable=not progress):
             lg = teacher_forced_logits(m, p + cont[:-1], len(p) - 1).float().cpu()
@@ -199,11 +216,11 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
             same += sum(eq)
             total += max(len(own), len(cont))
             prefix += next((i for i, e in enumerate(eq) if not e), L)
-        rows.append({"variant": v.name, "scheme": m.scheme, "kl": kl / n, "top1": top1 / n,
+        rows.append({"variant": v.name, "scheme": model.scheme, "kl": kl / n, "top1": top1 / n,
                      "greedy_agreement": same / total if total else None,
                      "greedy_prefix": prefix / len(seqs) if own_greedy else None,
                      "positions": int(n), "prompts": len(seqs)})
-        del m
+        del m, model
         if on_row is not None:
             on_row(rows)
     return rows
@@ -228,9 +245,9 @@ def main(argv=None) -> int:
                     help=f"JSONL, Spec-Bench format (default: the shipped {DEFAULT_PROMPTS_REL})")
     ap.add_argument("--per-category", type=positive_int, default=4, help="prompts per Spec-Bench task")
     ap.add_argument("--tokens", type=positive_int, default=32, help="N generated tokens per prompt")
-    ap.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES), help="comma-separated RTN schemes")
+    ap.add_argument("--schemes", default=",".join(default_schemes()), help="comma-separated RTN schemes")
     ap.add_argument("--group-size", type=_group_size, default="auto",
-                    help="w4a16 group size: auto (the largest of 128..8 dividing every in-features), "
+                    help="int4 group size: auto (the largest of 128..8 dividing every in-features), "
                          "-1 (per channel) or a multiple of 8")
     ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
                     help="a compressed-tensors checkpoint to compare (repeatable)")

@@ -30,7 +30,7 @@ def test_full_config_roundtrip():
     ({"verifier": {"quant": "w8a8_int8"}}, "did you mean 'w8a8-int8'"),
     ({"drafter": {"ngram": {"min": 3, "max": 2}}}, "drafter.ngram.min (3) must be <= drafter.ngram.max (2)"),
     ({"drafter": {"method": "draft_model"}}, "needs drafter.model"),
-    ({"verifier": {"group_size": 100}}, "verifier.group_size must be -1"),
+    ({"verifier": {"group_size": 100}}, "verifier.group_size must be 'auto', -1"),
     ({"runtime": {"cuda_graphs": "yes"}}, "runtime.cuda_graphs must be true or false or null"),
     ({"drafter": 5}, "drafter must be a mapping"),
 ])

@@ -13,8 +13,10 @@ if not torch.cuda.is_available():       # CPU machine: the registry's "cuda" is 
     os.environ["TRITON_INTERPRET"] = "1"   # (set before anything imports triton); on a GPU the
                                            # interpreted copy is built explicitly (kernels(True))
 
-from quasar import backends
-from quasar.config import VerifierConfig
+from quasar import backends, quant
+from quasar.backends import CONTRACT_METHODS
+from quasar.config import KernelConfig, VerifierConfig
+from quasar.engine import ModelRunner
 from quasar.errors import UnsupportedError
 from quasar.model.loader import build_model
 from quasar.ops import OPS
@@ -44,30 +46,34 @@ def rel(a, b):
 
 
 def build(path, be, quant=None, max_seq_len=64, draft_scheme=None, **vkw):
-    m = build_model(Path(path), be, torch.float32, max_seq_len, VerifierConfig(quant=quant, **vkw),
-                    draft_scheme=draft_scheme)
-    m.new_cache(1)
-    return m
+    return build_model(Path(path), be, torch.float32, max_seq_len, VerifierConfig(quant=quant, **vkw),
+                       draft_scheme=draft_scheme)
 
 
-def run_steps(model, ids, full_cache: bool = False):
+def run_steps(model, ids, full_cache: bool = False, mode: str = "verify"):
     """Prefill 9 (Triton attention: T <= 16), one decode, a verify chunk of 6, then prefill-sized
-    chunk of 18 (SDPA); kv_len = the chunk's end, or the whole cache (a fixed CUDA-graph grid)."""
+    chunk of 18 (SDPA); kv_len = the chunk's end, or the whole cache (a fixed CUDA-graph grid).
+    Each call runs on a fresh KV cache (a new ModelRunner), in `mode`."""
+    runner = ModelRunner(model)
     out, t = [], 0
     for size in (9, 1, 6, 18):
         pos = torch.arange(t, t + size).view(1, -1)
         kv = model.max_seq_len if full_cache else t + size
-        out.append(model(ids[:, t:t + size], pos, kv_len=kv)[0])
+        out.append(runner.step(ids[:, t:t + size], pos, kv, mode=mode)[0])
         t += size
     return torch.cat(out)
 
 
 def test_backend_declares_every_op_and_runs_on_the_cpu(cuda_be):
     assert cuda_be.name == "cuda" and cuda_be.device == torch.device("cpu") and cuda_be.interpret
-    assert set(OPS) <= set(cuda_be.ops) and "synchronize" in cuda_be.ops
+    # every op of the contract is a method the cuda backend implements itself (the GEMM: the
+    # scheme's kernels for "cuda", through Backend.gemm)
+    assert set(OPS) <= set(CONTRACT_METHODS) | {"gemm"} and callable(cuda_be.gemm)
+    assert all("cuda" in backends.implementing(op) for op in CONTRACT_METHODS)
+    assert callable(cuda_be.synchronize)
     cuda_be.synchronize()
     assert set(cuda_be.dtypes) == {torch.float32, torch.bfloat16, torch.float16}
-    assert {"bf16", "w8a8-int8", "w8a16", "w4a16", "w4a4"} <= set(cuda_be.schemes)
+    assert {"unquantized", "w8a8-int8", "w8a16", "w4a16", "w4a4"} <= set(cuda_be.schemes)
 
 
 def test_fp8_is_refused_with_a_clear_error(cuda_be):
@@ -77,7 +83,7 @@ def test_fp8_is_refused_with_a_clear_error(cuda_be):
     with pytest.raises(UnsupportedError, match="fp8"):
         cuda_be.quantize_per_token(torch.randn(2, 32), "fp8")
     with pytest.raises(UnsupportedError):
-        cuda_be.prepare["w8a8-fp8"](rtn.fp8_per_channel(torch.randn(16, 32)))
+        cuda_be.prepare_weight("w8a8-fp8", rtn.fp8_per_channel(torch.randn(16, 32)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the registry builds the compiled backend")
@@ -101,13 +107,13 @@ def test_gemm_ops_take_tensors_or_prequantized_activations(cuda_be):
         ("w8a16", rtn.int8_per_channel(torch.randn(48, 256)), None),
     ]:
         w = cuda_be.prepare_weight(scheme, qw)
-        ref = getattr(R, "gemm_" + scheme.replace("-", "_"))(x, qw, bias)
+        ref = quant.get(scheme).reference_gemm(x, qw, bias)
         y = cuda_be.gemm(scheme, x, w, bias)
         assert y.shape == (5, 48) and rel(y, ref) <= 1e-5, scheme
         if qtype and not qw.hadamard:
             a = cuda_be.rms_norm_quant(x, torch.ones(256), 1e-6, qtype)
             y2 = cuda_be.gemm(scheme, a, w, bias)
-            assert torch.equal(y2, getattr(R, "gemm_" + scheme.replace("-", "_"))(a, qw, bias))
+            assert torch.equal(y2, quant.get(scheme).reference_gemm(a, qw, bias))
             with pytest.raises(ValueError, match="quantized as"):
                 cuda_be.gemm(scheme, cuda_be.quantize_per_token(x, "int4" if qtype == "int8" else "int8"),
                              w, bias)
@@ -131,8 +137,7 @@ def test_bf16_scheme_matches_transformers(tiny_root, cuda_be, family, kw):
     ref = load_hf(path)(ids).logits[0]
     model = build(path, cuda_be)
     assert rel(run_steps(model, ids), ref) <= 1e-4
-    model.new_cache(1)
-    assert rel(run_steps(model, ids, full_cache=True), ref) <= 1e-4
+    assert rel(run_steps(model, ids, full_cache=True), ref) <= 1e-4     # a fresh cache
 
 
 QUANT = [
@@ -166,9 +171,7 @@ def test_qspec_draft_and_verify_share_weights_and_match_cpu(tiny_root, cuda_be):
     for mode in ("draft", "verify"):
         set_mode(mc, mode)
         set_mode(mr, mode)
-        mc.new_cache(1)
-        mr.new_cache(1)
-        assert rel(run_steps(mc, ids), run_steps(mr, ids)) <= 1e-3, mode
+        assert rel(run_steps(mc, ids, mode=mode), run_steps(mr, ids, mode=mode)) <= 1e-3, mode
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
@@ -195,10 +198,10 @@ def test_on_a_real_gpu():
             diff = (got.q.int() - want.q.int()).abs()
             assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (qtype, m)
             y = be.gemm(scheme, want, be.prepare_weight(scheme, qw), None)
-            assert torch.equal(y, getattr(R, "gemm_" + scheme.replace("-", "_"))(want, qw, None)), (scheme, m)
+            assert torch.equal(y, quant.get(scheme).reference_gemm(want, qw, None)), (scheme, m)
         for scheme, qw in (("w4a16", w4g), ("w8a16", w8)):
             y = be.gemm(scheme, x, be.prepare_weight(scheme, qw), None)
-            ref = getattr(R, "gemm_" + scheme.replace("-", "_"))(x, qw, None)
+            ref = quant.get(scheme).reference_gemm(x, qw, None)
             assert rel(y, ref) <= 1e-2, (scheme, m)
         if torch.cuda.get_device_capability() >= (8, 9):
             qf = rtn.fp8_per_channel(torch.randn(384, 512, generator=g)).to("cuda")
@@ -213,7 +216,7 @@ def test_on_a_real_gpu():
             y = be.gemm("w8a8-fp8", af, be.prepare_weight("w8a8-fp8", qf), bias)
             # Hopper's FP8 tensor cores accumulate with fewer bits than fp32 (measured on an
             # H100: rel 1.3e-4); an integer GEMM would be exact
-            assert rel(y, R.gemm_w8a8_fp8(af, qf, bias)) <= 5e-4, m
+            assert rel(y, quant.get("w8a8-fp8").reference_gemm(af, qf, bias)) <= 5e-4, m
     be.synchronize()
 
 
@@ -236,17 +239,13 @@ def test_int4_ptx_dequantization_on_a_real_gpu():
             for dt in (torch.bfloat16, torch.float16):
                 x = torch.randn(m, k, generator=g).to("cuda", dt)
                 y = g4.gemm_w4a16(x, w)
-                assert rel(y, R.gemm_w4a16(x, qw, None)) <= 1e-2, (group, k, sym, m, dt)
-                try:
-                    g4.ASM_DEQUANT = False
-                    y_pure = g4.gemm_w4a16(x, w)
-                finally:
-                    g4.ASM_DEQUANT = True
+                assert rel(y, quant.get("w4a16").reference_gemm(x, qw, None)) <= 1e-2, (group, k, sym, m, dt)
+                y_pure = g4.gemm_w4a16(x, w, opts=KernelConfig(ptx_dequant=False))
                 # same codes, same products: only the accumulation order may differ (none here)
                 assert rel(y, y_pure) <= 1e-3, (group, k, sym, m, dt)
             if group == -1:
                 a = be.quantize_per_token(x.float(), "int4")
-                assert torch.equal(g4.gemm_w4a4(a, w), R.gemm_w4a4(a, qw, None)), (k, m)
+                assert torch.equal(g4.gemm_w4a4(a, w), quant.get("w4a4").reference_gemm(a, qw, None)), (k, m)
     be.synchronize()
 
 
@@ -269,12 +268,8 @@ def test_w8a16_ptx_conversion_on_a_real_gpu():
             for dt in (torch.bfloat16, torch.float16):
                 x = torch.randn(m, k, generator=g).to("cuda", dt)
                 y = g8.gemm_w8a16(x, w, bias.to(dt))
-                assert rel(y, R.gemm_w8a16(x, qw, bias.to(dt))) <= 1e-2, (k, m, dt)
-                try:
-                    g8.ASM_W8A16 = False
-                    y_triton = g8.gemm_w8a16(x, w, bias.to(dt))
-                finally:
-                    g8.ASM_W8A16 = True
+                assert rel(y, quant.get("w8a16").reference_gemm(x, qw, bias.to(dt))) <= 1e-2, (k, m, dt)
+                y_triton = g8.gemm_w8a16(x, w, bias.to(dt), opts=KernelConfig(ptx_dequant=False))
                 assert rel(y, y_triton) <= 1e-3, (k, m, dt)
     be.synchronize()
 
@@ -282,37 +277,38 @@ def test_w8a16_ptx_conversion_on_a_real_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the L2 prefetch is PTX, which the "
                     "interpreter does not run); its CPU twin is test_triton_compile.py, which compiles the "
                     "GEMMs with it for sm_90")
-def test_l2_prefetch_changes_no_result_on_a_real_gpu():
-    """The weight prefetch before the PDL wait (gemm_int8 / gemm_int4 PREFETCH) is a hint: with 0,
+def test_l2_prefetch_changes_no_result_on_a_real_gpu(monkeypatch):
+    """The weight prefetch before the PDL wait (kernel option `prefetch`) is a hint: with 0,
     1 and 2 blocks every GEMM gives bit-identical outputs, including K with fewer blocks than
-    the prefetch (the prefetch is then dropped) and split-K."""
+    the prefetch (the prefetch is then dropped) and split-K. 0 and 1 are the option off and on
+    (KernelConfig(prefetch=...)); 2 blocks has no option, so the wrappers' `prefetch(opts)` is
+    made to answer 2."""
     from quasar.backends.cuda import make_backend
     from quasar.ops.triton.tuning import GemmConfig
     be = make_backend("cuda", interpret=False)
     g8, g4, nq = be.kernels.gemm_int8, be.kernels.gemm_int4, be.kernels.norm_quant
-    saved8, saved4 = dict(g8.PREFETCH), g4.PREFETCH
     g = torch.Generator().manual_seed(3)
     cfgs = (None, GemmConfig(64, 4, 256, 4, 3))
-    try:
-        for k in (256, 1024):
-            wf = torch.randn(200, k, generator=g)
-            p8 = g8.pack_int8(rtn.int8_per_channel(wf).to("cuda"))
-            p4 = g4.pack_int4(rtn.int4(wf, 128, symmetric=True).to("cuda"))
-            dense = wf.to("cuda", torch.bfloat16)
-            x = torch.randn(6, k, generator=g).to("cuda", torch.bfloat16)
-            a8 = nq.quantize_per_token(x, "int8")
-            outs = {}
-            for npf in (0, 1, 2):
-                g8.PREFETCH = {"gemm_q": npf, "gemm_f": npf}
-                g4.PREFETCH = npf
+    for k in (256, 1024):
+        wf = torch.randn(200, k, generator=g)
+        p8 = g8.pack_int8(rtn.int8_per_channel(wf).to("cuda"))
+        p4 = g4.pack_int4(rtn.int4(wf, 128, symmetric=True).to("cuda"))
+        dense = wf.to("cuda", torch.bfloat16)
+        x = torch.randn(6, k, generator=g).to("cuda", torch.bfloat16)
+        a8 = nq.quantize_per_token(x, "int8")
+        outs = {}
+        for npf in (0, 1, 2):
+            opts = KernelConfig(prefetch=npf > 0)
+            with monkeypatch.context() as mp:
+                if npf == 2:
+                    mp.setattr(g8, "prefetch", lambda opts=None: 2)
+                    mp.setattr(g4, "prefetch", lambda opts=None: 2)
                 outs[npf] = [f() for cfg in cfgs for f in (
-                    lambda: g8.gemm_w8a8_int8(a8, p8, config=cfg),
-                    lambda: g8.gemm_w8a16(x, p8, config=cfg),
-                    lambda: g8.gemm_dense_stream(x, dense, config=cfg),
-                    lambda: g4.gemm_w4a16(x, p4))]
-            for npf in (1, 2):
-                for i, (a, b) in enumerate(zip(outs[0], outs[npf])):
-                    assert torch.equal(a, b), (k, npf, i)
-    finally:
-        g8.PREFETCH, g4.PREFETCH = saved8, saved4
+                    lambda: g8.gemm_w8a8_int8(a8, p8, config=cfg, opts=opts),
+                    lambda: g8.gemm_w8a16(x, p8, config=cfg, opts=opts),
+                    lambda: g8.gemm_dense_stream(x, dense, config=cfg, opts=opts),
+                    lambda: g4.gemm_w4a16(x, p4, opts=opts))]
+        for npf in (1, 2):
+            for i, (a, b) in enumerate(zip(outs[0], outs[npf])):
+                assert torch.equal(a, b), (k, npf, i)
     be.synchronize()

@@ -26,13 +26,14 @@ import pytest
 import torch
 
 from npu_emulation import emulated_torch_npu, torch_npu_missing, use_real_torch_npu
-from quasar import backends
+from quasar import backends, quant
+from quasar.engine import ModelRunner
 from quasar.errors import UnsupportedError
+from quasar.kv import KVCache
 from quasar.ops import reference as ref
 from quasar.quant import rtn
 from quasar.quant.format import QActivation, QuantizedWeight
 from quasar.spec_decode.drafter import Drafter
-from quasar.spec_decode.kv_cache import KVCache
 from quasar.spec_decode.ngram import NgramDrafter
 from quasar.spec_decode.sampling import SamplingParams
 from quasar.spec_decode.scheduler import Scheduler
@@ -426,8 +427,11 @@ def test_w4a4_and_fp8_are_clear_errors(npu, tiny_root):
             npu.check_scheme(scheme)
         msg = str(e.value)
         assert "unsupported on npu" in msg and needle in msg and "cpu" in msg
-    with pytest.raises(UnsupportedError, match="gemm_w4a4"):
-        npu.gemm_w4a4
+    qw4 = rtn.int4(torch.randn(32, 64, generator=gen(37)), -1)
+    with pytest.raises(UnsupportedError, match="w4a4"):
+        npu.gemm("w4a4", torch.randn(2, 64, dtype=torch.bfloat16).to(npu.device), qw4.to(npu.device))
+    with pytest.raises(UnsupportedError, match="w4a4"):
+        npu.prepare_weight("w4a4", qw4.to(npu.device))
     with pytest.raises(UnsupportedError):
         npu.quantize_per_token(torch.randn(2, 8, dtype=torch.bfloat16).to(npu.device), "fp8")
     path = make_tiny(tiny_root, "qwen3", seed=4)
@@ -464,7 +468,7 @@ def test_configs_validate():
                         ("qwen3-8b-w8a8-ngram-npu.yaml", "Qwen3-8B")):
         cfg = load(root / name)
         assert cfg.device == "npu" and cfg.dtype == "bfloat16"
-        assert cfg.verifier.quant == "w8a8-int8" and cfg.verifier.lm_head_quant == "bf16"
+        assert cfg.verifier.quant == "w8a8-int8" and quant.get(cfg.verifier.lm_head_quant) is quant.get("bf16")
         d = cfg.drafter
         assert (d.method, d.num_tokens, d.ngram.min, d.ngram.max) == ("ngram", 5, 1, 3)
         assert cfg.sampling.temperature == 0.0
@@ -481,7 +485,7 @@ def test_fp32_logits_match_transformers(npu, tiny_root, family, kw):
     path = make_tiny(tiny_root, family, **kw)
     ids = torch.randint(0, 256, (1, 37), generator=gen(40))
     want = load_hf(path)(ids).logits
-    q = load_quasar(path, device="npu")
+    q = ModelRunner(load_quasar(path, device="npu"))
     got = q(ids.to(q.device), torch.arange(37, device=q.device).view(1, -1), kv_len=37)
     assert got.shape == want.shape and rel(got, want) <= 1e-4
 
@@ -491,7 +495,7 @@ def test_prefill_decode_and_chunks_match_one_forward(npu, tiny_root):
     n = 30
     ids = torch.randint(0, 256, (1, n), generator=gen(41))
     want = load_hf(path)(ids).logits[0]
-    q = load_quasar(path, device="npu")
+    q = ModelRunner(load_quasar(path, device="npu"))
     dev = q.device
     got = [q(ids[:, :12].to(dev), torch.arange(12, device=dev).view(1, -1), kv_len=12)[0]]
     t = 12
@@ -515,8 +519,8 @@ def qwen3_path(tiny_root):
 def test_fp32_quantized_logits_match_cpu_backend(npu, qwen3_path, quant, kw):
     ids = torch.randint(0, 256, (1, 29), generator=gen(42))
     pos = torch.arange(29).view(1, -1)
-    want = load_quasar(qwen3_path, device="cpu", quant=quant, **kw)(ids, pos, kv_len=29)
-    q = load_quasar(qwen3_path, device="npu", quant=quant, **kw)
+    want = ModelRunner(load_quasar(qwen3_path, device="cpu", quant=quant, **kw))(ids, pos, kv_len=29)
+    q = ModelRunner(load_quasar(qwen3_path, device="npu", quant=quant, **kw))
     got = q(ids.to(q.device), pos.to(q.device), kv_len=29)
     assert rel(got, want) <= 1e-5
 
@@ -527,9 +531,10 @@ def test_bf16_kernels_no_worse_than_cpu_bf16(npu, qwen3_path, quant, kw):
     of the size of the CPU reference's own bf16 error."""
     ids = torch.randint(0, 256, (1, 29), generator=gen(43))
     pos = torch.arange(29).view(1, -1)
-    truth = load_quasar(qwen3_path, device="cpu", quant=quant, **kw)(ids, pos, kv_len=29)
-    cpu16 = load_quasar(qwen3_path, device="cpu", dtype=torch.bfloat16, quant=quant, **kw)(ids, pos, kv_len=29)
-    q = load_quasar(qwen3_path, device="npu", dtype=torch.bfloat16, quant=quant, **kw)
+    truth = ModelRunner(load_quasar(qwen3_path, device="cpu", quant=quant, **kw))(ids, pos, kv_len=29)
+    cpu16 = ModelRunner(load_quasar(qwen3_path, device="cpu", dtype=torch.bfloat16, quant=quant, **kw))(
+        ids, pos, kv_len=29)
+    q = ModelRunner(load_quasar(qwen3_path, device="npu", dtype=torch.bfloat16, quant=quant, **kw))
     got = q(ids.to(q.device), pos.to(q.device), kv_len=29)
     assert rel(got, truth) <= 1.5 * rel(cpu16, truth) + 5e-3
 
@@ -544,7 +549,7 @@ def repetitive_prompt(seed: int, length: int = 40) -> list[int]:
 def test_speculative_equals_autoregressive_greedy(npu, qwen3_path, quant, dtype):
     """Quasar's setup (n-gram drafts, k = 5, W8A8 verifier) is lossless on the npu backend."""
     kw = dict(group_size=32) if quant == "w4a16" else {}
-    m = load_quasar(qwen3_path, device="npu", dtype=dtype, max_seq_len=128, quant=quant, **kw)
+    m = ModelRunner(load_quasar(qwen3_path, device="npu", dtype=dtype, max_seq_len=128, quant=quant, **kw))
     taus = []
     for prompt in (repetitive_prompt(0), repetitive_prompt(1), list(range(3, 40, 2))):
         want, _ = Scheduler(m, Drafter(), GREEDY, 0, set()).generate(prompt, 32)

@@ -20,11 +20,13 @@ if torch.cuda.is_available():
                 "cannot share one process", allow_module_level=True)
 os.environ["TRITON_INTERPRET"] = "1"   # before anything imports triton
 
+from quasar import quant
+from quasar.config import KernelConfig
 from quasar.errors import UnsupportedError
+from quasar.kv import KVCache
 from quasar.ops import reference as R
 from quasar.ops.triton import kernels
 from quasar.quant import rtn
-from quasar.spec_decode.kv_cache import KVCache
 
 KN = kernels(interpret=True)
 nq, g8, g4, attn, tuning = KN.norm_quant, KN.gemm_int8, KN.gemm_int4, KN.attention, KN.tuning
@@ -206,8 +208,8 @@ def _poison(m, n, dtype):
     return torch.full((m, n), float("nan"), dtype=dtype)
 
 
-W8A8 = {"int8": (rtn.int8_per_channel, g8.pack_int8, g8.gemm_w8a8_int8, R.gemm_w8a8_int8),
-        "fp8": (rtn.fp8_per_channel, g8.pack_fp8, g8.gemm_w8a8_fp8, R.gemm_w8a8_fp8)}
+W8A8 = {"int8": (rtn.int8_per_channel, g8.pack_int8, g8.gemm_w8a8_int8, quant.get("w8a8-int8").reference_gemm),
+        "fp8": (rtn.fp8_per_channel, g8.pack_fp8, g8.gemm_w8a8_fp8, quant.get("w8a8-fp8").reference_gemm)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
@@ -247,7 +249,7 @@ def test_gemm_w8a16(dtype):
         cfg = SPLIT if i % 2 else ONE
         y = g8.gemm_w8a16(x, w, b, out=_poison(m, n, dtype), config=cfg)
         assert not torch.isnan(y).any()
-        assert rel(y, R.gemm_w8a16(x, qw, b)) <= TOL[dtype], (m, cfg)
+        assert rel(y, quant.get("w8a16").reference_gemm(x, qw, b)) <= TOL[dtype], (m, cfg)
 
 
 W4_CASES = [(32, 320), (64, 320), (128, 384), (-1, 264)]   # (group, K): K % 256 != 0
@@ -267,7 +269,7 @@ def test_gemm_w4a16(group, k, sym):
         cfg = SPLIT if i % 2 else ONE
         y = g4.gemm_w4a16(x, w, b, out=_poison(m, n, dtype), config=cfg)
         assert y.dtype == dtype and not torch.isnan(y).any()
-        assert rel(y, R.gemm_w4a16(x, qw, b)) <= TOL[dtype], (m, dtype, cfg)
+        assert rel(y, quant.get("w4a16").reference_gemm(x, qw, b)) <= TOL[dtype], (m, dtype, cfg)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
@@ -280,7 +282,7 @@ def test_gemm_w4a4_is_exact(dtype):
         a = R.quantize_per_token(x, "int4")
         cfg = SPLIT if i % 2 else ONE
         y = g4.gemm_w4a4(a, w, b, out=_poison(m, n, dtype), config=cfg)
-        assert torch.equal(y, R.gemm_w4a4(a, qw, b)), (m, cfg)
+        assert torch.equal(y, quant.get("w4a4").reference_gemm(a, qw, b)), (m, cfg)
 
 
 def test_w4a4_refuses_grouped_weights():
@@ -304,10 +306,10 @@ def test_prefill_sized_gemm_uses_m_tiles():
     qw = rtn.int4(randn(n, k, seed=8), 64, symmetric=False)
     x = randn(m, k, seed=9)
     y = g4.gemm_w4a16(x, g4.pack_int4(qw), None, out=_poison(m, n, torch.float32))
-    assert rel(y, R.gemm_w4a16(x, qw, None)) <= 1e-5
+    assert rel(y, quant.get("w4a16").reference_gemm(x, qw, None)) <= 1e-5
     qw8 = rtn.int8_per_channel(randn(n, k, seed=10))
     a = R.quantize_per_token(x, "int8")
-    assert torch.equal(g8.gemm_w8a8_int8(a, g8.pack_int8(qw8)), R.gemm_w8a8_int8(a, qw8))
+    assert torch.equal(g8.gemm_w8a8_int8(a, g8.pack_int8(qw8)), quant.get("w8a8-int8").reference_gemm(a, qw8))
 
 
 def test_tuning_table_roundtrip(tmp_path):
@@ -334,21 +336,22 @@ def test_shipped_tuning_tables_load_and_launch():
     assert set(tuning.DEFAULT_TABLES.values()) <= set(files)
     for f in files:
         try:
-            n = tuning.load_table(os.path.join(d, f))
+            table = tuning._read(os.path.join(d, f))
+            n = len(table)
             assert n >= 4 * 5
-            kinds = {key[0] for key in tuning.TABLE}
+            kinds = {key[0] for key in table}
             assert kinds <= {"w8a8_int8", "w8a16", "w4a16", "w4a4", "bf16"}, kinds
             for nk in ((6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)):
                 for kind in ("w8a8_int8", "w4a16"):
-                    assert (kind, 8) + nk in tuning.TABLE, (f, kind, nk)
+                    assert (kind, 8) + nk in table, (f, kind, nk)
             # a tuned int8 config (BK, split) launched on a smaller K gives the reference result
-            cfg = tuning.TABLE[("w8a8_int8", 8, 4096, 12288)]
+            cfg = table[("w8a8_int8", 8, 4096, 12288)]
             qw8 = rtn.int8_per_channel(randn(96, 1024, seed=11))
             a = R.quantize_per_token(randn(6, 1024, seed=12), "int8")
             small = GemmConfig(bn=cfg.bn, split_k=cfg.split_k, bk=cfg.bk, num_warps=1, num_stages=1)
-            assert torch.equal(g8.gemm_w8a8_int8(a, g8.pack_int8(qw8), config=small), R.gemm_w8a8_int8(a, qw8))
+            assert torch.equal(g8.gemm_w8a8_int8(a, g8.pack_int8(qw8), config=small), quant.get("w8a8-int8").reference_gemm(a, qw8))
             # a "bf16" entry routes a dense GEMM to the weight-streaming kernel: same product
-            for key, cfg in tuning.TABLE.items():
+            for key, cfg in table.items():
                 if key[0] == "bf16":
                     wd, xd = randn(96, 1024, seed=13), randn(6, 1024, seed=14)
                     small = GemmConfig(bn=cfg.bn, split_k=cfg.split_k, bk=cfg.bk, num_warps=1, num_stages=1)
@@ -486,12 +489,15 @@ def test_early_loads_change_no_result(monkeypatch):
     q = randn(1, 6, 4, 16, seed=6)
     pos = torch.arange(40, 46).view(1, -1)
     outs = {}
+    # every kind of kernel with early loads (the shipped default leaves gemm_f, w8a16, without):
+    # option early_loads on, or off
+    monkeypatch.setattr(common, "EARLY_KINDS", dict.fromkeys(common.EARLY_KINDS, True))
     for early in (True, False):
-        monkeypatch.setattr(common, "EARLY", dict.fromkeys(common.EARLY, early))
-        outs[early] = (g8.gemm_w8a8_int8(a, p8, config=tuning.GemmConfig(32, 4, 256, 4, 2)),
-                       g8.gemm_w8a16(x, p8, config=tuning.GemmConfig(32, 8, 256, 4, 2)),
-                       attn.attention(q, cache, 0, pos, 72, num_splits=3),
-                       attn.attention(q, cache, 0, pos, 46, num_splits=1))
+        opts = KernelConfig(early_loads=early)
+        outs[early] = (g8.gemm_w8a8_int8(a, p8, config=tuning.GemmConfig(32, 4, 256, 4, 2), opts=opts),
+                       g8.gemm_w8a16(x, p8, config=tuning.GemmConfig(32, 8, 256, 4, 2), opts=opts),
+                       attn.attention(q, cache, 0, pos, 72, num_splits=3, opts=opts),
+                       attn.attention(q, cache, 0, pos, 46, num_splits=1, opts=opts))
     for got, want in zip(outs[True], outs[False]):
         assert torch.equal(got, want)
 

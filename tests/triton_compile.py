@@ -16,7 +16,6 @@ import os
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0"
-os.environ.setdefault("QUASAR_PDL", "force")   # sm_90: kernels launch with programmatic dependent launch
 
 
 def install_fake_driver(arch: int = 90):
@@ -67,9 +66,13 @@ def compile_all(arch: int = 90, verbose: bool = False, part: str = "all") -> lis
     compiled = install_fake_driver(arch)
     import torch
 
+    from quasar.config import KernelConfig
+    from quasar.kv import KVCache
     from quasar.ops.triton import kernels
     from quasar.quant import rtn
-    from quasar.spec_decode.kv_cache import KVCache
+    # sm_90: kernels launch with programmatic dependent launch (pdl on without asking the device);
+    # the other options at their shipped defaults (L2 prefetch on, early loads on, PTX dequant on)
+    o = KernelConfig(pdl="on")
     kn = kernels(False)
     nq, g8, g4, attn = kn.norm_quant, kn.gemm_int8, kn.gemm_int4, kn.attention
     done: list[str] = []
@@ -84,19 +87,19 @@ def compile_all(arch: int = 90, verbose: bool = False, part: str = "all") -> lis
             x = torch.randn(m, 256, dtype=dt)
             w = torch.ones(256, dtype=dt)
             for qt in ("int8", "int4", "fp8"):
-                nq.quantize_per_token(x, qt)
-                nq.rms_norm_quant(x, w, 1e-6, qt)
-                nq.silu_mul_quant(torch.randn(m, 512, dtype=dt), qt)
-            nq.rms_norm(x, w, 1e-6)
+                nq.quantize_per_token(x, qt, opts=o)
+                nq.rms_norm_quant(x, w, 1e-6, qt, opts=o)
+                nq.silu_mul_quant(torch.randn(m, 512, dtype=dt), qt, opts=o)
+            nq.rms_norm(x, w, 1e-6, opts=o)
             for qt in (None, "int8", "int4", "fp8"):
-                nq.add_rms_norm(x, x, w, 1e-6, qt)
+                nq.add_rms_norm(x, x, w, 1e-6, qt, opts=o)
             # rows longer than one block: the multi-pass paths
             xl, wl = torch.randn(m, 8192, dtype=dt), torch.ones(8192, dtype=dt)
             for qt in (None, "int8", "fp8"):
-                nq.add_rms_norm(xl, xl, wl, 1e-6, qt)
-                nq._silu(torch.randn(m, 2 * 20000, dtype=dt), qt)
-            nq.rms_norm(xl, wl, 1e-6)
-            nq.silu_mul(torch.randn(m, 512, dtype=dt))
+                nq.add_rms_norm(xl, xl, wl, 1e-6, qt, opts=o)
+                nq._silu(torch.randn(m, 2 * 20000, dtype=dt), qt, opts=o)
+            nq.rms_norm(xl, wl, 1e-6, opts=o)
+            nq.silu_mul(torch.randn(m, 512, dtype=dt), opts=o)
         note(f"norm/quant kernels {dt}")
     k, n = 512, 384
     wf = torch.randn(n, k)
@@ -107,22 +110,22 @@ def compile_all(arch: int = 90, verbose: bool = False, part: str = "all") -> lis
     # tiles; from a cold Triton cache their int4 variants alone took > 5 minutes of ptxas on
     # CI's 2 cores, and the interpreter tests run those paths for their values.
     for m in ((1,) if part in ("all", "rest") else ()):
-        a8 = nq.quantize_per_token(torch.randn(m, k), "int8")
-        a4 = nq.quantize_per_token(torch.randn(m, k), "int4")
-        g8.gemm_w8a8_int8(a8, p8)
-        g8.gemm_w8a8_int8(a8, p8, bias=torch.randn(n))
-        g4.gemm_w4a4(a4, p4[(-1, True)])
+        a8 = nq.quantize_per_token(torch.randn(m, k), "int8", opts=o)
+        a4 = nq.quantize_per_token(torch.randn(m, k), "int4", opts=o)
+        g8.gemm_w8a8_int8(a8, p8, opts=o)
+        g8.gemm_w8a8_int8(a8, p8, bias=torch.randn(n), opts=o)
+        g4.gemm_w4a4(a4, p4[(-1, True)], opts=o)
         if arch >= 89:         # fp8 x fp8 tensor-core dot
             from quasar.ops import reference as R
             pf = g8.pack_fp8(rtn.fp8_per_channel(wf))
             for dt in (torch.bfloat16, torch.float32):
-                g8.gemm_w8a8_fp8(R.quantize_per_token(torch.randn(m, k, dtype=dt), "fp8"), pf, bias=torch.randn(n))
+                g8.gemm_w8a8_fp8(R.quantize_per_token(torch.randn(m, k, dtype=dt), "fp8"), pf, bias=torch.randn(n), opts=o)
         for dt in (torch.bfloat16, torch.float32):
             x = torch.randn(m, k, dtype=dt)
-            g8.gemm_w8a16(x, p8)
-            g8.gemm_dense_stream(x, torch.randn(n, k, dtype=dt))
+            g8.gemm_w8a16(x, p8, opts=o)
+            g8.gemm_dense_stream(x, torch.randn(n, k, dtype=dt), opts=o)
             for key, p in p4.items():
-                g4.gemm_w4a16(x, p)
+                g4.gemm_w4a16(x, p, opts=o)
         note(f"GEMMs M={m}")
     for dt in ((torch.bfloat16, torch.float32) if part in ("all", "rest") else ()):
         cache = KVCache(2, 1, 8, 256, 128, dt, "cpu")
@@ -131,16 +134,16 @@ def compile_all(arch: int = 90, verbose: bool = False, part: str = "all") -> lis
             qkv = torch.randn(1, t, (32 + 16) * 128, dtype=dt)
             pos = torch.arange(100, 100 + t).view(1, -1)
             w = torch.ones(128, dtype=dt)
-            kn.rope.rope_kv_write(qkv, w, w, 1e-6, cos, cos, pos, cache, 1)
-            kn.rope.rope_kv_write(qkv, None, None, 1e-6, cos, cos, pos, cache, 0)
+            kn.rope.rope_kv_write(qkv, w, w, 1e-6, cos, cos, pos, cache, 1, opts=o)
+            kn.rope.rope_kv_write(qkv, None, None, 1e-6, cos, cos, pos, cache, 0, opts=o)
         note(f"rope_kv_write {dt}")
     for dt in ((torch.bfloat16,) if part in ("all", "rest") else ()):
         cache = KVCache(1, 1, 2, 8192, 64, dt, "cpu")
         for t in (1, 6):
             q = torch.randn(1, t, 8, 64, dtype=dt)
             pos = torch.arange(4000, 4000 + t).view(1, -1)
-            attn.attention(q, cache, 0, pos, 8192)                  # long: split + combine
-            attn.attention(q, cache, 0, pos - 3900, 100 + t, torch.ones(1, t, 100 + t, dtype=torch.bool))
+            attn.attention(q, cache, 0, pos, 8192, opts=o)          # long: split + combine
+            attn.attention(q, cache, 0, pos - 3900, 100 + t, torch.ones(1, t, 100 + t, dtype=torch.bool), opts=o)
         note(f"attention {dt}")
     names = sorted({c[0] for c in compiled})
     # the GEMMs' L2 prefetch before the PDL wait is PTX the interpreter never runs: it must be emitted

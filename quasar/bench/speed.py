@@ -564,7 +564,7 @@ def main(a) -> int:
         a.prompts_file = default_prompts_file()
     dev = backends.resolve_device(a.device)
     backend = backends.get(dev)
-    dtype = resolve_dtype("auto", dev) if not a.smoke else torch.float32
+    dtype = resolve_dtype("auto", backend) if not a.smoke else torch.float32
     results = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if dev == "cuda":
         results["gpu"] = torch.cuda.get_device_name()

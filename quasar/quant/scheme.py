@@ -135,8 +135,12 @@ class Scheme:
                 return kernel
             reasons.append(f"{kcls.name}: {why}")
         others = [b for b in cls.backends() if b != backend.name]
-        what = "; ".join(reasons) if reasons else cls.unsupported.get(
-            backend.name, "it declares no kernel for this scheme")
+        if reasons:
+            what = "; ".join(reasons)
+        elif backend.name in cls.unsupported:
+            what = f"unsupported on {backend.name}: {cls.unsupported[backend.name]}"
+        else:
+            what = "it declares no kernel for this backend"
         raise UnsupportedError(
             f"quantization scheme {cls.name!r} cannot run on the {backend.name} backend for a "
             f"{shape[0]}x{shape[1]} layer in {str(dtype).replace('torch.', '')} ({what}); backends "
