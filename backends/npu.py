@@ -281,7 +281,7 @@ class NpuBackend(Backend):
         if not isinstance(qw, QuantizedWeight) or qw.bits != 4:
             raise UnsupportedError("w4a16 on npu needs int4 weights")
         n, k = qw.shape
-        self._check_k(k, "w4a16")
+        self._check_k(k, "int4 weights")
         if n % 8:
             raise UnsupportedError(f"w4a16 on npu: out-features {n} is not a multiple of 8, which "
                                    "npu_convert_weight_to_int4pack needs (8 int4 per int32 along N)")
@@ -320,7 +320,7 @@ class NpuBackend(Backend):
             parts.append(_Part(a, b, packed, s, o))
         if len(parts) > 1:
             self._once(f"tile-{n}", f"out-features {n} > 65535: the GEMM runs in {len(parts)} N-tiles")
-        return NpuWeight("w4a16", n, k, 4, gs, qw.hadamard, parts)
+        return NpuWeight("int4", n, k, 4, gs, qw.hadamard, parts)
 
     # ------------------------------------------------------------------------------- GEMMs
     @staticmethod

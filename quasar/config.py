@@ -81,7 +81,7 @@ class VerifierConfig:
                          doc="int4 group size along K: auto (128 where it divides K, else 64 or 32, else per channel), 32, 64, 128, ..., or -1 = per output channel")
     symmetric: bool = _c(True, doc="int4 RTN: symmetric (True) or asymmetric with zero points")
     hadamard: bool = _c(False, doc="fold a Hadamard rotation into int4 weights (keeps w4a4 usable)")
-    lm_head_quant: str = _c("unquantized", check=scheme_choice, doc="scheme of lm_head (unquantized: kept in `dtype`)")
+    lm_head_quant: Optional[str] = _c(None, check=scheme_choice, doc="scheme of lm_head; null = unquantized (kept in `dtype`)")
 
 
 @dataclass

@@ -18,11 +18,13 @@ def test_speed_benchmark_smoke_runs_every_mode(tmp_path):
     rows = d["step"]["rows"]
     assert not [x for x in rows if "error" in x], rows
     cases = {x["case"] for x in rows}
-    assert len(cases) == 7 and {x["ctx"] for x in rows} == {16, 48}
+    from quasar import quant
+    assert len(cases) == len(quant.SCHEMES) + 3 and {x["ctx"] for x in rows} == {16, 48}
     assert all(x["ms"] > 0 and x["floor_ms"] > 0 and x["ratio_to_floor"] > 0 for x in rows)
-    # e2e: the five configs and the two transformers peers on the same prompts
+    # e2e: the five shipped SmolLM2 deployments and the two transformers peers on the same prompts
     names = {x["config"] for x in d["e2e"]["rows"]}
-    assert {"AR bf16", "Quasar (ngram + w8a8-int8)", "QSpec (w4a4 -> w4a16)",
+    assert {"ar-bf16-smollm2: AR unquantized", "quasar-smollm2: ngram k=5 + w8a8-int8",
+            "qspec-smollm2: quantized_self w4a4 k=3 -> w4a16",
             "transformers generate (greedy)", "transformers prompt-lookup (k=5)"} <= names, names
     assert all(x["tok_s"] > 0 for x in d["e2e"]["rows"])
     # project: labelled, with the formula
@@ -32,7 +34,7 @@ def test_speed_benchmark_smoke_runs_every_mode(tmp_path):
     ops = d["ops"]
     assert ops["copy"]["GBps"] > 0
     timed = {x["scheme"] for s in ops["gemm"].values() for x in s.get("rows", [])}
-    assert {"bf16", "w8a8-int8", "w4a16", "w4a4", "w8a16"} <= timed, timed
+    assert {"unquantized", "w8a8-int8", "w4a16", "w4a4", "w8a16"} <= timed, timed
     assert all(e.startswith("w8a8-fp8: skipped") for e in ops["errors"]), ops["errors"]
     for s in ("w8a8-int8", "w4a16", "w4a4"):
         assert ops["gemm"][s]["check"]["max_rel"] < 1e-3
@@ -44,10 +46,10 @@ def test_step_cases_filter(tmp_path):
     cases there are."""
     out = tmp_path / "bench"
     base = [sys.executable, "-m", "quasar.bench", "speed", "--mode", "step", "--smoke", "--out", str(out)]
-    r = subprocess.run(base + ["--cases", "w4a16,decode bf16"], capture_output=True, text=True, timeout=600,
+    r = subprocess.run(base + ["--cases", "w4a16,decode unquantized"], capture_output=True, text=True, timeout=600,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cases = {x["case"] for x in json.loads((out / "speed.json").read_text())["step"]["rows"]}
-    assert cases == {"decode bf16 (T=1)", "verify w4a16 g128", "QSpec verify w4a16 per-channel (k=3)"}, cases
+    assert cases == {"decode unquantized (T=1)", "verify w4a16 g-auto", "QSpec verify w4a16 per-channel (k=3)"}, cases
     r = subprocess.run(base + ["--cases", "w9a9"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode != 0 and "matches no step case" in r.stderr and "verify w8a8-int8" in r.stderr

@@ -315,11 +315,11 @@ def test_prefill_sized_gemm_uses_m_tiles():
 def test_tuning_table_roundtrip(tmp_path):
     import json
     p = tmp_path / "t.json"
-    p.write_text(json.dumps({"tuned": [{"kind": "w4a16", "m_bucket": 16, "n": 4096, "k": 4096,
+    p.write_text(json.dumps({"tuned": [{"kind": "int4_a16", "m_bucket": 16, "n": 4096, "k": 4096,
                                         "config": GemmConfig(bn=128, split_k=4).as_dict()}]}))
     try:
         assert tuning.load_table(str(p)) == 1
-        assert tuning.pick("w4a16", 9, 4096, 4096, "cpu") == GemmConfig(bn=128, split_k=4)
+        assert tuning.pick("int4_a16", 9, 4096, 4096, "cpu") == GemmConfig(bn=128, split_k=4)
     finally:
         tuning.TABLE.clear()
     assert tuning.block_m(1) == 16 and tuning.block_m(17) == 32 and tuning.block_m(64) == 64
@@ -340,9 +340,9 @@ def test_shipped_tuning_tables_load_and_launch():
             n = len(table)
             assert n >= 4 * 5
             kinds = {key[0] for key in table}
-            assert kinds <= {"w8a8_int8", "w8a16", "w4a16", "w4a4", "bf16"}, kinds
+            assert kinds <= set(tuning.KINDS), kinds
             for nk in ((6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)):
-                for kind in ("w8a8_int8", "w4a16"):
+                for kind in ("w8a8_int8", "int4_a16"):
                     assert (kind, 8) + nk in table, (f, kind, nk)
             # a tuned int8 config (BK, split) launched on a smaller K gives the reference result
             cfg = table[("w8a8_int8", 8, 4096, 12288)]

@@ -16,8 +16,13 @@ from collections import defaultdict
 
 import torch
 
-CASES = [("decode bf16 (T=1)", "bf16", 1), ("verify w8a8-int8 (T=6)", "w8a8-int8", 6),
-         ("verify w8a8-fp8 (T=6)", "w8a8-fp8", 6), ("verify w4a16 g128 (T=6)", "w4a16", 6)]
+
+
+def cases(k: int) -> list:
+    """The unquantized decode step, and a verify chunk of k+1 tokens for every registered scheme."""
+    from quasar import quant
+    out = [(f"decode {quant.default()} (T=1)", quant.default(), 1)]
+    return out + [(f"verify {n} (T={k + 1})", n, k + 1) for n in quant.SCHEMES]
 
 
 def group(name: str) -> str:
@@ -36,23 +41,26 @@ def main() -> int:
     ap.add_argument("--shape", default="qwen3-8b")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--k", type=int, default=5, help="drafted tokens: verify chunks of k+1")
+    ap.add_argument("--schemes", default=None, help="comma-separated subset of the schemes")
     ap.add_argument("--out", default="profile.json")
     a = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
     from quasar import backends
     from quasar.config import VerifierConfig
-    from quasar.model.loader import build_random_model
-    from quasar.speed import SHAPES, copy_bandwidth, kv_bytes, weight_bytes
+    from quasar.bench.speed import SHAPES, capture, copy_bandwidth, kv_bytes, random_step_model, weight_bytes
     be = backends.get("cuda")
     bw = copy_bandwidth(be, 1 << 30)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
                "ctx": a.ctx, "copy_bandwidth_GBs": bw / 1e9, "cases": []}
-    for label, scheme, t in CASES:
-        m = build_random_model(SHAPES[a.shape], be, torch.bfloat16, a.ctx + 64,
-                               VerifierConfig(quant=scheme, group_size=128))
-        m.new_cache(1)
-        m.runner = be.make_runner(m, [t], ("verify",))
+    want = None if not a.schemes else {s.strip() for s in a.schemes.split(",")}
+    for label, scheme, t in cases(a.k):
+        if want is not None and scheme not in want:
+            continue
+        m = random_step_model(SHAPES[a.shape], be, torch.bfloat16, a.ctx + 64,
+                              VerifierConfig(quant=scheme, group_size="auto"))
+        capture(m, t, "verify")
         ids = torch.randint(0, 1000, (1, t), device="cuda")
         pos = torch.arange(a.ctx, a.ctx + t, device="cuda").view(1, -1)
         for _ in range(5):
@@ -69,7 +77,7 @@ def main() -> int:
         groups = defaultdict(float)
         for k, v in per_kernel.items():
             groups[group(k)] += v
-        floor = (weight_bytes(m) + kv_bytes(m, a.ctx)) / bw * 1e3
+        floor = (weight_bytes(m.model) + kv_bytes(m.model, a.ctx)) / bw * 1e3
         top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
         row = {"case": label, "floor_ms": floor, "kernel_ms": sum(per_kernel.values()),
                "groups_ms": dict(groups), "top_kernels_ms": top}

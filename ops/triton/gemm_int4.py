@@ -364,7 +364,7 @@ def _launch(x, xs, w: Int4Weight, bias, out_dtype, act_int4: bool, out=None, con
     if act_int4 and (w.group_size != -1 or w.zero is not None):
         raise UnsupportedError("w4a4 needs symmetric per-channel int4 weights "
                                f"(got group_size={w.group_size}, asymmetric={w.zero is not None})")
-    cfg = tuning.pick("w4a4" if act_int4 else "w4a16", m, n, k, x.device, config, opts)
+    cfg = tuning.pick("int4_a4" if act_int4 else "int4_a16", m, n, k, x.device, config, opts)
     bm = tuning.block_m(m)
     kb = w.packed.shape[0]
     if out is None:

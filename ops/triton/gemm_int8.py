@@ -225,7 +225,7 @@ def _launch(x, xs, w: Int8Weight, bias, out_dtype, act_int8: bool, out=None, con
     if k != w.k:
         raise ValueError(f"GEMM: activation has {k} features, the weight expects {w.k}")
     n = w.n
-    kind = kind or ("w8a8_int8" if act_int8 else ("w8a8_fp8" if act_fp8 else "w8a16"))
+    kind = kind or ("w8a8_int8" if act_int8 else ("w8a8_fp8" if act_fp8 else "int8_a16"))
     # FP8 streams the same bytes through the same loop as int8: without an entry of its own it
     # takes int8's tuned configuration
     if act_fp8 and config is None and tuning.tuned(kind, m, n, k, x.device, opts) is None:

@@ -53,6 +53,9 @@ def block_m(m: int) -> int:
     return 16 if m <= 16 else (32 if m <= 32 else 64)
 
 
+KINDS = ("w8a8_int8", "w8a8_fp8", "int8_a16", "int4_a16", "int4_a4", "bf16")   # one table per kernel variant
+
+
 def load_table(path: str) -> int:
     """Load tuned configs (the "tuned" list of `python -m quasar.bench.ops` JSON); returns how many."""
     with open(path) as f:

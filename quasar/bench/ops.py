@@ -47,12 +47,25 @@ MODELS = {
     "openpangu-7b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (25600, 4096), "down": (4096, 12800)},
 }
 SMOKE_MODELS = {"tiny": {"qkv": (96, 256), "o": (64, 320), "gate_up": (128, 256), "down": (64, 512)}}
-SCHEMES = ["bf16", "w8a8-int8", "w8a8-fp8", "w4a16", "w4a4", "w8a16"]
-TUNED = {"w4a16", "w8a8-int8", "w4a4"}
+TUNED_KINDS = {"w8a8_int8", "int4_a16", "int4_a4"}        # the kernels whose launch tables are swept
+INT8_LAYOUT_KINDS = {"w8a8_int8", "int8_a16", "bf16"}      # ... that also sweep BK (int8 / dense rows)
 L2_BYTES = 50 * 2 ** 20
-# share of the total budget per worker (the rest is start-up slack)
-SLICE = {"copy": 0.03, "bf16": 0.05, "w8a8-int8": 0.24, "w8a8-fp8": 0.05, "w4a16": 0.24,
-         "w4a4": 0.20, "w8a16": 0.06, "attention": 0.07}
+
+
+def schemes() -> list[str]:
+    """Every registered scheme (the registry is the list)."""
+    from quasar import quant
+    return list(quant.SCHEMES)
+
+
+def share(name: str) -> float:
+    """A worker's share of the total budget: the swept kernels get most (the rest is start-up slack)."""
+    fixed = {"copy": 0.03, "attention": 0.07}
+    if name in fixed:
+        return fixed[name]
+    from quasar import quant
+    cuda = quant.get(name).kernels.get("cuda", ())
+    return 0.22 if cuda and cuda[0].tuning_kind in TUNED_KINDS else 0.05
 
 
 # ====================================================================== worker side
@@ -159,45 +172,38 @@ class Ctx:
         return self.deadline - time.time()
 
 
+def _scheme(scheme):
+    from quasar import quant
+    return quant.get(scheme)
+
+
 def _make_weight(ctx, scheme, n, k, seed=0):
-    """(canonical QuantizedWeight or dense tensor, prepared weight) of random N x K weights."""
+    """(canonical weight, prepared weight, kernel) of random N x K weights, quantized by the scheme's
+    RTN (grouped schemes at group_size auto) and prepared by the kernel the backend picks."""
     import torch
-    from quasar.quant import rtn
+    from quasar.config import VerifierConfig
+    s = _scheme(scheme)
     g = torch.Generator(device=ctx.dev).manual_seed(seed)
     w = torch.randn(n, k, device=ctx.dev, generator=g, dtype=torch.float32) * 0.02
-    if scheme == "bf16":
-        qw = w.to(ctx.dtype)
-    elif scheme in ("w8a8-int8", "w8a16"):
-        qw = rtn.int8_per_channel(w)
-    elif scheme == "w8a8-fp8":
-        qw = rtn.fp8_per_channel(w)
-    elif scheme == "w4a16":
-        qw = rtn.int4(w, 128 if k % 128 == 0 else -1, symmetric=True)
-    elif scheme == "w4a4":
-        qw = rtn.int4(w, -1, symmetric=True)
-    else:
-        raise ValueError(scheme)
+    qw = s.quantize(w, VerifierConfig(group_size="auto" if s.grouped else -1))
+    if isinstance(qw, torch.Tensor):
+        qw = qw.to(ctx.dtype)
     del w
-    return qw, ctx.be.prepare_weight(scheme, qw)
+    kernel = s.choose_kernel(ctx.be, (n, k), ctx.dtype, qw)
+    return qw, kernel.prepare(qw), kernel
 
 
 def _activation(ctx, scheme, m, k, seed=1):
     """What the model hands the GEMM: a bf16 tensor, or a pre-quantized QActivation."""
     import torch
-    from quasar.ops import reference as R
     g = torch.Generator(device=ctx.dev).manual_seed(seed)
     x = torch.randn(m, k, device=ctx.dev, generator=g, dtype=torch.float32).to(ctx.dtype)
-    if scheme == "w8a8-int8":
-        return x, ctx.be.quantize_per_token(x, "int8")
-    if scheme == "w4a4":
-        return x, ctx.be.quantize_per_token(x, "int4")
-    if scheme == "w8a8-fp8":
-        return x, R.quantize_per_token(x, "fp8")
-    return x, x
+    qtype = _scheme(scheme).act_qtype
+    return x, (ctx.be.quantize_per_token(x, qtype) if qtype else x)
 
 
 def _act_bytes(scheme, m, n, k) -> int:
-    a = {"w8a8-int8": 1, "w4a4": 1, "w8a8-fp8": 1}.get(scheme, 2)
+    a = 1 if _scheme(scheme).act_qtype else 2
     return m * k * a + m * n * 2 + (m * 4 if a == 1 else 0)
 
 
@@ -221,7 +227,7 @@ def _stage2(ctx, kind, best):
     for c in best:
         for w in (4, 8):
             for st in (2, 3, 4, 5):
-                for bk in ((128, 256) if kind in ("w8a8_int8", "w8a16", "bf16") else (c.bk,)):
+                for bk in ((128, 256) if kind in INT8_LAYOUT_KINDS else (c.bk,)):
                     if st == 5 and bk > 128:
                         continue
                     out.append(replace(c, num_warps=w, num_stages=st, bk=bk))
@@ -237,22 +243,18 @@ def _uniq(cs):
     return out
 
 
-def _gemm_fn(ctx, scheme):
-    kn = ctx.kn
-    if scheme == "bf16":
+def _gemm_fn(kernel):
+    """The GEMM as the backend runs it, with a launch config override for tunable kernels."""
+    if kernel.tuning_kind is not None and not _dense(kernel):
+        return lambda a, w, cfg=None: kernel.apply(a, w, None, config=cfg)
+    if _dense(kernel):                      # cuBLAS itself (the streaming kernel is tuned apart)
         import torch.nn.functional as F
         return lambda a, w, cfg=None: F.linear(a, w)
-    if scheme == "w8a8-int8":
-        return lambda a, w, cfg=None: kn.gemm_int8.gemm_w8a8_int8(a, w, None, config=cfg)
-    if scheme == "w8a16":
-        return lambda a, w, cfg=None: kn.gemm_int8.gemm_w8a16(a, w, None, config=cfg)
-    if scheme == "w4a16":
-        return lambda a, w, cfg=None: kn.gemm_int4.gemm_w4a16(a, w, None, config=cfg)
-    if scheme == "w4a4":
-        return lambda a, w, cfg=None: kn.gemm_int4.gemm_w4a4(a, w, None, config=cfg)
-    if scheme == "w8a8-fp8":
-        return lambda a, w, cfg=None: ctx.be.gemm("w8a8-fp8", a, w, None)
-    raise ValueError(scheme)
+    return lambda a, w, cfg=None: kernel.apply(a, w, None)
+
+
+def _dense(kernel) -> bool:
+    return kernel.scheme.weight_bits == 16
 
 
 def work_gemm(ctx, scheme) -> dict:
@@ -260,18 +262,21 @@ def work_gemm(ctx, scheme) -> dict:
     from quasar.ops import reference as R
     from quasar.ops.triton import tuning
     res = {"rows": [], "tuned": [], "check": None, "errors": []}
-    if scheme not in ctx.be.schemes:
-        res["errors"].append(f"{scheme}: skipped: {ctx.be.notes.get(scheme, 'unsupported')}")
+    ok, why = ctx.be.supports(scheme, ctx.dtype)
+    if not ok:
+        res["errors"].append(f"{scheme}: skipped: {why}")
         return res
-    kind = scheme.replace("-", "_")
-    fn = _gemm_fn(ctx, scheme)
+    s = _scheme(scheme)
+    dense = s.weight_bits == 16
     # ---- correctness at one shape (qkv, M = 6)
     n, k = next(iter(ctx.models.values()))["qkv"]
     try:
-        qw, w = _make_weight(ctx, scheme, n, k)
+        qw, w, kernel = _make_weight(ctx, scheme, n, k)
+        kind = kernel.tuning_kind
+        fn = _gemm_fn(kernel)
         x, a = _activation(ctx, scheme, 6, k)
         y = fn(a, w)
-        ref = R.gemm_bf16(x, qw, None) if scheme == "bf16" else getattr(R, "gemm_" + kind)(a, qw, None)
+        ref = s.reference_gemm(a, qw, None)
         chk = _rel(y.float(), ref.float())
         chk.update(shape=[n, k], m=6)
         res["check"] = chk
@@ -286,7 +291,7 @@ def work_gemm(ctx, scheme) -> dict:
     tune_until = ctx.deadline - 0.25 * ctx.args.budget     # keep ~25% for the timing
     for (n, k) in shapes:
         try:
-            qw, w0 = _make_weight(ctx, scheme, n, k)
+            qw, w0, _ = _make_weight(ctx, scheme, n, k)
             del qw
             wbytes = _nbytes(w0)
             copies = 1 if ctx.smoke else int(min(16, max(2, math.ceil(3 * L2_BYTES / wbytes))))
@@ -303,10 +308,9 @@ def work_gemm(ctx, scheme) -> dict:
                 x, a = _activation(ctx, scheme, m, k)
                 cfg, tuned = None, False
                 tkind, tfn = kind, fn
-                if scheme == "bf16":      # cuBLAS vs the weight-streaming kernel on the dense weight
-                    tkind = "bf16"
-                    tfn = lambda a, w, cfg=None: ctx.kn.gemm_int8.gemm_dense_stream(a, w, None, config=cfg)  # noqa: E731
-                if (scheme in TUNED or (scheme == "bf16" and m <= 16 and k % 256 == 0)) \
+                if dense:      # cuBLAS vs the weight-streaming kernel on the dense weight
+                    tfn = lambda a, w, cfg=None: kernel.stream(a, w, None, config=cfg)  # noqa: E731
+                if ((kind in TUNED_KINDS and not dense) or (dense and m <= 16 and k % 256 == 0)) \
                         and not ctx.args.no_tune and time.time() < tune_until:
                     timed = []
                     for c in _stage1(ctx, tkind, m, n, k):
@@ -327,7 +331,7 @@ def work_gemm(ctx, scheme) -> dict:
                     best = min(timed, key=lambda tc: tc[0]) if timed else None
                     h_us = next((t for t, c in timed if c == tuning.heuristic(tkind, m, n, k, ctx.dev)), None)
                     extra = {}
-                    if best is not None and scheme == "bf16":
+                    if best is not None and dense:
                         # the backend takes the Triton kernel only where it beats cuBLAS by 3%
                         t_cublas = ctx.timer(rotating(a, None), rep_ms=20)
                         extra = {"us_cublas": round(t_cublas, 3)}
@@ -339,12 +343,12 @@ def work_gemm(ctx, scheme) -> dict:
                         res["tuned"].append({"kind": tkind, "m_bucket": tuning.m_bucket(m), "m": m, "n": n,
                                              "k": k, "config": cfg.as_dict(), "us": round(best[0], 3),
                                              "us_heuristic": None if h_us is None else round(h_us, 3), **extra})
-                    if scheme == "bf16":
+                    if dense:
                         cfg = None
-                if cfg is None and scheme != "bf16" and scheme != "w8a8-fp8":
+                if cfg is None and not dense and kind is not None:
                     cfg = tuning.pick(kind, m, n, k, ctx.dev)
-                if scheme == "bf16" and tuned:     # what the backend runs: the tuned Triton kernel
-                    t_us = ctx.timer(rotating(a, tuning.TABLE[("bf16", tuning.m_bucket(m), n, k)], tfn),
+                if dense and tuned:     # what the backend runs: the tuned Triton kernel
+                    t_us = ctx.timer(rotating(a, tuning.TABLE[(kind, tuning.m_bucket(m), n, k)], tfn),
                                      rep_ms=40 if ctx.left() > 30 else 10)
                 else:
                     t_us = ctx.timer(rotating(a, cfg), rep_ms=40 if ctx.left() > 30 else 10)
@@ -366,7 +370,7 @@ def work_gemm(ctx, scheme) -> dict:
 def work_attention(ctx) -> dict:
     import torch
     from quasar.ops import reference as R
-    from quasar.spec_decode.kv_cache import KVCache
+    from quasar.kv import KVCache
     res = {"rows": [], "errors": [], "check": None}
     h, hkv, d = (32, 8, 128) if not ctx.smoke else (8, 2, 32)
     s_max = 8192 if not ctx.smoke else 128
@@ -481,7 +485,7 @@ def report(data: dict, ms: list[int], smoke: bool) -> str:
              f"real shapes", "",
              f"Measured copy bandwidth (D2D, read + write): **{bw:.0f} GB/s**. "
              "%BW = (weight + activation bytes) / time / copy bandwidth; floor = bytes / copy bandwidth.", ""]
-    rows = [r for s in SCHEMES for r in data["gemm"].get(s, {}).get("rows", [])]
+    rows = [r for s in schemes() for r in data["gemm"].get(s, {}).get("rows", [])]
     by = {(r["scheme"], r["n"], r["k"], r["m"]): r for r in rows}
     models = SMOKE_MODELS if smoke else MODELS
     for model, layers in models.items():
@@ -489,7 +493,7 @@ def report(data: dict, ms: list[int], smoke: bool) -> str:
                   "| layer | N x K | scheme | MB | " + " | ".join(f"M={m}" for m in ms) + " | t(16)/t(1) |",
                   "|---|---|---|---|" + "---|" * len(ms) + "---|"]
         for layer, (n, k) in layers.items():
-            for s in SCHEMES:
+            for s in schemes():
                 cells, t1, t16, mb = [], None, None, None
                 for m in ms:
                     r = by.get((s, n, k, m))
@@ -508,7 +512,7 @@ def report(data: dict, ms: list[int], smoke: bool) -> str:
         lines.append("")
         lines += [f"### {model}: one decoder layer's linears (qkv + o + gate_up + down), us; x floor", "",
                   "| scheme | " + " | ".join(f"M={m}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
-        for s in SCHEMES:
+        for s in schemes():
             cells = []
             for m in ms:
                 rs = [by.get((s, n, k, m)) for (n, k) in layers.values()]
@@ -520,7 +524,7 @@ def report(data: dict, ms: list[int], smoke: bool) -> str:
                 cells.append(f"{t:.1f} (x{t / floor:.2f})")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
-    tuned = [t for s in SCHEMES for t in data["gemm"].get(s, {}).get("tuned", [])]
+    tuned = [t for s in schemes() for t in data["gemm"].get(s, {}).get("tuned", [])]
     if tuned:
         lines += ["## Autotune winners (BN, SPLIT_K, BK, warps, stages)", "",
                   "| kind | N x K | M | config | us |", "|---|---|---|---|---|"]
@@ -529,7 +533,7 @@ def report(data: dict, ms: list[int], smoke: bool) -> str:
             lines.append(f"| {t['kind']} | {t['n']}x{t['k']} | {t['m']} | {c['bn']}, {c['split_k']}, {c['bk']}, "
                          f"{c['num_warps']}, {c['num_stages']} | {t['us']:.1f} |")
         lines.append("")
-    checks = [(s, data["gemm"].get(s, {}).get("check")) for s in SCHEMES] + [("attention", data["attention"].get("check"))]
+    checks = [(s, data["gemm"].get(s, {}).get("check")) for s in schemes()] + [("attention", data["attention"].get("check"))]
     lines += ["## Correctness vs quasar.ops.reference", "", "| kernel | max rel err | norm rel err |", "|---|---|---|"]
     for s, c in checks:
         if c:
@@ -571,7 +575,7 @@ def main(argv=None, summary: bool = True) -> int:
     ap.add_argument("--out", default="bench_ops.json", metavar="FILE.json",
                     help="JSON output file (default: bench_ops.json)")
     ap.add_argument("--ms", default="1,2,4,6,8,16,32", help="row counts M")
-    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--schemes", default=None, help="comma-separated schemes (default: every registered one)")
     ap.add_argument("--budget", type=float, default=330.0, help="total seconds (autotune stops early)")
     ap.add_argument("--no-tune", action="store_true", help="heuristic configs only")
     ap.add_argument("--no-attention", action="store_true")
@@ -589,10 +593,11 @@ def _main(args, summary: bool = True) -> int:
     from quasar.errors import ConfigError
     from quasar.run import check_out_file
     out = check_out_file(args.out)
-    schemes = [s for s in args.schemes.split(",") if s]
-    unknown = [s for s in schemes if s not in SCHEMES]
+    from quasar import quant
+    chosen = [quant.canonical(s) for s in (args.schemes or ",".join(schemes())).split(",") if s]
+    unknown = [s for s in chosen if s not in quant.SCHEMES]
     if unknown:
-        raise ConfigError(f"--schemes: unknown scheme(s) {', '.join(map(repr, unknown))}; valid: {', '.join(SCHEMES)}")
+        raise ConfigError(f"--schemes: unknown scheme(s) {', '.join(map(repr, unknown))}; valid: {', '.join(schemes())}")
     try:
         ms = [int(m) for m in args.ms.split(",")]
     except ValueError:
@@ -604,13 +609,12 @@ def _main(args, summary: bool = True) -> int:
                               "Triton interpreter)")
     t0 = time.time()
     data = {"argv": sys.argv[1:], "ms": ms, "gemm": {}, "errors": []}
-    data["copy"] = run_worker("copy", args, max(20.0, SLICE["copy"] * args.budget))
+    data["copy"] = run_worker("copy", args, max(20.0, share("copy") * args.budget))
     data["errors"] += data["copy"].get("errors", [])
-    for s in schemes:
+    for s in chosen:
         left = args.budget - (time.time() - t0)
-        share = SLICE[s] / sum(SLICE[x] for x in schemes + ["attention"] if x in SLICE and
-                               (x not in data["gemm"]))
-        res = run_worker(s, args, max(15.0, min(left, share * left)))
+        part = share(s) / sum(share(x) for x in chosen + ["attention"] if x not in data["gemm"])
+        res = run_worker(s, args, max(15.0, min(left, part * left)))
         data["gemm"][s] = res
         data["errors"] += res.get("errors", [])
     if not args.no_attention:
@@ -618,7 +622,7 @@ def _main(args, summary: bool = True) -> int:
         data["errors"] += data["attention"].get("errors", [])
     else:
         data["attention"] = {}
-    data["tuned"] = [t for s in schemes for t in data["gemm"][s].get("tuned", [])]
+    data["tuned"] = [t for s in chosen for t in data["gemm"][s].get("tuned", [])]
     data["wall_s"] = round(time.time() - t0, 1)
     print()
     print(report(data, data["ms"], args.smoke))

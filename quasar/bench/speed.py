@@ -36,15 +36,39 @@ SHAPES = {
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                  tie_word_embeddings=False),
 }
-E2E_CONFIGS = {
-    "AR bf16": dict(verifier={"quant": "bf16"}, drafter={"method": "none"}),
-    "AR w8a8-int8": dict(verifier={"quant": "w8a8-int8"}, drafter={"method": "none"}),
-    "ngram + bf16": dict(verifier={"quant": "bf16"}, drafter={"method": "ngram", "num_tokens": 5}),
-    "Quasar (ngram + w8a8-int8)": dict(verifier={"quant": "w8a8-int8"},
-                                       drafter={"method": "ngram", "num_tokens": 5}),
-    "QSpec (w4a4 -> w4a16)": dict(verifier={"quant": "w4a16", "group_size": -1, "hadamard": True},
-                                  drafter={"method": "quantized_self", "scheme": "w4a4", "num_tokens": 3}),
-}
+# The systems compared end to end are the shipped YAML deployments of the small real model
+# (configs/*.yaml name their schemes; this module names none).
+E2E_FILES = ("ar-bf16-smollm2", "ar-w8a8-smollm2", "ngram-bf16-smollm2", "quasar-smollm2", "qspec-smollm2")
+STEP_QSPEC_FILE = "qspec-qwen3-8b"      # QSpec's draft / verify schemes and k at the real shape
+
+
+def _deployment(stem: str):
+    from quasar import config as qcfg
+    from quasar.run import REPO_ROOT
+    return qcfg.load(REPO_ROOT / "configs" / f"{stem}.yaml")
+
+
+def describe(cfg) -> str:
+    """A system's label from its deployment: 'AR w8a8-int8', 'ngram k=5 + unquantized',
+    'quantized_self w4a4 k=3 -> w4a16'."""
+    from quasar import quant
+    v = quant.canonical(cfg.verifier.quant or quant.default())
+    d = cfg.drafter
+    if d.method == "none":
+        return f"AR {v}"
+    if d.method == "quantized_self":
+        return f"quantized_self {quant.canonical(d.scheme or quant.DEFAULT_DRAFT)} k={d.num_tokens} -> {v}"
+    return f"{d.method} k={d.num_tokens} + {v}"
+
+
+def e2e_configs() -> dict:
+    """{label: (file stem, the verifier / drafter sections of its YAML)}."""
+    out = {}
+    for stem in E2E_FILES:
+        cfg = _deployment(stem)
+        out[f"{stem}: {describe(cfg)}"] = {"verifier": vars(cfg.verifier), "drafter": {
+            **{k: v for k, v in vars(cfg.drafter).items() if k != "ngram"}, "ngram": vars(cfg.drafter.ngram)}}
+    return out
 
 
 def add_args(ap) -> None:
@@ -202,27 +226,35 @@ def time_variants(model, backend, t: int, ctx: int, variants: dict, iters: int =
 
 # ------------------------------------------------------------------ step
 
-QSPEC_K = 3          # QSpec drafts fewer tokens (its configs use k = 3)
-STEP_CASES = [  # (label, scheme, draft scheme, T as a function of k, mode)
-    ("decode bf16 (T=1)", "bf16", None, lambda k: 1, "verify"),
-    ("verify bf16", "bf16", None, lambda k: k + 1, "verify"),
-    ("verify w8a8-int8", "w8a8-int8", None, lambda k: k + 1, "verify"),
-    ("verify w8a8-fp8", "w8a8-fp8", None, lambda k: k + 1, "verify"),
-    ("verify w4a16 g128", "w4a16", None, lambda k: k + 1, "verify"),
-    ("QSpec draft w4a4 (T=1)", "w4a16", "w4a4", lambda k: 1, "draft"),
-    ("QSpec verify w4a16 per-channel (k=3)", "w4a16", "w4a4", lambda k: QSPEC_K + 1, "verify"),
-]
+def all_step_cases() -> list:
+    """(label, scheme, draft scheme, group size, T as a function of k, mode): the unquantized
+    decode step, a verify chunk of k+1 tokens for every registered scheme (grouped schemes at
+    group_size auto), and QSpec's draft step and verify chunk (its k) from its deployment."""
+    from quasar import quant
+    u = quant.default()
+    cases = [(f"decode {u} (T=1)", u, None, "auto", lambda k: 1, "verify")]
+    for name, s in quant.SCHEMES.items():
+        cases.append((f"verify {name}" + (" g-auto" if s.grouped else ""), name, None, "auto",
+                      lambda k: k + 1, "verify"))
+    q = _deployment(STEP_QSPEC_FILE)
+    v, d, kq = q.verifier.quant, q.drafter.scheme or quant.DEFAULT_DRAFT, q.drafter.num_tokens
+    gs = q.verifier.group_size
+    per = " per-channel" if gs == -1 else ""
+    cases.append((f"QSpec draft {d} (T=1)", v, d, gs, lambda k: 1, "draft"))
+    cases.append((f"QSpec verify {v}{per} (k={kq})", v, d, gs, lambda k, kq=kq: kq + 1, "verify"))
+    return cases
 
 
 def step_cases(a) -> list:
-    """STEP_CASES, or those whose label contains one of --cases' comma-separated strings."""
+    """Every step case, or those whose label contains one of --cases' comma-separated strings."""
+    every = all_step_cases()
     want = [w.strip() for w in (getattr(a, "cases", None) or "").split(",") if w.strip()]
     if not want:
-        return STEP_CASES
-    cases = [c for c in STEP_CASES if any(w in c[0] for w in want)]
+        return every
+    cases = [c for c in every if any(w in c[0] for w in want)]
     if not cases:
         raise SystemExit(f"--cases {a.cases!r} matches no step case; the cases are: "
-                         + "; ".join(c[0] for c in STEP_CASES))
+                         + "; ".join(c[0] for c in every))
     return cases
 
 
@@ -239,10 +271,9 @@ def step_bench(a, backend, dtype) -> dict:
     rows = []
     for shape in shapes:
         hf = SHAPES[shape]
-        for label, scheme, draft, tfn, mode in tqdm(step_cases(a), desc=f"step {shape}"):
-            gs = -1 if draft else 128
+        for label, scheme, draft, gs, tfn, mode in tqdm(step_cases(a), desc=f"step {shape}"):
             try:
-                vcfg = VerifierConfig(quant=scheme, group_size=gs)
+                vcfg = VerifierConfig(quant=scheme, group_size=gs, hadamard=draft is not None)
                 m = random_step_model(hf, backend, dtype, max(contexts) + 2 * k + 8, vcfg, draft_scheme=draft)
                 t = tfn(k)
                 capture(m, t, mode)
@@ -316,14 +347,19 @@ def e2e_bench(a, backend, dtype) -> dict:
             raise ConfigError("e2e needs --prompts-file (Spec-Bench JSONL)")
         prompts = select(read_prompts_file(a.prompts_file), a.per_category)
         n_new = a.max_new_tokens
-    names = list(E2E_CONFIGS) if not a.configs else [c.strip() for c in a.configs.split(",")]
+    configs = e2e_configs()
+    names = list(configs) if not a.configs else [n for n in configs if any(
+        w.strip() and w.strip() in n for w in a.configs.split(","))]
+    if not names:
+        from quasar.errors import ConfigError
+        raise ConfigError(f"--configs {a.configs!r} matches none of: {'; '.join(configs)}")
     model_name = a.model
     if a.smoke:
         model_name = str(_smoke_model_dir())
     rows, outputs = [], {}
     dname = str(dtype).replace("torch.", "")
     for name in names:
-        spec = E2E_CONFIGS[name]
+        spec = configs[name]
         cfg = qcfg.from_dict({"model": model_name, "device": backend.name, "dtype": dname,
                               "max_seq_len": 2048 if not a.smoke else 128, **spec,
                               "sampling": {"max_new_tokens": n_new}})
@@ -352,7 +388,8 @@ def e2e_bench(a, backend, dtype) -> dict:
             t[1] += s.steps
             outs.append(r.token_ids)
         outputs[name] = outs
-        rows.append({"config": name, "tok_s": tot["new"] / (tot["prefill_s"] + tot["decode_s"]),
+        rows.append({"config": name, "verifier": cfg.verifier.quant, "drafter": cfg.drafter.method,
+                     "draft_scheme": llm.model.draft_scheme, "k": llm.k, "tok_s": tot["new"] / (tot["prefill_s"] + tot["decode_s"]),
                      "decode_tok_s": tot["decode_tokens"] / tot["decode_s"],
                      "tau": tot["decode_tokens"] / max(tot["steps"], 1), "new_tokens": tot["new"],
                      "draft_ms_per_step": 1e3 * tot["draft_s"] / max(tot["steps"], 1),
@@ -365,7 +402,8 @@ def e2e_bench(a, backend, dtype) -> dict:
     peers = [] if a.no_peers else _peers(model_name, prompts, n_new, backend, dtype, a.smoke,
                                          lambda r: (_partial(a, "e2e", rows + r)))
     rows += peers
-    base = next((r for r in rows if r["config"] == "AR bf16"), None)
+    from quasar import quant
+    base = next((r for r in rows if r.get("drafter") == "none" and r.get("verifier") == quant.default()), None)
     pl = next((r for r in rows if r["config"].startswith("transformers prompt-lookup")), None)
     for r in rows:
         if base:
@@ -373,8 +411,9 @@ def e2e_bench(a, backend, dtype) -> dict:
         if pl:
             r["speedup_vs_hf_prompt_lookup"] = r["tok_s"] / pl["tok_s"]
     agree = None
-    if "AR bf16" in outputs and "ngram + bf16" in outputs:
-        agree = sum(x == y for x, y in zip(outputs["AR bf16"], outputs["ngram + bf16"]))
+    ng = next((r for r in rows if r.get("drafter") == "ngram" and r.get("verifier") == quant.default()), None)
+    if base and ng:
+        agree = sum(x == y for x, y in zip(outputs[base["config"]], outputs[ng["config"]]))
     return {"model": a.model, "prompts": len(prompts), "max_new_tokens": n_new, "dtype": dname,
             "rows": rows, "greedy_identical_ngram_vs_ar_bf16": agree}
 
@@ -433,34 +472,45 @@ def e2e_markdown(res: dict) -> str:
 # ------------------------------------------------------------------ project
 
 def project(step: dict, e2e: dict, k: int) -> dict:
-    """tokens/s at the real shape = tau / (time of one speculative step), per config."""
-    taus = {r["config"]: r for r in e2e["rows"] if "tau" in r}
+    """tokens/s at the real shape = tau / (time of one speculative step), per config: AR = the
+    unquantized decode step; n-gram systems = their verifier's k+1 chunk + the measured n-gram
+    draft time; quantized_self (QSpec) = k draft steps + its verify chunk."""
+    from quasar import quant
+    u = quant.default()
+    systems = [r for r in e2e["rows"] if "tau" in r and "drafter" in r]
     out = []
     by = {}
     for r in step["rows"]:
         if "error" not in r:
-            by[(r["shape"], r["case"], r["ctx"])] = r["ms"]
+            by[(r["shape"], r["case"], r["ctx"])] = r
+    decode = f"decode {u} (T=1)"
     for (shape, case, ctx), _ in sorted(by.items()):
-        if case != "decode bf16 (T=1)":
+        if case != decode:
             continue
-        ar = by[(shape, "decode bf16 (T=1)", ctx)]
-        entries = [("AR bf16", 1.0, ar, "t_decode_bf16")]
-        if "Quasar (ngram + w8a8-int8)" in taus and (shape, "verify w8a8-int8", ctx) in by:
-            r = taus["Quasar (ngram + w8a8-int8)"]
-            t = by[(shape, "verify w8a8-int8", ctx)] + r["draft_ms_per_step"]
-            entries.append(("Quasar (ngram + w8a8-int8)", r["tau"], t, "t_verify_w8a8(T=k+1) + t_draft_ngram"))
-        if "ngram + bf16" in taus and (shape, "verify bf16", ctx) in by:
-            r = taus["ngram + bf16"]
-            t = by[(shape, "verify bf16", ctx)] + r["draft_ms_per_step"]
-            entries.append(("ngram + bf16", r["tau"], t, "t_verify_bf16(T=k+1) + t_draft_ngram"))
-        q = "QSpec (w4a4 -> w4a16)"
-        if q in taus and (shape, "QSpec draft w4a4 (T=1)", ctx) in by:
-            kq = QSPEC_K
-            t = kq * by[(shape, "QSpec draft w4a4 (T=1)", ctx)] + by[(shape, "QSpec verify w4a16 per-channel (k=3)", ctx)]
-            entries.append((q, taus[q]["tau"], t, f"{kq} x t_draft_w4a4(T=1) + t_verify_w4a16(T={kq + 1})"))
+        ar = by[(shape, decode, ctx)]["ms"]
+
+        def verify(scheme):
+            return next((r["ms"] for (sh, c, cx), r in by.items() if sh == shape and cx == ctx
+                         and c.startswith(f"verify {scheme}")), None)
+        entries = []
+        for r in systems:
+            if r["drafter"] == "none" and r["verifier"] == u:
+                entries.append((r["config"], 1.0, ar, f"t_decode_{u}"))
+            elif r["drafter"] == "ngram" and verify(r["verifier"]) is not None:
+                t = verify(r["verifier"]) + r["draft_ms_per_step"]
+                entries.append((r["config"], r["tau"], t, f"t_verify_{r['verifier']}(T=k+1) + t_draft_ngram"))
+            elif r["drafter"] == "quantized_self":
+                d = next((row for (sh, c, cx), row in by.items() if sh == shape and cx == ctx
+                          and c.startswith(f"QSpec draft {r['draft_scheme']}")), None)
+                v = next((row for (sh, c, cx), row in by.items() if sh == shape and cx == ctx
+                          and c.startswith(f"QSpec verify {r['verifier']}")), None)
+                if d is not None and v is not None:
+                    kq = r["k"]
+                    entries.append((r["config"], r["tau"], kq * d["ms"] + v["ms"],
+                                    f"{kq} x t_draft_{r['draft_scheme']}(T=1) + t_verify_{r['verifier']}(T={kq + 1})"))
         for name, tau, ms, formula in entries:
             out.append({"shape": shape, "ctx": ctx, "config": name, "tau": tau, "step_ms": ms,
-                        "tok_s": 1e3 * tau / ms, "speedup_vs_ar_bf16": (tau / ms) / (1 / ar),
+                        "tok_s": 1e3 * tau / ms, "speedup_vs_ar": (tau / ms) / (1 / ar),
                         "formula": f"tok/s = tau / ({formula})"})
     return {"rows": out, "note": "PROJECTION: tau measured on SmolLM2-135M-Instruct (real weights, Spec-Bench); "
                                  "step times measured at the real shape with random weights. Verify steps are "
@@ -468,11 +518,11 @@ def project(step: dict, e2e: dict, k: int) -> dict:
 
 
 def project_markdown(res: dict) -> str:
-    lines = [res["note"], "", "| shape | ctx | config | tau | step ms | tok/s | vs AR bf16 | formula |",
+    lines = [res["note"], "", "| shape | ctx | config | tau | step ms | tok/s | vs AR (unquantized) | formula |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['shape']} | {r['ctx']} | {r['config']} | {r['tau']:.2f} | {r['step_ms']:.3f} | "
-                     f"{r['tok_s']:.1f} | {r['speedup_vs_ar_bf16']:.2f}x | {r['formula']} |")
+                     f"{r['tok_s']:.1f} | {r['speedup_vs_ar']:.2f}x | {r['formula']} |")
     return "\n".join(lines)
 
 

@@ -72,7 +72,8 @@ class LLM:
         self.path = Path(model_path) if model_path else resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.path)
         d = cfg.drafter
-        draft_scheme = (d.scheme or "w4a4") if d.method == "quantized_self" else None
+        from quasar import quant
+        draft_scheme = (d.scheme or quant.DEFAULT_DRAFT) if d.method == "quantized_self" else None
         if d.scheme and d.method != "quantized_self":
             raise ConfigError(f"drafter.scheme applies to drafter.method 'quantized_self', not {d.method!r}")
         self.model = build_model(self.path, self.backend, self.dtype, cfg.max_seq_len, cfg.verifier,
@@ -96,7 +97,6 @@ class LLM:
 
     def _load_draft(self, name: str) -> "LLM":
         from quasar.config import override
-        from quasar import quant
         dcfg = override(self.cfg, {"model": name, "drafter.method": "none"})
         dcfg.drafter.model = dcfg.drafter.scheme = None
         dcfg.verifier.quant = quant.default()        # the draft model runs unquantized

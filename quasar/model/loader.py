@@ -251,7 +251,7 @@ def build_from_source(hf: dict, src, path: Path, backend, dtype, max_seq_len, ve
                             dense(p + "post_attention_layernorm.weight", (h,)), backend))
     embed = dense("model.embed_tokens.weight", (a.vocab_size, h))
     norm = dense("model.norm.weight", (h,))
-    head_scheme = quant.canonical(verifier.lm_head_quant)
+    head_scheme = quant.canonical(verifier.lm_head_quant or quant.default())
     if a.tie_word_embeddings:
         src.used.add("lm_head.weight")
         head_w = embed

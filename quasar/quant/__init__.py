@@ -75,5 +75,7 @@ register(W8A16)
 register(W4A16)
 register(W4A4)
 
+DEFAULT_DRAFT = W4A4.name      # quantized_self (QSpec) drafts in this scheme unless drafter.scheme says
+
 __all__ = ["SCHEMES", "QuantLinear", "Scheme", "Kernel", "ReferenceKernel", "register", "get",
            "canonical", "names", "set_mode", "table"]

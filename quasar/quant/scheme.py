@@ -26,6 +26,7 @@ from quasar.ops.types import QActivation, QuantizedWeight
 class Kernel:
     """One implementation of a scheme's GEMM on one backend."""
     name: ClassVar[str]
+    tuning_kind: ClassVar[Optional[str]] = None   # its launch table in ops/triton/tuning (tunable kernels)
 
     def __init__(self, backend, scheme: type["Scheme"]):
         self.backend, self.scheme = backend, scheme
@@ -40,8 +41,9 @@ class Kernel:
         """The canonical weight (QuantizedWeight, or a dense tensor) -> this kernel's layout, once."""
         return weight
 
-    def apply(self, x, w, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """x[M, K] (or a QActivation of the scheme's act_qtype) -> y[M, N]."""
+    def apply(self, x, w, bias: Optional[torch.Tensor], config=None) -> torch.Tensor:
+        """x[M, K] (or a QActivation of the scheme's act_qtype) -> y[M, N]. config: a launch
+        configuration that overrides the tuned one (kernels with a tuning_kind; the sweeps)."""
         raise NotImplementedError
 
     # helpers shared by kernels
@@ -67,7 +69,7 @@ class ReferenceKernel(Kernel):
     def prepare(self, weight):
         return self.scheme.reference_prepare(weight)
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         return self.scheme.reference_gemm(x, w, bias)
 
 

@@ -13,22 +13,28 @@ class CublasDense(Kernel):
     """cuBLAS (F.linear), except at the few-row shapes where this GPU's tuned table measured the
     weight-streaming Triton kernel faster (kind "bf16"; none on GPUs without a table)."""
     name = "cublas"
+    tuning_kind = "bf16"       # the streaming kernel's table: where it beat cuBLAS
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         be = self.backend
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (not be.interpret and 0 < m <= 16 and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
                 and w.is_contiguous() and w.shape[1] % 256 == 0
-                and be.tuned("bf16", m, w.shape[0], w.shape[1]) is not None):
-            y = be.triton.gemm_int8.gemm_dense_stream(rows(x), w, bias, opts=be.options)
-            return y.view(*x.shape[:-1], w.shape[0])
+                and be.tuned(self.tuning_kind, m, w.shape[0], w.shape[1]) is not None):
+            return self.stream(x, w, bias)
         return F.linear(x, w, bias)
+
+    def stream(self, x, w, bias=None, config=None):
+        """The dense weight through the weight-streaming Triton kernel."""
+        be = self.backend
+        y = be.triton.gemm_int8.gemm_dense_stream(rows(x), w, bias, config=config, opts=be.options)
+        return y.view(*x.shape[:-1], w.shape[0])
 
 
 class NpuDense(Kernel):
     name = "npu_linear"
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         return F.linear(x, w, bias)
 
 

@@ -47,6 +47,7 @@ class TritonInt4(Kernel):
     """int4 codes packed 8 per int32 in 256-wide K blocks, dequantized in registers
     (ops/triton/gemm_int4.py; PTX dequantization on the GPU)."""
     name = "triton_int4"
+    tuning_kind = "int4_a16"
 
     def can_implement(self, shape, dtype, device, weight=None):
         ok, why = self.backend.float_activation(dtype)
@@ -56,10 +57,11 @@ class TritonInt4(Kernel):
         be = self.backend
         return self.shared("int4", qw, lambda q: be.triton.gemm_int4.pack_int4(be.on_device(q)))
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         be = self.backend
         lead = x.shape[:-1]
-        return be.triton.gemm_int4.gemm_w4a16(rows(rotated(x, w)), w, bias, opts=be.options).view(*lead, w.n)
+        return be.triton.gemm_int4.gemm_w4a16(rows(rotated(x, w)), w, bias, config=config,
+                                              opts=be.options).view(*lead, w.n)
 
 
 class NpuWeightQuantInt4(Kernel):
@@ -76,7 +78,7 @@ class NpuWeightQuantInt4(Kernel):
     def prepare(self, qw):
         return self.backend.prepare_int4(qw)
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         return self.backend.weight_quant_matmul(rotated(x, w), w, bias)
 
 

@@ -16,14 +16,15 @@ from .w4a16 import TritonInt4
 class TritonInt4Int4(TritonInt4):
     """The int4 kernel with int4 activations: int8-dot on codes built in registers."""
     name = "triton_w4a4"
+    tuning_kind = "int4_a4"
 
     def can_implement(self, shape, dtype, device, weight=None):
         return True, ""
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         be = self.backend
         lead = x.shape[:-1]
-        return be.triton.gemm_int4.gemm_w4a4(self.activation(x, "int4", w), w, bias,
+        return be.triton.gemm_int4.gemm_w4a4(self.activation(x, "int4", w), w, bias, config=config,
                                              opts=be.options).view(*lead, w.n)
 
 

@@ -12,21 +12,23 @@ from .w8a8_int8 import NpuQuantMatmul, TritonInt8, int8_per_channel
 class TritonW8A16(TritonInt8):
     """The int8 weight-streaming kernel on float activations (int8 -> float in PTX on the GPU)."""
     name = "triton_w8a16"
+    tuning_kind = "int8_a16"
 
     def can_implement(self, shape, dtype, device, weight=None):
         return self.backend.float_activation(dtype)
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         be = self.backend
         lead = x.shape[:-1]
-        return be.triton.gemm_int8.gemm_w8a16(rows(rotated(x, w)), w, bias, opts=be.options).view(*lead, w.n)
+        return be.triton.gemm_int8.gemm_w8a16(rows(rotated(x, w)), w, bias, config=config,
+                                              opts=be.options).view(*lead, w.n)
 
 
 class NpuWeightQuantInt8(NpuQuantMatmul):
     """npu_weight_quant_batchmatmul on int8 weights [K, N]."""
     name = "npu_weight_quant_batchmatmul"
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         return self.backend.weight_quant_matmul(rotated(x, w), w, bias)
 
 

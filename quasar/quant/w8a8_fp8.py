@@ -22,10 +22,10 @@ class TritonFp8(Kernel):
             raise UnsupportedError("w8a8-fp8 needs float8_e4m3fn per-channel weights")
         return be.triton.gemm_int8.pack_fp8(be.on_device(qw))
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         be = self.backend
         lead = x.shape[:-1]
-        return be.triton.gemm_int8.gemm_w8a8_fp8(self.activation(x, "fp8", w), w, bias,
+        return be.triton.gemm_int8.gemm_w8a8_fp8(self.activation(x, "fp8", w), w, bias, config=config,
                                                  opts=be.options).view(*lead, w.n)
 
 

@@ -17,16 +17,17 @@ def int8_per_channel(w) -> bool:
 class TritonInt8(Kernel):
     """int8 x int8 -> int32 tensor-core dot, weight streaming (ops/triton/gemm_int8.py)."""
     name = "triton_int8"
+    tuning_kind = "w8a8_int8"
 
     def prepare(self, qw):
         be = self.backend
         return self.shared("int8", qw, lambda q: be.triton.gemm_int8.pack_int8(be.on_device(q)))
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         be = self.backend
         lead = x.shape[:-1]
         a = self.activation(x, "int8", w)
-        return be.triton.gemm_int8.gemm_w8a8_int8(a, w, bias, opts=be.options).view(*lead, w.n)
+        return be.triton.gemm_int8.gemm_w8a8_int8(a, w, bias, config=config, opts=be.options).view(*lead, w.n)
 
 
 class NpuQuantMatmul(Kernel):
@@ -39,7 +40,7 @@ class NpuQuantMatmul(Kernel):
     def prepare(self, qw):
         return self.backend.prepare_int8(qw)
 
-    def apply(self, x, w, bias):
+    def apply(self, x, w, bias, config=None):
         return self.backend.quant_matmul(self.activation(x, "int8", w), w, bias)
 
 
