@@ -114,7 +114,7 @@ class KernelConfig:
     override them, read in one place (`with_env`): QUASAR_PDL, QUASAR_PREFETCH, QUASAR_EARLY,
     QUASAR_PTX_DEQUANT, QUASAR_TRITON_TUNING."""
     pdl: Literal["auto", "on", "off"] = _c("auto", doc="programmatic dependent launch: auto (sm_90+), on, off")
-    prefetch: bool = _c(True, doc="GEMMs prefetch their first weight block into L2 before the PDL wait")
+    prefetch: int = _c(1, min=0, max=8, doc="weight blocks each GEMM program prefetches into L2 before the PDL wait (0 = off)")
     early_loads: bool = _c(True, doc="8-bit GEMMs and attention load their first block before the PDL wait")
     ptx_dequant: bool = _c(True, doc="int4 / w8a16 weight conversion in inline PTX on the GPU (else Triton's)")
     tuning: str = _c("auto", check=tuning_choice,
@@ -138,6 +138,8 @@ class KernelConfig:
                     "off" if low in ("0", "off", "false", "no") else "auto")
             elif key == "tuning":
                 upd[key] = low if low in ("auto", "none") else v
+            elif key == "prefetch":
+                upd[key] = int(low) if low.isdigit() else (0 if low in ("off", "false", "no") else 1)
             else:
                 upd[key] = low not in ("0", "off", "false", "no")
         if not upd:

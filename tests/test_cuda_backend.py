@@ -277,12 +277,10 @@ def test_w8a16_ptx_conversion_on_a_real_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the L2 prefetch is PTX, which the "
                     "interpreter does not run); its CPU twin is test_triton_compile.py, which compiles the "
                     "GEMMs with it for sm_90")
-def test_l2_prefetch_changes_no_result_on_a_real_gpu(monkeypatch):
-    """The weight prefetch before the PDL wait (kernel option `prefetch`) is a hint: with 0,
-    1 and 2 blocks every GEMM gives bit-identical outputs, including K with fewer blocks than
-    the prefetch (the prefetch is then dropped) and split-K. 0 and 1 are the option off and on
-    (KernelConfig(prefetch=...)); 2 blocks has no option, so the wrappers' `prefetch(opts)` is
-    made to answer 2."""
+def test_l2_prefetch_changes_no_result_on_a_real_gpu():
+    """The weight prefetch before the PDL wait (kernel option `prefetch`, blocks per program) is a
+    hint: with 0, 1 and 2 blocks every GEMM gives bit-identical outputs, including K with fewer
+    blocks than the prefetch (the prefetch is then dropped) and split-K."""
     from quasar.backends.cuda import make_backend
     from quasar.ops.triton.tuning import GemmConfig
     be = make_backend("cuda", interpret=False)
@@ -298,16 +296,12 @@ def test_l2_prefetch_changes_no_result_on_a_real_gpu(monkeypatch):
         a8 = nq.quantize_per_token(x, "int8")
         outs = {}
         for npf in (0, 1, 2):
-            opts = KernelConfig(prefetch=npf > 0)
-            with monkeypatch.context() as mp:
-                if npf == 2:
-                    mp.setattr(g8, "prefetch", lambda opts=None: 2)
-                    mp.setattr(g4, "prefetch", lambda opts=None: 2)
-                outs[npf] = [f() for cfg in cfgs for f in (
-                    lambda: g8.gemm_w8a8_int8(a8, p8, config=cfg, opts=opts),
-                    lambda: g8.gemm_w8a16(x, p8, config=cfg, opts=opts),
-                    lambda: g8.gemm_dense_stream(x, dense, config=cfg, opts=opts),
-                    lambda: g4.gemm_w4a16(x, p4, opts=opts))]
+            opts = KernelConfig(prefetch=npf)
+            outs[npf] = [f() for cfg in cfgs for f in (
+                lambda: g8.gemm_w8a8_int8(a8, p8, config=cfg, opts=opts),
+                lambda: g8.gemm_w8a16(x, p8, config=cfg, opts=opts),
+                lambda: g8.gemm_dense_stream(x, dense, config=cfg, opts=opts),
+                lambda: g4.gemm_w4a16(x, p4, opts=opts))]
         for npf in (1, 2):
             for i, (a, b) in enumerate(zip(outs[0], outs[npf])):
                 assert torch.equal(a, b), (k, npf, i)

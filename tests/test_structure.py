@@ -181,3 +181,27 @@ def test_a_toy_scheme_registered_from_a_test_runs_end_to_end(toy_scheme, tiny_ro
     quant.unregister(toy_scheme.name)
     with pytest.raises(ConfigError, match="toy-w8a16-colscale"):
         from_dict({"verifier": {"quant": toy_scheme.name}})
+
+
+def test_the_readme_scheme_table_is_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    a = readme.index("<!-- scheme table (quasar.quant.table) -->") + len("<!-- scheme table (quasar.quant.table) -->")
+    b = readme.index("<!-- end scheme table -->")
+    assert readme[a:b].strip() == quant.table(), "regenerate the README table with quasar.quant.table()"
+
+
+def test_every_contract_op_is_a_backend_method_and_each_backend_says_what_it_lacks():
+    from quasar.backends import CONTRACT_METHODS, Backend, DEVICES, backend_class, implementing
+    from quasar.ops import OPS
+    assert set(CONTRACT_METHODS) == set(OPS) - {"gemm"}
+    for op in CONTRACT_METHODS:
+        assert callable(getattr(Backend, op)), op
+        assert implementing(op) == list(DEVICES), op     # every device implements every op today
+    class Partial(backend_class("cpu")):
+        name = "partial"
+        attention = Backend.attention                     # a backend without attention
+    be = Partial(torch.device("cpu"))
+    from quasar.errors import UnsupportedError
+    with pytest.raises(UnsupportedError, match="op 'attention' is not implemented by the partial backend; "
+                                               "backends that implement it: cpu, cuda, npu"):
+        be.attention(None, None, 0, None, 0)

@@ -476,7 +476,7 @@ def test_attention(case, dtype):
         assert rel(o2, o) <= 1e-6
 
 
-def test_early_loads_change_no_result(monkeypatch):
+def test_early_loads_change_no_result():
     """Loads moved before the PDL wait (the GEMM's first weight block, attention's first K/V block
     at the slots below the chunk) give the same bits as the kernels without them."""
     common = KN._common
@@ -489,13 +489,13 @@ def test_early_loads_change_no_result(monkeypatch):
     q = randn(1, 6, 4, 16, seed=6)
     pos = torch.arange(40, 46).view(1, -1)
     outs = {}
-    # every kind of kernel with early loads (the shipped default leaves gemm_f, w8a16, without):
-    # option early_loads on, or off
-    monkeypatch.setattr(common, "EARLY_KINDS", dict.fromkeys(common.EARLY_KINDS, True))
+    # every kind of kernel that has early loads (gemm_q: the 8-bit GEMMs; attention), the kernel
+    # option early_loads on or off (float-activation GEMMs never load early: _common.EARLY_KINDS)
+    assert common.early_loads("gemm_q", KernelConfig()) and not common.early_loads("gemm_f", KernelConfig())
     for early in (True, False):
         opts = KernelConfig(early_loads=early)
         outs[early] = (g8.gemm_w8a8_int8(a, p8, config=tuning.GemmConfig(32, 4, 256, 4, 2), opts=opts),
-                       g8.gemm_w8a16(x, p8, config=tuning.GemmConfig(32, 8, 256, 4, 2), opts=opts),
+                       g8.gemm_w8a8_int8(a, p8, config=tuning.GemmConfig(32, 8, 256, 4, 2), opts=opts),
                        attn.attention(q, cache, 0, pos, 72, num_splits=3, opts=opts),
                        attn.attention(q, cache, 0, pos, 46, num_splits=1, opts=opts))
     for got, want in zip(outs[True], outs[False]):

@@ -87,7 +87,7 @@ def ptx_dequant(opts=None) -> bool:
 # held across the wait and no result changes. Measured in the step on an H100 (BENCHMARKS.md).
 def prefetch(opts=None) -> int:
     """Weight blocks per program prefetched into L2 (before prefetch_blocks' rounding)."""
-    return 1 if (opts or default_options()).prefetch else 0
+    return int((opts or default_options()).prefetch)
 
 
 def prefetch_blocks(blocks: int, limit: int | None = None) -> int:
