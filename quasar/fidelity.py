@@ -33,7 +33,8 @@ from quasar import quant
 from quasar.config import VerifierConfig
 from quasar.engine import ModelRunner, eos_ids, load_tokenizer, resolve_dtype
 from quasar.errors import ConfigError
-from quasar.model.loader import build_model, resolve_model
+from quasar.fetch import resolve_model
+from quasar.model.loader import build_model
 from quasar.run import DEFAULT_PROMPTS_REL, cli_call, positive_int
 
 

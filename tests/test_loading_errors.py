@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quasar.errors import CheckpointError, UnsupportedError
-from quasar.model.loader import resolve_model
+from quasar.fetch import resolve_model
 from tiny import load_quasar, make_tiny
 
 

@@ -205,3 +205,64 @@ def test_every_contract_op_is_a_backend_method_and_each_backend_says_what_it_lac
     with pytest.raises(UnsupportedError, match="op 'attention' is not implemented by the partial backend; "
                                                "backends that implement it: cpu, cuda, npu"):
         be.attention(None, None, 0, None, 0)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] in ("backends", "ops"):
+        parts = ["quasar"] + parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path, name: str) -> set[str]:
+    """Every quasar module this file imports, at the top or inside a function."""
+    tree = ast.parse(path.read_text(), str(path))
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("quasar")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            if base.startswith("quasar"):
+                out.add(base)
+                out |= {f"{base}.{a.name}" for a in node.names}
+    return out
+
+
+def test_setup_flows_one_way_no_import_cycles():
+    """No two modules of the engine import each other, directly or around a loop, not even inside
+    a function (the benchmark harness and the tools sit on top and are not counted)."""
+    files = [p for p in ENGINE if p.relative_to(ROOT).parts[0] != "tools"
+             and p.relative_to(ROOT).parts[:2] != ("quasar", "bench") and "triton/_" not in str(p)]
+    mods = {_module_name(p): p for p in files}
+
+    def owner(m):      # a.b.c -> the longest known module prefix (a symbol import names its module)
+        while m and m not in mods:
+            m = m.rpartition(".")[0]
+        return m
+    graph = {m: {owner(i) for i in _imports(p, m)} - {"", m, "quasar"} for m, p in mods.items()}
+    for m in graph:       # a package's __init__ importing its own submodules is not a cycle
+        graph[m] = {d for d in graph[m] if not (d.startswith(m + ".") and mods[m].name == "__init__.py")}
+    cycles, state = [], {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if d.startswith(m + ".") or m.startswith(d + "."):
+                continue                  # a module and its own package
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d):] + [d] if d in stack else [m, d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)

@@ -423,7 +423,7 @@ def _peers(model_name, prompts, n_new, backend, dtype, smoke, save=lambda rows: 
     from transformers import AutoModelForCausalLM
 
     from quasar.engine import load_tokenizer
-    from quasar.model.loader import resolve_model
+    from quasar.fetch import resolve_model
     path = resolve_model(model_name)
     tok = load_tokenizer(path)
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(backend.device).eval()
@@ -588,7 +588,7 @@ def _smoke_model_dir() -> Path:
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       eos_token_id=2, bos_token_id=1)
     LlamaForCausalLM(cfg).save_pretrained(str(d))
-    from quasar.model.loader import resolve_model
+    from quasar.fetch import resolve_model
     real = resolve_model("smollm2-135m-instruct")        # reuse the real tokenizer (same vocabulary)
     AutoTokenizer.from_pretrained(str(real)).save_pretrained(str(d))
     return d

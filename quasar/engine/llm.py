@@ -17,8 +17,9 @@ import torch
 from quasar import backends
 from quasar.config import DeployConfig
 from quasar.errors import CheckpointError, ConfigError
-from quasar.model.loader import build_model, resolve_model
-from quasar.spec_decode.drafter import make_drafter
+from quasar.fetch import resolve_model
+from quasar.model.loader import build_model
+from quasar.spec_decode import make_drafter
 from quasar.spec_decode.sampling import SamplingParams
 from quasar.spec_decode.scheduler import Scheduler, Stats
 from .model_runner import ModelRunner

@@ -1,5 +1,6 @@
-"""Checkpoint loading: local HF directories (single or sharded safetensors), compressed-tensors
-checkpoints, GGUF files (converted once via transformers and cached), and the embedded models.
+"""Checkpoint loading: local HF directories (single or sharded safetensors) and compressed-tensors
+checkpoints (where a model comes from, embedded name / GGUF / hub id -> a local directory, is
+quasar.fetch.resolve_model).
 
 Every problem names the file and the tensor: a missing file, a corrupt safetensors header, a
 missing or mis-shaped tensor, an unexpected tensor.
@@ -27,52 +28,17 @@ _SKIP = re.compile(r"(rotary_emb\.inv_freq|\.input_scale|\.output_scale)$")
 
 
 def _refetch_hint(f: Path) -> str:
-    """How to get a good copy: the fetch command for an embedded model's cached files."""
-    from quasar import fetch
+    """How to get a good copy: the fetch command for an embedded model's cached files (the
+    directory `python -m quasar.fetch` made holds its QUASAR_SOURCE.txt)."""
+    from .gguf import cache_root
+    d = Path(f).resolve().parent
     try:
-        rel = Path(f).resolve().relative_to((fetch.cache_root() / "models").resolve())
+        d.relative_to((cache_root() / "models").resolve())
     except ValueError:
         return "fetch or convert it again"
-    name = rel.parts[0] if rel.parts else ""
-    if name in fetch.MODELS:
-        return f"fetch it again: python -m quasar.fetch {name} --force"
+    if (d / "QUASAR_SOURCE.txt").is_file():
+        return f"fetch it again: python -m quasar.fetch {d.name} --force"
     return "convert it again (python -m quasar.fetch NAME --force for an embedded model)"
-
-
-def resolve_model(name_or_path: str) -> Path:
-    """An embedded model name, a local HF directory, or a .gguf file -> a local HF directory."""
-    from quasar import fetch
-    if name_or_path in fetch.MODELS:
-        return fetch.ensure(name_or_path)
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise CheckpointError(f"{p} has no config.json: not a Hugging Face model directory")
-        return p
-    if p.is_file() and p.suffix == ".gguf":
-        from .gguf import convert_cached
-        return convert_cached(p)
-    if p.exists():
-        raise CheckpointError(f"{p} is neither a model directory nor a .gguf file")
-    if name_or_path.startswith("/path/to/"):
-        raise CheckpointError(f"model {name_or_path!r} is a placeholder in the config: pass your local "
-                              "checkpoint directory with --model PATH (or edit `model:` in the YAML)")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
-        return _from_hub(name_or_path)
-    raise CheckpointError(
-        f"model {name_or_path!r} not found: give an embedded model name ({', '.join(fetch.MODELS)}), "
-        "a local Hugging Face directory, a .gguf file, or a hub id (with network access)")
-
-
-def _from_hub(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                                "*.txt", "*.jinja", "*.py"]))
-    except Exception as e:  # offline, gated, or missing
-        raise CheckpointError(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            "download it elsewhere and pass the local directory with --model PATH") from None
 
 
 class SafetensorsSource:
@@ -273,4 +239,4 @@ def build_from_source(hf: dict, src, path: Path, backend, dtype, max_seq_len, ve
     return model
 
 
-__all__ = ["resolve_model", "build_model", "SafetensorsSource"]
+__all__ = ["build_model", "build_random_model", "SafetensorsSource"]

@@ -11,6 +11,10 @@ from .sampling import SamplingParams, probs, sample
 class DraftModelDrafter(Drafter):
     name = "draft_model"
 
+    @classmethod
+    def from_config(cls, cfg, runner, sampling, draft_runner=None):
+        return cls(draft_runner, sampling)
+
     def __init__(self, runner, sp: SamplingParams, generator: torch.Generator | None = None):
         """runner: the draft model's ModelRunner (its own KV cache)."""
         self.runner, self.sp = runner, sp

@@ -1,4 +1,5 @@
-"""The drafter interface, the `none` drafter (plain autoregressive decoding) and the factory.
+"""The drafter interface and the `none` drafter (plain autoregressive decoding). The registry of
+drafters (`drafter.method` -> class) is quasar.spec_decode.DRAFTERS.
 
 A drafter proposes up to k tokens that follow the context. The scheduler keeps the context on
 the host (prompt + emitted tokens, the last of which is not yet in the verifier's KV cache) and
@@ -21,6 +22,12 @@ class Draft:
 class Drafter:
     name = "none"
 
+    @classmethod
+    def from_config(cls, cfg, runner, sampling, draft_runner=None) -> "Drafter":
+        """cfg: quasar.config.DrafterConfig; runner: the verifier's ModelRunner; draft_runner: a
+        separate draft model's ModelRunner (draft_model only)."""
+        return cls()
+
     def begin(self, prompt: list[int]) -> None:
         """A new sequence: the verifier has prefilled `prompt`."""
 
@@ -34,21 +41,3 @@ class Drafter:
 
 
 NoneDrafter = Drafter
-
-
-def make_drafter(cfg, runner, sampling, draft_runner=None) -> Drafter:
-    """cfg: quasar.config.DrafterConfig; runner: the verifier's ModelRunner (QSpec drafts through
-    it in draft mode); draft_runner: the draft model's ModelRunner (draft_model)."""
-    m = cfg.method
-    if m == "none":
-        return Drafter()
-    if m == "ngram":
-        from .ngram import NgramDrafter
-        return NgramDrafter(runner.device, cfg.ngram.min, cfg.ngram.max)
-    if m == "quantized_self":
-        from .quantized_self import QuantizedSelfDrafter
-        return QuantizedSelfDrafter(runner, sampling)
-    if m == "draft_model":
-        from .draft_model import DraftModelDrafter
-        return DraftModelDrafter(draft_runner, sampling)
-    raise ValueError(m)

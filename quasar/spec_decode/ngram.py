@@ -28,6 +28,10 @@ def lookup(ctx: list[int], k: int, n_min: int, n_max: int) -> list[int]:
 class NgramDrafter(Drafter):
     name = "ngram"
 
+    @classmethod
+    def from_config(cls, cfg, runner, sampling, draft_runner=None):
+        return cls(runner.device, cfg.ngram.min, cfg.ngram.max)
+
     def __init__(self, device, n_min: int = 1, n_max: int = 3):
         self.device = device
         self.n_min, self.n_max = n_min, n_max

@@ -12,6 +12,10 @@ from .sampling import SamplingParams, probs, sample
 class QuantizedSelfDrafter(Drafter):
     name = "quantized_self"
 
+    @classmethod
+    def from_config(cls, cfg, runner, sampling, draft_runner=None):
+        return cls(runner, sampling)
+
     def __init__(self, runner, sp: SamplingParams, generator: torch.Generator | None = None):
         """runner: the verifier's ModelRunner (quasar.engine.ModelRunner)."""
         if getattr(runner.model, "draft_scheme", None) is None:
