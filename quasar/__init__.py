@@ -1,7 +1,9 @@
 """Quasar: speculative decoding with quantized verification.
 
-    import quasar
-    llm = quasar.LLM.from_config(quasar.config.DeployConfig(model="smollm2-135m-instruct"))
+    from quasar import LLM
+    from quasar.config import DeployConfig
+    llm = LLM(DeployConfig(model="smollm2-135m-instruct", drafter={"method": "ngram"}))
+    print(llm.generate("Name three colors.").text)
 """
 from .errors import QuasarError, ConfigError, CheckpointError, UnsupportedError  # noqa: F401
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -30,7 +31,15 @@ OPTIONAL_MODULES = {"triton": "cuda", "gguf": "gguf", "matplotlib": "plot", "llm
 
 def cli_call(fn, *args, **kwargs) -> int:
     """Run a CLI's body: a QuasarError (or a missing optional module) becomes one line
-    `error: ...` on stderr and exit status 2; Ctrl-C exits 130. Every quasar CLI's main uses it."""
+    `error: ...` on stderr and exit status 2; Ctrl-C exits 130. Every quasar CLI's main uses it.
+    The engine's log lines (logger "quasar": load-time choices such as the group size `auto` picks,
+    backend notes) go to stderr."""
+    log = logging.getLogger("quasar")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("quasar: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
     try:
         rc = fn(*args, **kwargs)
         return 0 if rc is None else rc

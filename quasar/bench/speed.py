@@ -577,20 +577,31 @@ def plots(out: Path, results: dict) -> list[str]:
 
 
 def _smoke_model_dir() -> Path:
-    """A tiny random Llama written once to the cache (the smoke run's 'real model')."""
+    """A tiny random Llama written once to the cache (the smoke run's 'real model'): built in a
+    temporary directory and renamed into place, so an interrupted build leaves nothing half-made."""
+    import shutil
+    import tempfile
     from quasar.model.gguf import cache_root
     d = cache_root() / "smoke-tiny-llama"
-    if (d / "config.json").is_file():
+    if (d / "config.json").is_file() and (d / "tokenizer_config.json").is_file():
         return d
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: F401
+
+    from quasar.fetch import resolve_model
+    real = resolve_model("smollm2-135m-instruct")        # reuse the real tokenizer (same vocabulary)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=".smoke-tiny-llama-"))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       eos_token_id=2, bos_token_id=1)
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    from quasar.fetch import resolve_model
-    real = resolve_model("smollm2-135m-instruct")        # reuse the real tokenizer (same vocabulary)
-    AutoTokenizer.from_pretrained(str(real)).save_pretrained(str(d))
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(real)).save_pretrained(str(tmp))
+    shutil.rmtree(d, ignore_errors=True)
+    try:
+        tmp.rename(d)
+    except OSError:            # another process made it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
     return d
 
 
