@@ -108,6 +108,10 @@ def positive_int(text: str) -> int:
     return v
 
 
+def group_size(text: str):
+    return text if text == "auto" else int(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     prog = "quasar" if Path(sys.argv[0]).name == "quasar" else "python -m quasar.run"
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
@@ -117,11 +121,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", help="auto | cpu | cuda | npu")
     ap.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     ap.add_argument("--max-seq-len", type=int, help="static KV cache length")
-    ap.add_argument("--verifier-quant", help="bf16 | w8a8-int8 | w8a8-fp8 | w8a16 | w4a16 | w4a4")
-    ap.add_argument("--group-size", type=int, help="int4 group size (-1 = per channel)")
+    from quasar import quant
+    ap.add_argument("--verifier-quant", metavar="SCHEME",
+                    help=" | ".join(quant.names()) + " (bf16 = unquantized)")
+    ap.add_argument("--group-size", type=group_size, help="int4 group size: auto, -1 (per channel), 32, 64, 128, ...")
     ap.add_argument("--drafter", help="none | ngram | quantized_self | draft_model")
     ap.add_argument("--num-draft-tokens", type=int, help="k, tokens drafted per step")
-    ap.add_argument("--draft-scheme", help="quantized_self: the scheme the draft runs (default w4a4)")
+    ap.add_argument("--draft-scheme", metavar="SCHEME",
+                    help=f"quantized_self: the scheme the draft runs (default {quant.DEFAULT_DRAFT})")
     ap.add_argument("--draft-model", help="draft_model: path or name of the draft model")
     ap.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     ap.add_argument("--prompts-file", type=Path,
