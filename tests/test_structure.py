@@ -266,3 +266,10 @@ def test_setup_flows_one_way_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_bf16_is_kept_as_the_old_name_of_unquantized():
+    from quasar.config import from_dict
+    cfg = from_dict({"verifier": {"quant": "bf16", "lm_head_quant": "bf16"}})
+    assert cfg.verifier.quant == cfg.verifier.lm_head_quant == quant.default() == "unquantized"
+    assert quant.get("bf16") is quant.SCHEMES["unquantized"]
