@@ -10,6 +10,8 @@ from quasar.errors import CheckpointError, UnsupportedError
 from quasar.fetch import resolve_model
 from tiny import load_quasar, make_tiny
 
+from quasar.engine import ModelRunner
+
 
 @pytest.fixture()
 def model_dir(tiny_root, tmp_path):
@@ -102,11 +104,11 @@ def test_sharded_checkpoint_loads_and_missing_shard_is_named(tiny_root, tmp_path
         save_file({n: sd[n] for n in chunk}, str(d / fn))
         wmap.update({n: fn for n in chunk})
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
-    ref = load_quasar(src)
-    got = load_quasar(d)
+    ref = ModelRunner(load_quasar(src))
+    got = ModelRunner(load_quasar(d))
     ids = torch.arange(10).view(1, -1)
     pos = torch.arange(10).view(1, -1)
-    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    ref_sd, got_sd = ref.model.state_dict(), got.model.state_dict()
     assert ref_sd.keys() == got_sd.keys()
     assert all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
     # same weights; the logits may differ in the last bit (BLAS picks kernels by alignment)

@@ -468,7 +468,7 @@ def test_configs_validate():
                         ("qwen3-8b-w8a8-ngram-npu.yaml", "Qwen3-8B")):
         cfg = load(root / name)
         assert cfg.device == "npu" and cfg.dtype == "bfloat16"
-        assert cfg.verifier.quant == "w8a8-int8" and quant.get(cfg.verifier.lm_head_quant) is quant.get("bf16")
+        assert cfg.verifier.quant == "w8a8-int8" and quant.get(cfg.verifier.lm_head_quant or quant.default()) is quant.get("bf16")
         d = cfg.drafter
         assert (d.method, d.num_tokens, d.ngram.min, d.ngram.max) == ("ngram", 5, 1, 3)
         assert cfg.sampling.temperature == 0.0

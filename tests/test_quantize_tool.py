@@ -15,6 +15,8 @@ import torch
 
 from tiny import load_quasar, make_tiny
 
+from quasar.engine import ModelRunner
+
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "quantize.py"
 SPECBENCH = [
@@ -217,8 +219,8 @@ def test_recipe_end_to_end(model_dir, calib, tmp_path, recipe):
     n = ids.shape[1]
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ref = hf(ids).logits
-    q = load_quasar(out)
-    assert q.scheme == RECIPES[recipe]
+    q = ModelRunner(load_quasar(out))
+    assert q.model.scheme == RECIPES[recipe]
     got = q(ids, torch.arange(n).view(1, -1), kv_len=n)
     err = ((got - ref).norm() / ref.norm()).item()
     if recipe.startswith("w4"):

@@ -38,9 +38,9 @@ def test_real_model_speculative_equals_autoregressive(ar_outputs, quant, extra, 
     assert max(taus) > 1.0      # drafts were accepted, so a wrong acceptance would show
 
 
-def test_acceptance_bench_writes_json_into_a_directory(smollm2_dir, tmp_path):
-    """`python -m quasar.bench acceptance --out DIR` writes DIR/acceptance.json (after every
-    config, so an interrupted run keeps its results), with tau per Spec-Bench task."""
+def test_acceptance_bench_writes_json(smollm2_dir, tmp_path):
+    """`python -m quasar.bench acceptance --out FILE.json` writes the JSON (after every config, so
+    an interrupted run keeps its results), with tau per Spec-Bench task."""
     import json
     from pathlib import Path
 
@@ -50,7 +50,7 @@ def test_acceptance_bench_writes_json_into_a_directory(smollm2_dir, tmp_path):
     prompts.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, (c, t) in
                                  enumerate([("qa", "What is 2+2? Answer: 2+2 is"), ("rag", "Repeat: a b c a b c a b c")])))
     rc = main(["acceptance", "--config", str(root / "configs/ngram-bf16-smollm2.yaml"), "--prompts-file",
-               str(prompts), "--max-new-tokens", "12", "--device", "cpu", "--out", str(tmp_path / "res")])
+               str(prompts), "--max-new-tokens", "12", "--device", "cpu", "--out", str(tmp_path / "res" / "acceptance.json")])
     assert rc in (0, None)
     res = json.loads((tmp_path / "res" / "acceptance.json").read_text())
     tasks = res["ngram-bf16-smollm2"]["tasks"]

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from quasar import backends
+from quasar import backends, quant
 from quasar.config import DeployConfig
 from quasar.errors import CheckpointError, ConfigError
 from quasar.fetch import resolve_model
@@ -73,7 +73,6 @@ class LLM:
         self.path = Path(model_path) if model_path else resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.path)
         d = cfg.drafter
-        from quasar import quant
         draft_scheme = (d.scheme or quant.DEFAULT_DRAFT) if d.method == "quantized_self" else None
         if d.scheme and d.method != "quantized_self":
             raise ConfigError(f"drafter.scheme applies to drafter.method 'quantized_self', not {d.method!r}")
