@@ -3,6 +3,7 @@ these): plain torch, any device. Batch invariance as in quasar.ops.reference: ch
 INVARIANT_ROWS rows are computed row by row, through the call a one-row step makes."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -10,6 +11,20 @@ import torch
 from quasar.ops.reference import INVARIANT_ROWS, quantize_per_token
 from quasar.ops.types import QMAX, QActivation, QuantizedWeight
 from .scheme import rotated
+
+
+def dense_once(w: QuantizedWeight) -> QuantizedWeight:
+    """Weight-only schemes' reference kernel: a copy of the weight that caches its fp32 matrix."""
+    w = replace(w)
+    w._dense = w.dequantize()
+    return w
+
+
+def codes_once(w: QuantizedWeight) -> QuantizedWeight:
+    """Integer-activation schemes' reference kernel: a copy that caches its codes in fp32 (exact)."""
+    w = replace(w)
+    w._codes_f32 = w.codes.float()
+    return w
 
 
 def by_row(fn, x: torch.Tensor) -> torch.Tensor:

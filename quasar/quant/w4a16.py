@@ -4,12 +4,10 @@ in the model dtype."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
-
 from quasar.errors import ConfigError
 from . import rtn
 from .format import QuantizedWeight
-from .reference import weight_only
+from .reference import dense_once, weight_only
 from .scheme import Kernel, ReferenceKernel, Scheme, rotated, rows
 
 log = logging.getLogger("quasar")
@@ -101,9 +99,7 @@ class W4A16(Scheme):
 
     @classmethod
     def reference_prepare(cls, w):
-        w = replace(w)
-        w._dense = w.dequantize()           # fp32, once
-        return w
+        return dense_once(w)
 
     @classmethod
     def reference_gemm(cls, x, w, bias=None):

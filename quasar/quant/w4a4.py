@@ -3,12 +3,10 @@ activations. With `hadamard`, a block Hadamard rotation is folded into the weigh
 online to the activations, which keeps W4A4 usable. The same codes also run as w4a16."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 from quasar.errors import ConfigError
 from . import rtn
 from .format import QuantizedWeight
-from .reference import as_activation, int_gemm
+from .reference import as_activation, codes_once, int_gemm
 from .scheme import ReferenceKernel, Scheme
 from .w4a16 import TritonInt4
 
@@ -60,9 +58,7 @@ class W4A4(Scheme):
 
     @classmethod
     def reference_prepare(cls, w):
-        w = replace(w)
-        w._codes_f32 = w.codes.float()
-        return w
+        return codes_once(w)
 
     @classmethod
     def reference_gemm(cls, x, w, bias=None):

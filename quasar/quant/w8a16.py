@@ -1,10 +1,8 @@
 """w8a16: int8 symmetric per-channel weights, activations in the model dtype."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 from . import rtn
-from .reference import weight_only
+from .reference import dense_once, weight_only
 from .scheme import Kernel, ReferenceKernel, Scheme, rotated, rows
 from .w8a8_int8 import NpuQuantMatmul, TritonInt8, int8_per_channel
 
@@ -49,9 +47,7 @@ class W8A16(Scheme):
 
     @classmethod
     def reference_prepare(cls, w):
-        w = replace(w)
-        w._dense = w.dequantize()           # fp32, once
-        return w
+        return dense_once(w)
 
     @classmethod
     def reference_gemm(cls, x, w, bias=None):

@@ -2,11 +2,9 @@
 dynamic symmetric int8 activations, int32 accumulation, output in the model dtype."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 from . import rtn
 from .format import QuantizedWeight
-from .reference import as_activation, int_gemm
+from .reference import as_activation, codes_once, int_gemm
 from .scheme import Kernel, ReferenceKernel, Scheme
 
 
@@ -62,9 +60,7 @@ class W8A8Int8(Scheme):
 
     @classmethod
     def reference_prepare(cls, w):
-        w = replace(w)
-        w._codes_f32 = w.codes.float()      # exact; see reference.int_gemm
-        return w
+        return codes_once(w)
 
     @classmethod
     def reference_gemm(cls, x, w, bias=None):
