@@ -4,7 +4,6 @@ place (KernelConfig.with_env). No module global carries an option."""
 import json
 
 import pytest
-import torch
 
 from quasar import backends
 from quasar.config import KernelConfig, from_dict

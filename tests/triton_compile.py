@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ["TRITON_INTERPRET"] = "0"
 

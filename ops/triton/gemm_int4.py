@@ -49,7 +49,6 @@ import triton.language as tl
 from quasar.errors import UnsupportedError
 from quasar.ops.types import QActivation, QuantizedWeight
 from . import tuning
-from . import _common
 from ._common import INTERPRETED, gemm_finish, pdl_kw, pdl_prologue, prefetch, prefetch_blocks, prefetch_l2, ptx_dequant
 
 # Option `prefetch`: one block of each program's codes prefetched into L2 before the PDL wait. H100,

@@ -259,7 +259,6 @@ def _dense(kernel) -> bool:
 
 def work_gemm(ctx, scheme) -> dict:
     import torch
-    from quasar.ops import reference as R
     from quasar.ops.triton import tuning
     res = {"rows": [], "tuned": [], "check": None, "errors": []}
     ok, why = ctx.be.supports(scheme, ctx.dtype)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from . import rtn
 from .reference import dense_once, weight_only
-from .scheme import Kernel, ReferenceKernel, Scheme, rotated, rows
+from .scheme import ReferenceKernel, Scheme, rotated, rows
 from .w8a8_int8 import NpuQuantMatmul, TritonInt8, int8_per_channel
 
 
