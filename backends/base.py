@@ -133,5 +133,11 @@ class Backend:
     def attention(self, q, cache, layer, positions, kv_len, mask=None):
         self._missing("attention")
 
+    def paged_kv_write(self, cache, layer, k, v, slot_mapping):
+        self._missing("paged_kv_write")
+
+    def paged_attention(self, q, cache, layer, ctx):
+        self._missing("paged_attention")
+
 
 CONTRACT_METHODS = tuple(op for op in OPS if op != "gemm")

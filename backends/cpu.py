@@ -48,3 +48,9 @@ class CpuBackend(Backend):
 
     def attention(self, q, cache, layer, positions, kv_len, mask=None):
         return R.attention(q, cache, layer, positions, kv_len, mask)
+
+    def paged_kv_write(self, cache, layer, k, v, slot_mapping):
+        return R.paged_kv_write(cache, layer, k, v, slot_mapping)
+
+    def paged_attention(self, q, cache, layer, ctx):
+        return R.paged_attention(q, cache, layer, ctx)

@@ -64,3 +64,9 @@ _op("attention", "(q[B, T, H, D], cache: KVCache, layer: int, positions[B, T], k
     "softmax(q k^T * D^-0.5) v over cache slots [0, kv_len) where slot j is visible to query (b, i) "
     "iff j <= positions[b, i] (and mask[b, i, j] when a mask is given: True = may attend); GQA maps "
     "query head h to kv head h // (H / Hkv)")
+_op("paged_kv_write", "(cache: PagedKVCache, layer: int, k[N, Hkv, D], v[N, Hkv, D], slot_mapping[N]) -> None",
+    "cache slot slot_mapping[i] (block slot // block_size, offset slot % block_size) of the layer takes k[i], v[i]")
+_op("paged_attention", "(q[N, H, D], cache: PagedKVCache, layer: int, ctx: StepContext) -> o[N, H, D]",
+    "the batched runtime's attention: token i of sequence b (ctx.query_start) attends to b's slots at "
+    "positions <= ctx.positions[i], gathered through ctx.block_tables[b]; softmax(q k^T * D^-0.5) v, GQA "
+    "as in attention. Today only the CPU reference implements it (the batched runtime, issue 17)")

@@ -140,3 +140,55 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
         q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=allow[:, None],
         scale=d ** -0.5, enable_gqa=heads != kv_heads)
     return out.transpose(1, 2)
+
+
+# ------------------------------------------------------------------ the paged KV cache (batched runtime)
+
+def paged_kv_write(cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v [N, Hkv, D] -> the cache slots slot_mapping[N] (cache.k[layer]: [blocks, Hkv, bs, D])."""
+    bs = cache.block_size
+    blk, off = slot_mapping // bs, slot_mapping % bs
+    cache.k[layer][blk, :, off] = k.to(cache.dtype)
+    cache.v[layer][blk, :, off] = v.to(cache.dtype)
+
+
+def _gather(cache_layer: torch.Tensor, table: torch.Tensor, n: int, bs: int) -> torch.Tensor:
+    """A sequence's first n slots, contiguous: [1, Hkv, n, D]."""
+    blocks = cache_layer[table[:-(-n // bs)]]                          # [nb, Hkv, bs, D]
+    return blocks.permute(1, 0, 2, 3).reshape(blocks.shape[1], -1, blocks.shape[-1])[None, :, :n]
+
+
+def paged_attention(q: torch.Tensor, cache, layer: int, ctx) -> torch.Tensor:
+    """q [N, H, D] (the step's tokens, flattened; ctx: quasar.engine.context.StepContext) -> o [N, H, D].
+    Token i of sequence b attends to that sequence's slots at positions <= positions[i], found
+    through its block table. Chunks of <= INVARIANT_ROWS tokens are computed row by row, each
+    exactly as the dense cache's one-token decode computes it (same gathered K/V, same SDPA call),
+    so a batch gives every sequence the bits it gets alone and the dense cache gives."""
+    n_tok, heads, d = q.shape
+    bs = cache.block_size
+    kc, vc = cache.k[layer], cache.v[layer]
+    kv_heads = kc.shape[1]
+    pos = ctx.positions.tolist()
+    out = torch.empty_like(q)
+    qs = ctx.query_start
+    for b in range(len(qs) - 1):
+        a, e = qs[b], qs[b + 1]
+        if a == e:
+            continue
+        table = ctx.block_tables[b]
+        if e - a <= INVARIANT_ROWS:
+            for i in range(a, e):
+                n = pos[i] + 1
+                k, v = _gather(kc, table, n, bs).to(q.dtype), _gather(vc, table, n, bs).to(q.dtype)
+                o = F.scaled_dot_product_attention(q[i:i + 1, None].transpose(1, 2), k, v, scale=d ** -0.5,
+                                                   enable_gqa=heads != kv_heads)
+                out[i] = o[0, :, 0]
+            continue
+        n = max(pos[a:e]) + 1
+        k, v = _gather(kc, table, n, bs).to(q.dtype), _gather(vc, table, n, bs).to(q.dtype)
+        p = ctx.positions[a:e]
+        allow = torch.arange(n, device=q.device)[None, :] <= p[:, None]         # [T, n]
+        o = F.scaled_dot_product_attention(q[a:e][None].transpose(1, 2), k, v, attn_mask=allow[None, None],
+                                           scale=d ** -0.5, enable_gqa=heads != kv_heads)
+        out[a:e] = o[0].transpose(0, 1)
+    return out

@@ -192,16 +192,21 @@ def test_the_readme_scheme_table_is_the_registry():
 
 def test_every_contract_op_is_a_backend_method_and_each_backend_says_what_it_lacks():
     from quasar.backends import CONTRACT_METHODS, Backend, DEVICES, backend_class, implementing
+    from quasar.errors import UnsupportedError
     from quasar.ops import OPS
     assert set(CONTRACT_METHODS) == set(OPS) - {"gemm"}
     for op in CONTRACT_METHODS:
         assert callable(getattr(Backend, op)), op
-        assert implementing(op) == list(DEVICES), op     # every device implements every op today
+        want = ["cpu"] if op.startswith("paged_") else list(DEVICES)   # paged ops: the CPU reference so far
+        assert implementing(op) == want, op
+    from quasar.backends.cuda import make_backend
+    with pytest.raises(UnsupportedError, match="op 'paged_attention' is not implemented by the cuda backend; "
+                                               "backends that implement it: cpu"):
+        make_backend(interpret=True).paged_attention(None, None, 0, None)
     class Partial(backend_class("cpu")):
         name = "partial"
         attention = Backend.attention                     # a backend without attention
     be = Partial(torch.device("cpu"))
-    from quasar.errors import UnsupportedError
     with pytest.raises(UnsupportedError, match="op 'attention' is not implemented by the partial backend; "
                                                "backends that implement it: cpu, cuda, npu"):
         be.attention(None, None, 0, None, 0)

@@ -1,0 +1,40 @@
+"""Per-step attention metadata of a batch on the paged KV cache (nano-vllm's Context): the step's
+tokens are flattened (N = the sum of every sequence's chunk), and each carries its position and
+its cache slot; each sequence carries its block table and visible KV length."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepContext:
+    positions: torch.Tensor          # [N] int64: the position of each token in its sequence
+    slot_mapping: torch.Tensor       # [N] int64: the cache slot each token's K/V is written to
+    query_start: list[int]           # B + 1 offsets: sequence b's tokens are [query_start[b], query_start[b+1])
+    block_tables: torch.Tensor       # [B, max_blocks] int64, padded with 0 past a sequence's blocks
+    context_lens: torch.Tensor       # [B] int64: KV slots visible to sequence b (its last position + 1)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_start) - 1
+
+    @staticmethod
+    def build(tables: list[list[int]], chunks: list[tuple[int, int]], block_size: int, device) -> "StepContext":
+        """tables: each sequence's block ids; chunks: each sequence's (first position, tokens) of
+        this step. Slots follow positions here (chains); trees map their own slots."""
+        pos, slots, qs = [], [], [0]
+        for table, (start, n) in zip(tables, chunks):
+            for p in range(start, start + n):
+                pos.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+            qs.append(qs[-1] + n)
+        width = max(len(t) for t in tables)
+        bt = torch.zeros(len(tables), width, dtype=torch.int64)
+        for b, t in enumerate(tables):
+            bt[b, :len(t)] = torch.tensor(t, dtype=torch.int64)
+        lens = [start + n for start, n in chunks]
+        return StepContext(torch.tensor(pos, dtype=torch.int64, device=device),
+                           torch.tensor(slots, dtype=torch.int64, device=device), qs, bt.to(device),
+                           torch.tensor(lens, dtype=torch.int64, device=device))

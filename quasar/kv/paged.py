@@ -1,0 +1,32 @@
+"""The paged KV cache: fixed-size blocks shared by every sequence of a batch (issue 17).
+
+Per layer, k[layer] / v[layer] are [num_blocks, Hkv, block_size, D] (BNSD within a block, like the
+dense cache's layer layout). A sequence's token at position p lives in slot
+`table[p // block_size] * block_size + p % block_size` (quasar.engine.block_manager); each step's
+attention metadata (quasar.engine.context.StepContext) carries the slot of every token and the
+block table of every sequence, so slots and positions are separate (a tree draft can put several
+tokens at one position).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    representation = "paged"
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device):
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
