@@ -50,6 +50,6 @@ def test_step_cases_filter(tmp_path):
                        cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cases = {x["case"] for x in json.loads((out / "speed.json").read_text())["step"]["rows"]}
-    assert cases == {"decode unquantized (T=1)", "verify w4a16 g-auto", "QSpec verify w4a16 per-channel (k=3)"}, cases
+    assert cases == {"decode unquantized (T=1)", "verify w4a16 g-auto", "QSpec verify w4a16 per-channel hadamard (k=3)"}, cases
     r = subprocess.run(base + ["--cases", "w9a9"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode != 0 and "matches no step case" in r.stderr and "verify w8a8-int8" in r.stderr

@@ -100,6 +100,17 @@ def test_hadamard_is_orthogonal_and_folding_is_exact():
         assert torch.allclose(rotate(x) @ rotate(w).T, x @ w.T, atol=1e-9)
 
 
+def test_hadamard_rotation_is_the_block_diagonal_sylvester_matrix():
+    """rotate() (two small Kronecker-factor matmuls) == x @ blockdiag(H_b) with H_b the dense
+    normalized Sylvester matrix, for power-of-two and block-diagonal K."""
+    from quasar.quant.hadamard import _sylvester, block_size
+    for k in (8, 64, 96, 576, 1536, 4096):
+        x = torch.randn(3, k, dtype=torch.float64)
+        b = block_size(k)
+        h = _sylvester(b, "cpu").double()
+        assert torch.allclose(rotate(x), (x.reshape(3, k // b, b) @ h).reshape(3, k), atol=1e-12), k
+
+
 def test_hadamard_reduces_w4a4_error_on_outlier_activations():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(128, 256, generator=g)

@@ -227,21 +227,22 @@ def time_variants(model, backend, t: int, ctx: int, variants: dict, iters: int =
 # ------------------------------------------------------------------ step
 
 def all_step_cases() -> list:
-    """(label, scheme, draft scheme, group size, T as a function of k, mode): the unquantized
-    decode step, a verify chunk of k+1 tokens for every registered scheme (grouped schemes at
-    group_size auto), and QSpec's draft step and verify chunk (its k) from its deployment."""
+    """(label, scheme, draft scheme, group size, hadamard, T as a function of k, mode): the
+    unquantized decode step, a verify chunk of k+1 tokens for every registered scheme (grouped
+    schemes at group_size auto), and QSpec's draft step and verify chunk (its k, group size and
+    Hadamard rotation) from its deployment."""
     from quasar import quant
     u = quant.default()
-    cases = [(f"decode {u} (T=1)", u, None, "auto", lambda k: 1, "verify")]
+    cases = [(f"decode {u} (T=1)", u, None, "auto", False, lambda k: 1, "verify")]
     for name, s in quant.SCHEMES.items():
-        cases.append((f"verify {name}" + (" g-auto" if s.grouped else ""), name, None, "auto",
+        cases.append((f"verify {name}" + (" g-auto" if s.grouped else ""), name, None, "auto", False,
                       lambda k: k + 1, "verify"))
     q = _deployment(STEP_QSPEC_FILE)
     v, d, kq = q.verifier.quant, q.drafter.scheme or quant.DEFAULT_DRAFT, q.drafter.num_tokens
-    gs = q.verifier.group_size
-    per = " per-channel" if gs == -1 else ""
-    cases.append((f"QSpec draft {d} (T=1)", v, d, gs, lambda k: 1, "draft"))
-    cases.append((f"QSpec verify {v}{per} (k={kq})", v, d, gs, lambda k, kq=kq: kq + 1, "verify"))
+    gs, had = q.verifier.group_size, q.verifier.hadamard
+    tag = (" per-channel" if gs == -1 else "") + (" hadamard" if had else "")
+    cases.append((f"QSpec draft {d}{' hadamard' if had else ''} (T=1)", v, d, gs, had, lambda k: 1, "draft"))
+    cases.append((f"QSpec verify {v}{tag} (k={kq})", v, d, gs, had, lambda k, kq=kq: kq + 1, "verify"))
     return cases
 
 
@@ -271,11 +272,9 @@ def step_bench(a, backend, dtype) -> dict:
     rows = []
     for shape in shapes:
         hf = SHAPES[shape]
-        for label, scheme, draft, gs, tfn, mode in tqdm(step_cases(a), desc=f"step {shape}"):
+        for label, scheme, draft, gs, had, tfn, mode in tqdm(step_cases(a), desc=f"step {shape}"):
             try:
-                # no Hadamard rotation: its online half is a dense fp32 matmul per GEMM input
-                # (measured: 19 ms per QSpec draft step at the Qwen3-8B shape), not a kernel yet
-                vcfg = VerifierConfig(quant=scheme, group_size=gs)
+                vcfg = VerifierConfig(quant=scheme, group_size=gs, hadamard=had)
                 m = random_step_model(hf, backend, dtype, max(contexts) + 2 * k + 8, vcfg, draft_scheme=draft)
                 t = tfn(k)
                 capture(m, t, mode)

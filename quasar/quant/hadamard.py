@@ -25,10 +25,19 @@ def _sylvester(n: int, device: str) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:
-    """x[..., K] @ H, computed in fp32 (fp64 for fp64 input), returned in x.dtype."""
+    """x[..., K] @ H, computed in fp32 (fp64 for fp64 input), returned in x.dtype.
+
+    A Sylvester block of size b = 2^n is the Kronecker product H_a (x) H_c with a = 2^(n//2),
+    c = b / a, so a row x of the block, read as an a x c matrix X (row-major), maps to
+    H_a X H_c: two small matmuls (a, c <= 64 for b <= 4096) instead of one b x b (a 64 MB fp32
+    matrix per call at b = 4096, which made every rotated GEMM input a large memory read)."""
     k = x.shape[-1]
     b = block_size(k)
+    a = 1 << ((b.bit_length() - 1) // 2)
+    c = b // a
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    h = _sylvester(b, str(x.device)).to(ct)
-    y = (x.to(ct).reshape(*x.shape[:-1], k // b, b) @ h).reshape(x.shape)
-    return y.to(x.dtype)
+    ha = _sylvester(a, str(x.device)).to(ct)
+    hc = ha if c == a else _sylvester(c, str(x.device)).to(ct)
+    xb = x.to(ct).reshape(*x.shape[:-1], k // b, a, c)
+    y = ha @ xb @ hc
+    return y.reshape(x.shape).to(x.dtype)
