@@ -91,10 +91,8 @@ class Backend:
     def gemm(self, scheme, x, w, bias=None) -> torch.Tensor:
         """One GEMM through the kernel this backend picks (tests, benchmarks)."""
         from quasar import quant
-        from quasar.ops.types import QActivation
         s = quant.get(scheme) if isinstance(scheme, str) else scheme
-        dtype = x.dtype if not isinstance(x, QActivation) else x.dtype
-        return s.choose_kernel(self, tuple(w.shape), dtype, None).apply(x, w, bias)
+        return s.choose_kernel(self, tuple(w.shape), x.dtype, None).apply(x, w, bias)
 
     # ------------------------------------------------------------------ the op contract
     def _missing(self, op: str):

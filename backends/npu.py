@@ -170,6 +170,9 @@ class NpuBackend(Backend):
         self._said: set = set()
         self._mask_key: Optional[tuple] = None
         self._mask_val: Optional[torch.Tensor] = None
+        # composed of this backend's own kernels (torch_npu's fused variants are not used yet)
+        self._add_rms_norm = ref.add_rms_norm_with(self.rms_norm, self.rms_norm_quant)
+        self._rope_kv_write = ref.rope_kv_write_with(self.rms_norm, self.rope, self.kv_write)
 
     @classmethod
     def create(cls, options=None) -> "NpuBackend":
@@ -193,12 +196,10 @@ class NpuBackend(Backend):
         return torch.bfloat16
 
     def add_rms_norm(self, x, delta, weight, eps, qtype=None):
-        s = x + delta
-        return (self.rms_norm_quant(s, weight, eps, qtype) if qtype else self.rms_norm(s, weight, eps)), s
+        return self._add_rms_norm(x, delta, weight, eps, qtype)
 
     def rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer):
-        return ref.rope_kv_write_with(self.rms_norm, self.rope, self.kv_write)(
-            qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer)
+        return self._rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer)
 
     def _once(self, key: str, msg: str) -> None:
         if key not in self._said:
