@@ -39,6 +39,14 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for the device (timing splits); a no-op where ops are synchronous."""
 
+    # `runtime.kv_cache_memory: auto` takes at most this much (the host's memory is shared)
+    auto_kv_cap_gib: ClassVar[float] = float("inf")
+
+    def free_memory(self) -> int:
+        """Bytes free for the KV cache now (the host's available memory by default)."""
+        import os
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
     def graph_runner(self, model, cache, chunk_lengths, modes):
         """A captured-step runner (CUDA graphs) wrapping `model`, or None: steps run eagerly."""
         return None
@@ -136,6 +144,9 @@ class Backend:
 
     def paged_attention(self, q, cache, layer, ctx):
         self._missing("paged_attention")
+
+    def paged_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
+        self._missing("paged_rope_kv_write")
 
 
 CONTRACT_METHODS = tuple(op for op in OPS if op != "gemm")

@@ -21,6 +21,26 @@ Kernels (argument conventions from the torch_npu API reference, Ascend/op-plugin
 | attention | ``npu_fused_infer_attention_score(q, k, v, input_layout="BNSD", atten_mask=bool, ...)`` | True = masked |
 | kv_write | plain torch index_put on the static BNSD cache | |
 | rope_kv_write | composed: rms_norm (q/k norms), rope, kv_write above | torch_npu's fused ``npu_kv_rmsnorm_rope_cache`` is not used yet |
+| paged_kv_write | ``npu_scatter_nd_update_(cache.k[layer], idx[N, Hkv, 3], k)`` (same for v) | in place on our [blocks, Hkv, bs, D] layer, idx = (slot // bs, head, slot % bs) |
+| paged_rope_kv_write | composed: rms_norm, rope (the step as B = 1), paged_kv_write above | |
+| paged_attention | ``npu_fused_infer_attention_score(q_BNSD, cache.k[layer], cache.v[layer], block_table=int32, block_size=bs, actual_seq_lengths_kv, atten_mask, input_layout="BNSD")`` | page attention on the cache layer itself (no copy); one call per distinct chunk length |
+
+Paged KV cache (docs/context/torch_npu-npu_fused_infer_attention_score.md, "page attention场景"):
+the cache layer [num_blocks, Hkv, block_size, D] IS the documented (blocknum, KV_N, blocksize, D)
+page-attention layout, which the kernel takes with a BNSD query, so it is passed as it is (a view,
+no copy). block_table must be int32 [B, >= maxBlockNumPerSeq] (ctx.block_tables converted once per
+step); actual_seq_lengths_kv (required) is each sequence's last position + 1. block_size: a Q_S > 1
+call (verify / prefill) needs a multiple of 128 in [128, 512], a Q_S == 1 call (decode) a multiple of
+16; use block_size 128 on npu (vLLM-Ascend's only kernel block size). A step whose block size (or an
+unaligned head_dim with Q_S > 1, or a cache dtype unlike q's) the kernel refuses gathers its
+sequences' blocks into a contiguous BNSD copy and runs the dense kernel instead (logged once).
+Query rows are causal within a chunk through a [B, 1, T, W * bs] bool mask (True = masked: slot j
+is hidden from a row at position p when j > p), left out when actual_seq_lengths_kv alone says it
+(decode). The KV write uses ``npu_scatter_nd_update_`` (documented, float32 included):
+``npu_scatter_pa_kv_cache`` documents only the (blocks, block_size, heads, D) and NZ layouts, not ours.
+A ragged step (ctx.chunk == 0: varlen prefill) makes one call per distinct chunk length (sequences of
+equal length batched together); the TND layout is not used (the docs exclude page attention from
+TND unless D = 512 with rope inputs).
 
 Weights are prepared once (``prepare_weight``): int8 codes transposed to [K, N]; int4 codes
 transposed to [K, N] int32 and packed with ``npu_convert_weight_to_int4pack`` (8 nibbles per
@@ -64,6 +84,9 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)   # what the fused kernels accept for activations
 LAST_DIM_LIMIT = 65535     # npu_quant_matmul: last dims of x1, x2 <= 65535; WQBMM: K, N in [1, 65535]
 N_TILE = 65472             # largest multiple of 64 <= 65535: the N-tile when out-features exceed it
+PA_PROMPT_BLOCK = (128, 512, 128)   # FIA page attention, Q_S > 1: block_size in [128, 512], multiple of 128
+PA_DECODE_ALIGN = 16                # FIA page attention, Q_S == 1, float16/bfloat16 KV: block_size 16-aligned
+PAGED_BLOCK_SIZE = 128              # the block size to give the paged cache on npu (both branches take it)
 
 INSTALL_HINT = (
     "install Ascend's PyTorch adapter (torch-npu) matched exactly to torch and CANN, on an Ascend host:\n"
@@ -173,6 +196,11 @@ class NpuBackend(Backend):
         # composed of this backend's own kernels (torch_npu's fused variants are not used yet)
         self._add_rms_norm = ref.add_rms_norm_with(self.rms_norm, self.rms_norm_quant)
         self._rope_kv_write = ref.rope_kv_write_with(self.rms_norm, self.rope, self.kv_write)
+        self._paged_rope_kv_write = ref.paged_rope_kv_write_with(self.rms_norm, self.rope, self.paged_kv_write)
+        self._paged_key: Optional[tuple] = None       # per-step page-attention metadata (see _paged_meta)
+        self._paged_val: Optional[list] = None
+        self._slot_key: Optional[tuple] = None        # per-step scatter indices (see _slot_index)
+        self._slot_val: Optional[torch.Tensor] = None
 
     @classmethod
     def create(cls, options=None) -> "NpuBackend":
@@ -201,6 +229,9 @@ class NpuBackend(Backend):
     def rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer):
         return self._rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, positions, cache, layer)
 
+    def paged_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
+        return self._paged_rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer)
+
     def _once(self, key: str, msg: str) -> None:
         if key not in self._said:
             self._said.add(key)
@@ -213,6 +244,10 @@ class NpuBackend(Backend):
 
     def synchronize(self) -> None:
         self.t.npu.synchronize()
+
+    def free_memory(self) -> int:
+        info = getattr(self.t.npu, "mem_get_info", None)
+        return info()[0] if info is not None and not self.emulated else super().free_memory()
 
     # -------------------------------------------------------------- norms, rope, activations
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -402,7 +437,12 @@ class NpuBackend(Backend):
         return out
 
     def invalidate_mask(self) -> None:
+        """Forget the cached per-forward metadata (the dense mask, the paged step's block tables,
+        masks and scatter indices): call after rewriting a static positions / context buffer in
+        place under inference mode."""
         self._mask_key = self._mask_val = None
+        self._paged_key = self._paged_val = None
+        self._slot_key = self._slot_val = None
 
     def _same_mask(self, positions, mask, kv_len: int, s: int) -> bool:
         if self._mask_key is None:
@@ -442,7 +482,149 @@ class NpuBackend(Backend):
             sparse_mode=0, inner_precise=2 if t > 1 else 0)
         return out[..., :d].transpose(1, 2)
 
+    # -------------------------------------------------------------------- the paged KV cache
+    def _slot_index(self, slot_mapping: torch.Tensor, bs: int, hkv: int) -> torch.Tensor:
+        """npu_scatter_nd_update_ indices [N, Hkv, 3] = (slot // bs, head, slot % bs) into a cache
+        layer [blocks, Hkv, bs, D]; built once per step (every layer passes the same slot_mapping)."""
+        key = (weakref.ref(slot_mapping), _version(slot_mapping), bs, hkv)
+        if self._slot_key is not None and self._slot_key[0]() is slot_mapping and self._slot_key[1:] == key[1:]:
+            return self._slot_val
+        slots = slot_mapping.reshape(-1).to(torch.int64)
+        n = slots.numel()
+        heads = torch.arange(hkv, dtype=torch.int64, device=slots.device)
+        idx = torch.stack([(slots // bs)[:, None].expand(n, hkv), heads[None, :].expand(n, hkv),
+                           (slots % bs)[:, None].expand(n, hkv)], dim=-1).contiguous()
+        self._slot_key, self._slot_val = key, idx
+        return idx
 
+    def paged_kv_write(self, cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """k, v [N, Hkv, D] -> cache slots slot_mapping[N]: npu_scatter_nd_update_ in place on the
+        layer [blocks, Hkv, bs, D] (updates [N, Hkv, D] = indices.shape[:-1] + layer.shape[3:])."""
+        if k.shape[0] == 0:
+            return
+        idx = self._slot_index(slot_mapping, cache.block_size, k.shape[1])
+        self.t.npu_scatter_nd_update_(cache.k[layer], idx, k.to(cache.dtype))
+        self.t.npu_scatter_nd_update_(cache.v[layer], idx, v.to(cache.dtype))
+
+    def _paged_meta(self, ctx, bs: int) -> list:
+        """The step's page-attention calls, one per distinct chunk length: built once per step
+        (cached on the identity and version of ctx's tensors, like the dense mask)."""
+        key = (weakref.ref(ctx), weakref.ref(ctx.positions), _version(ctx.positions),
+               weakref.ref(ctx.block_tables), _version(ctx.block_tables), tuple(ctx.query_start), bs)
+        pk = self._paged_key
+        if pk is not None and pk[0]() is ctx and pk[1]() is ctx.positions and pk[3]() is ctx.block_tables \
+                and (pk[2], pk[4], pk[5], pk[6]) == (key[2], key[4], key[5], key[6]):
+            return self._paged_val
+        qs = list(ctx.query_start)
+        nseq = len(qs) - 1
+        pos = ctx.positions.reshape(-1).tolist()              # one host sync per step, not per layer
+        dev = ctx.positions.device
+        by_t: dict[int, list[int]] = {}
+        for b in range(nseq):
+            if qs[b + 1] > qs[b]:
+                by_t.setdefault(qs[b + 1] - qs[b], []).append(b)
+        width = ctx.block_tables.shape[1]
+        groups = []
+        for t, seqs in by_t.items():
+            every = len(seqs) == nseq                          # the whole step, rows in order
+            rows = None if every else torch.tensor([r for b in seqs for r in range(qs[b], qs[b + 1])],
+                                                   dtype=torch.int64, device=dev)
+            table = ctx.block_tables if every else ctx.block_tables.index_select(
+                0, torch.tensor(seqs, dtype=torch.int64, device=dev))
+            # actual_seq_lengths_kv: each sequence's last position + 1 (= ctx.context_lens for a
+            # well-formed step; the reference attends row i to positions <= positions[i] only)
+            lens = [max(pos[qs[b]:qs[b + 1]]) + 1 for b in seqs]
+            causal = any(p + 1 < n for b, n in zip(seqs, lens) for p in pos[qs[b]:qs[b + 1]])
+            masked = None
+            if causal:                                         # [Bg, 1, T, W * bs], True = masked
+                p = (ctx.positions.reshape(-1) if rows is None else ctx.positions.reshape(-1)[rows])
+                p = p.view(len(seqs), t)
+                masked = (torch.arange(width * bs, device=dev)[None, None, :] > p[:, :, None]).unsqueeze(1).contiguous()
+            groups.append(_PagedCall(t, len(seqs), rows, table.to(torch.int64), table.to(torch.int32).contiguous(),
+                                     lens, masked))
+        self._paged_key, self._paged_val = key, groups
+        return groups
+
+    @staticmethod
+    def _page_kernel_refuses(t: int, bs: int, d: int) -> Optional[str]:
+        """Why npu_fused_infer_attention_score's page attention cannot take this call (docs
+        "约束说明", page attention场景), or None."""
+        if t == 1:
+            if bs % PA_DECODE_ALIGN:
+                return f"block_size {bs} is not a multiple of {PA_DECODE_ALIGN} (page attention, Q_S == 1)"
+            return None
+        if bs % PA_PROMPT_BLOCK[2] or not PA_PROMPT_BLOCK[0] <= bs <= PA_PROMPT_BLOCK[1]:
+            return (f"block_size {bs} is not a multiple of {PA_PROMPT_BLOCK[2]} in [{PA_PROMPT_BLOCK[0]}, "
+                    f"{PA_PROMPT_BLOCK[1]}] (page attention, Q_S > 1)")
+        if d % 16:
+            return f"head_dim {d} is not 16-aligned (Q_S > 1)"
+        return None
+
+    def paged_attention(self, q: torch.Tensor, cache, layer: int, ctx) -> torch.Tensor:
+        """q [N, H, D] (the step's tokens, flattened) -> o [N, H, D]; see the module docstring."""
+        n, h, d = q.shape
+        if n == 0:
+            return torch.empty_like(q)
+        if q.dtype not in KERNEL_DTYPES:
+            self._fp32_note("paged_attention")
+            return ref.paged_attention(q, cache, layer, ctx)
+        kc, vc = cache.k[layer], cache.v[layer]               # [blocks, Hkv, bs, D]
+        hkv, bs = kc.shape[1], cache.block_size
+        scale = float(d) ** -0.5
+        out = None
+        for g in self._paged_meta(ctx, bs):
+            qg = q if g.rows is None else q.index_select(0, g.rows)
+            qn = qg.view(g.b, g.t, h, d).transpose(1, 2).contiguous()       # BNSD
+            why = self._page_kernel_refuses(g.t, bs, d)
+            if why is None and kc.dtype != q.dtype:
+                why = f"the cache dtype {kc.dtype} differs from q's {q.dtype}"
+            if why is None:
+                o, _ = self.t.npu_fused_infer_attention_score(
+                    qn, kc, vc, atten_mask=g.masked, block_table=g.table32, block_size=bs,
+                    actual_seq_lengths_kv=g.lens, num_heads=h, num_key_value_heads=hkv,
+                    input_layout="BNSD", scale=scale, sparse_mode=0,
+                    inner_precise=2 if g.t > 1 else 0)
+            else:
+                o = self._paged_gathered(qn, kc, vc, g, bs, h, hkv, d, scale, why)
+            o = o.transpose(1, 2).reshape(g.b * g.t, h, d)
+            if g.rows is None:
+                return o
+            if out is None:
+                out = torch.empty_like(q)
+            out.index_copy_(0, g.rows, o)
+        return out
+
+    def _paged_gathered(self, qn, kc, vc, g, bs: int, h: int, hkv: int, d: int, scale: float, why: str):
+        """The fallback: the group's blocks gathered into a contiguous BNSD copy
+        [Bg, Hkv, nb * bs, D] (nb = the longest sequence's block count), then the dense kernel."""
+        self._once("pa-gather-" + why, f"paged_attention: {why}; the sequences' blocks are copied into a "
+                                       "contiguous cache for npu_fused_infer_attention_score (slower; use "
+                                       "block_size 128 with a 16-aligned head_dim on npu)")
+        nb = -(-max(g.lens) // bs)
+        tbl = g.table64[:, :nb]
+        k = kc[tbl].transpose(1, 2).reshape(g.b, hkv, nb * bs, d).to(qn.dtype)   # copy
+        v = vc[tbl].transpose(1, 2).reshape(g.b, hkv, nb * bs, d).to(qn.dtype)
+        masked = None if g.masked is None else g.masked[..., :nb * bs].contiguous()
+        if g.t > 1 and d % 16:       # zero-padding q, k, v along D is exact
+            pad = 16 - d % 16
+            qn, k, v = (F.pad(x, (0, pad)).contiguous() for x in (qn, k, v))
+        o, _ = self.t.npu_fused_infer_attention_score(
+            qn, k, v, atten_mask=masked, actual_seq_lengths_kv=g.lens, num_heads=h,
+            num_key_value_heads=hkv, input_layout="BNSD", scale=scale, sparse_mode=0,
+            inner_precise=2 if g.t > 1 else 0)
+        return o[..., :d]
+
+
+@dataclass
+class _PagedCall:
+    """One page-attention kernel call of a step: the sequences whose chunks have t tokens."""
+    t: int
+    b: int
+    rows: Optional[torch.Tensor]          # their q rows [b * t] (None: the whole step, in order)
+    table64: torch.Tensor                 # [b, W] block ids
+    table32: torch.Tensor                 # the same, int32 (what block_table takes)
+    lens: list                            # actual_seq_lengths_kv: last position + 1 per sequence
+    masked: Optional[torch.Tensor]        # [b, 1, t, W * bs] bool, True = masked; None: lens suffice
 
 
 def make_backend(options=None) -> NpuBackend:

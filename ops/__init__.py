@@ -69,4 +69,9 @@ _op("paged_kv_write", "(cache: PagedKVCache, layer: int, k[N, Hkv, D], v[N, Hkv,
 _op("paged_attention", "(q[N, H, D], cache: PagedKVCache, layer: int, ctx: StepContext) -> o[N, H, D]",
     "the batched runtime's attention: token i of sequence b (ctx.query_start) attends to b's slots at "
     "positions <= ctx.positions[i], gathered through ctx.block_tables[b]; softmax(q k^T * D^-0.5) v, GQA "
-    "as in attention. Today only the CPU reference implements it (the batched runtime, issue 17)")
+    "as in attention. A step whose sequences all have the same chunk length T (ctx.chunk = T: decode, "
+    "verify) is what the fused kernels take; ragged chunks (varlen prefill) may fall back to the reference")
+_op("paged_rope_kv_write", "(qkv[N, (H + 2 Hkv) D], q_norm[D] | None, k_norm[D] | None, eps, cos[S, D] f32, "
+    "sin[S, D] f32, ctx: StepContext, cache: PagedKVCache, layer: int) -> q[N, H, D]",
+    "rope_kv_write on the paged cache: norms and RoPE at ctx.positions, then "
+    "paged_kv_write(cache, layer, k, v, ctx.slot_mapping); returns q")

@@ -89,24 +89,41 @@ def kv_write(cache, layer: int, k: torch.Tensor, v: torch.Tensor, positions: tor
     cache.v[layer][b, :, positions] = v.to(cache.dtype)
 
 
+def _norm_rope(rms_norm_fn, rope_fn, qkv, q_norm, k_norm, eps, cos, sin, positions, hkv, d):
+    """q, k, v of qkv[..., (H + 2 Hkv) D]: per-head norms, RoPE at `positions` (same leading shape)."""
+    lead, width = qkv.shape[:-1], qkv.shape[-1]
+    h = width // d - 2 * hkv
+    q, k, v = qkv.view(*lead, h + 2 * hkv, d).split([h, hkv, hkv], dim=-2)
+    if q_norm is not None:
+        q = rms_norm_fn(q, q_norm, eps)
+    if k_norm is not None:
+        k = rms_norm_fn(k, k_norm, eps)
+    c, s = cos[positions].to(q.dtype), sin[positions].to(q.dtype)
+    return rope_fn(q, c, s), rope_fn(k, c, s), v
+
+
 def rope_kv_write_with(rms_norm_fn, rope_fn, kv_write_fn):
     """rope_kv_write composed of a backend's own rms_norm, rope and kv_write ops."""
     def rope_kv_write(qkv: torch.Tensor, q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
                       eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                       cache, layer: int) -> torch.Tensor:
-        bsz, t, width = qkv.shape
-        hkv, d = cache.k.shape[2], cache.k.shape[-1]
-        h = width // d - 2 * hkv
-        q, k, v = qkv.view(bsz, t, h + 2 * hkv, d).split([h, hkv, hkv], dim=2)
-        if q_norm is not None:
-            q = rms_norm_fn(q, q_norm, eps)
-        if k_norm is not None:
-            k = rms_norm_fn(k, k_norm, eps)
-        c, s = cos[positions].to(q.dtype), sin[positions].to(q.dtype)
-        q, k = rope_fn(q, c, s), rope_fn(k, c, s)
+        q, k, v = _norm_rope(rms_norm_fn, rope_fn, qkv, q_norm, k_norm, eps, cos, sin, positions,
+                             cache.k.shape[2], cache.k.shape[-1])
         kv_write_fn(cache, layer, k, v, positions)
         return q
     return rope_kv_write
+
+
+def paged_rope_kv_write_with(rms_norm_fn, rope_fn, paged_kv_write_fn):
+    """paged_rope_kv_write composed of a backend's own rms_norm, rope and paged_kv_write ops."""
+    def paged_rope_kv_write(qkv: torch.Tensor, q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
+                            eps: float, cos: torch.Tensor, sin: torch.Tensor, ctx, cache, layer: int) -> torch.Tensor:
+        # as one sequence of N tokens (rope takes [B, T, H, D])
+        q, k, v = _norm_rope(rms_norm_fn, rope_fn, qkv[None], q_norm, k_norm, eps, cos, sin,
+                             ctx.positions[None], cache.k.shape[2], cache.k.shape[-1])
+        paged_kv_write_fn(cache, layer, k[0], v[0], ctx.slot_mapping)
+        return q[0]
+    return paged_rope_kv_write
 
 
 rope_kv_write = rope_kv_write_with(rms_norm, rope, kv_write)
@@ -192,3 +209,6 @@ def paged_attention(q: torch.Tensor, cache, layer: int, ctx) -> torch.Tensor:
                                            scale=d ** -0.5, enable_gqa=heads != kv_heads)
         out[a:e] = o[0].transpose(0, 1)
     return out
+
+
+paged_rope_kv_write = paged_rope_kv_write_with(rms_norm, rope, paged_kv_write)

@@ -80,6 +80,22 @@ def tuning_choice(path: str, value):
     return value
 
 
+def memory_choice(path: str, value):
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{path} must be 'auto', a fraction of free device memory in (0, 1], or GiB (> 1), "
+                          f"got {value!r}")
+    return float(value)
+
+
+def buckets_choice(path: str, value):
+    if (not isinstance(value, list) or not value
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in value)):
+        raise ConfigError(f"{path} must be a non-empty list of batch sizes >= 1 (e.g. [1, 2, 4, 8]), got {value!r}")
+    return sorted(set(value))
+
+
 @dataclass
 class VerifierConfig:
     quant: Optional[str] = _c(
@@ -105,6 +121,7 @@ class DrafterConfig:
     ngram: NgramConfig = _c(NgramConfig)
     scheme: Optional[str] = _c(None, check=scheme_choice, doc="quantized_self: scheme the draft runs (default w4a4)")
     model: Optional[str] = _c(None, doc="draft_model: path or name of the small draft model")
+    adaptive: bool = _c(True, doc="choose the tokens drafted per step from the step cost model and each sequence's acceptance (false: always num_tokens)")
 
 
 @dataclass
@@ -162,6 +179,14 @@ class RuntimeConfig:
     cuda_graphs: Optional[bool] = _c(None, doc="capture decode/verify steps in CUDA graphs (null = on for CUDA)")
     threads: Optional[int] = _c(None, min=1, doc="CPU threads for torch (null = the default chosen by quasar.threads)")
     kernels: KernelConfig = _c(KernelConfig, doc="kernel options (CUDA): pdl, prefetch, early_loads, ptx_dequant, tuning")
+    max_batch_size: int = _c(64, min=1, doc="sequences decoded together (continuous batching)")
+    max_prefill_tokens: int = _c(2048, min=16, doc="prompt tokens per prefill step (longer prompts are prefilled in chunks)")
+    kv_block_size: int = _c(16, min=1, max=1024, doc="KV cache block (page) size in tokens")
+    kv_cache_memory: Any = _c("auto", check=memory_choice,
+                              doc="KV cache budget: GiB (> 1), a fraction (<= 1) of free device memory, or auto (max_batch_size full-length sequences, at most 90% of free memory)")
+    prefix_caching: bool = _c(True, doc="share the KV blocks of identical prompt prefixes across requests")
+    cuda_graph_batch_sizes: Any = _c(lambda: [1, 2, 4, 8, 16, 32, 64], check=buckets_choice,
+                                     doc="batch-size buckets captured as CUDA graphs (inputs padded to the bucket)")
 
 
 @dataclass

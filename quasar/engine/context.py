@@ -1,6 +1,11 @@
 """Per-step attention metadata of a batch on the paged KV cache (nano-vllm's Context): the step's
 tokens are flattened (N = the sum of every sequence's chunk), and each carries its position and
-its cache slot; each sequence carries its block table and visible KV length."""
+its cache slot; each sequence carries its block table and visible KV length.
+
+Slots are separate from positions: a padded token of a uniform step (a sequence that drafted
+fewer tokens than the step's chunk) writes to the cache's scratch slot, and a later tree draft can
+put several tokens at one position.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,26 +20,37 @@ class StepContext:
     query_start: list[int]           # B + 1 offsets: sequence b's tokens are [query_start[b], query_start[b+1])
     block_tables: torch.Tensor       # [B, max_blocks] int64, padded with 0 past a sequence's blocks
     context_lens: torch.Tensor       # [B] int64: KV slots visible to sequence b (its last position + 1)
+    chunk: int = 0                   # T when every sequence has T tokens (decode / verify), else 0
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_start) - 1
 
     @staticmethod
-    def build(tables: list[list[int]], chunks: list[tuple[int, int]], block_size: int, device) -> "StepContext":
+    def build(tables: list[list[int]], chunks: list[tuple[int, int]], block_size: int, device,
+              width: int = 0) -> "StepContext":
         """tables: each sequence's block ids; chunks: each sequence's (first position, tokens) of
-        this step. Slots follow positions here (chains); trees map their own slots."""
+        this step. Slots follow positions here (chains); trees map their own slots. width: the
+        block tables' padded width (0 = the longest table)."""
         pos, slots, qs = [], [], [0]
         for table, (start, n) in zip(tables, chunks):
             for p in range(start, start + n):
                 pos.append(p)
                 slots.append(table[p // block_size] * block_size + p % block_size)
             qs.append(qs[-1] + n)
-        width = max(len(t) for t in tables)
+        lens = [start + n for start, n in chunks]
+        sizes = {n for _, n in chunks}
+        return StepContext.make(pos, slots, qs, tables, lens, sizes.pop() if len(sizes) == 1 else 0,
+                                device, width)
+
+    @staticmethod
+    def make(positions: list[int], slots: list[int], query_start: list[int], tables: list[list[int]],
+             context_lens: list[int], chunk: int, device, width: int = 0) -> "StepContext":
+        width = max(width, max((len(t) for t in tables), default=1), 1)
         bt = torch.zeros(len(tables), width, dtype=torch.int64)
         for b, t in enumerate(tables):
-            bt[b, :len(t)] = torch.tensor(t, dtype=torch.int64)
-        lens = [start + n for start, n in chunks]
-        return StepContext(torch.tensor(pos, dtype=torch.int64, device=device),
-                           torch.tensor(slots, dtype=torch.int64, device=device), qs, bt.to(device),
-                           torch.tensor(lens, dtype=torch.int64, device=device))
+            if t:
+                bt[b, :len(t)] = torch.tensor(t, dtype=torch.int64)
+        return StepContext(torch.tensor(positions, dtype=torch.int64, device=device),
+                           torch.tensor(slots, dtype=torch.int64, device=device), list(query_start),
+                           bt.to(device), torch.tensor(context_lens, dtype=torch.int64, device=device), chunk)

@@ -8,21 +8,26 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence as Sequence_, Union
 
 import torch
 
-from quasar import backends, quant
+from quasar import backends, kv, quant
 from quasar.config import DeployConfig
-from quasar.errors import CheckpointError, ConfigError
+from quasar.errors import CheckpointError, ConfigError, ContextLengthError
 from quasar.fetch import resolve_model
 from quasar.model.loader import build_model
 from quasar.spec_decode import make_drafter
 from quasar.spec_decode.sampling import SamplingParams
-from quasar.spec_decode.scheduler import Scheduler, Stats
+from quasar.spec_decode.scheduler import Stats
+from .cost_model import calibrate_runner
+from .engine import Engine
 from .model_runner import ModelRunner
+from .sequence import Sequence, StopConditions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,6 +38,8 @@ class Result:
     token_ids: list[int]
     text: str
     stats: Stats
+    finish_reason: str = ""
+    error: Optional[str] = None         # a request that failed (its own error; the others ran)
 
 
 def resolve_dtype(name: str, backend) -> torch.dtype:
@@ -62,8 +69,34 @@ def eos_ids(path: Path, tokenizer) -> set[int]:
     return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
 
 
+log = logging.getLogger("quasar")
+
+
+def kv_blocks_for(cfg: DeployConfig, per_token: int, backend, k: int) -> tuple[int, str]:
+    """The KV cache's block count from runtime.kv_cache_memory, and how it was chosen."""
+    rt = cfg.runtime
+    bs, budget = rt.kv_block_size, rt.kv_cache_memory
+    per_block = per_token * bs
+    free = backend.free_memory()
+    if budget == "auto":
+        want = rt.max_batch_size * (-(-(cfg.max_seq_len + k + 1) // bs))
+        cap = min(0.9 * free, backend.auto_kv_cap_gib * 2 ** 30)
+        blocks, how = min(want, int(cap // per_block)), "auto"
+    elif budget <= 1.0:
+        blocks, how = int(budget * free // per_block), f"{budget:g} of {free / 2 ** 30:.1f} GiB free"
+    else:
+        blocks, how = int(budget * 2 ** 30 // per_block), f"{budget:g} GiB"
+    if blocks * bs < cfg.max_seq_len // 4 or blocks < 1:
+        raise ConfigError(f"runtime.kv_cache_memory ({how}) gives {blocks} KV blocks of {bs} tokens "
+                          f"({per_block / 2 ** 20:.2f} MiB each), too few for one sequence of max_seq_len "
+                          f"{cfg.max_seq_len}; raise runtime.kv_cache_memory or lower max_seq_len")
+    return blocks, how
+
+
 class LLM:
-    def __init__(self, cfg: DeployConfig, model_path: Optional[Path] = None):
+    def __init__(self, cfg: DeployConfig, model_path: Optional[Path] = None, kv_blocks: Optional[int] = None):
+        """kv_blocks: the paged cache's block count (a draft model takes its target's); None =
+        from runtime.kv_cache_memory."""
         self.cfg = cfg
         self.device = backends.resolve_device(cfg.device)
         from quasar import threads
@@ -81,26 +114,42 @@ class LLM:
         self.eos = eos_ids(self.path, self.tokenizer)
         s = cfg.sampling
         self.sp = SamplingParams(s.temperature, s.top_p, s.top_k, s.seed)
-        self.generator = torch.Generator(device=self.backend.device)
+        self.k = d.num_tokens if d.method != "none" else 0
+        rt = cfg.runtime
+        per_token = kv.bytes_per_token(self.model.args, self.dtype)
         self.draft_llm = None
         if d.method == "draft_model":
             self.draft_llm = self._load_draft(d.model)
-        self.k = d.num_tokens if d.method != "none" else 0
-        modes = ("verify", "draft") if draft_scheme is not None else ("verify",)
-        self.runner = ModelRunner(self.model, batch=1, chunk_lengths=range(1, self.k + 2), modes=modes,
-                                  graphs=cfg.runtime.cuda_graphs)
+            per_token += kv.bytes_per_token(self.draft_llm.model.args, self.draft_llm.dtype)
+        how = "given"
+        if kv_blocks is None:
+            kv_blocks, how = kv_blocks_for(cfg, per_token, self.backend, self.k)
+        self.runner = ModelRunner(self.model, kv_blocks=kv_blocks, block_size=rt.kv_block_size)
+        if self.draft_llm is not None:
+            self.draft_llm.runner = ModelRunner(self.draft_llm.model, kv_blocks=kv_blocks,
+                                                block_size=rt.kv_block_size)
         self.drafter = make_drafter(d, self.runner, self.sp, self.draft_llm.runner if self.draft_llm else None)
-        if hasattr(self.drafter, "generator"):
-            self.drafter.generator = self.generator
-        self.scheduler = Scheduler(self.runner, self.drafter, self.sp, self.k, self.eos, self.generator,
-                                   sync=self.backend.synchronize)
+        cost = None
+        if d.adaptive and self.k > 0:
+            cost = calibrate_runner(self.runner, self.k, rt.max_batch_size, self.backend.synchronize,
+                                    device_drafter=self.drafter.on_device)
+            if self.draft_llm is not None:      # a separate draft model: its own step cost ratio
+                dc = calibrate_runner(self.draft_llm.runner, 0, 1, self.backend.synchronize)
+                cost.draft_ratio = dc.time(1) / cost.time(1)
+        self.engine = Engine(self.runner, self.drafter, self.k, max_batch_size=rt.max_batch_size,
+                             max_prefill_tokens=rt.max_prefill_tokens, prefix_caching=rt.prefix_caching,
+                             adaptive=d.adaptive, sync=self.backend.synchronize, cost=cost)
+        self.kv_summary = (f"KV cache: {kv_blocks} blocks of {rt.kv_block_size} = {kv_blocks * rt.kv_block_size} "
+                           f"tokens, {kv_blocks * rt.kv_block_size * per_token / 2 ** 30:.2f} GiB ({how})")
+        if how != "given":
+            log.info(self.kv_summary)
 
     def _load_draft(self, name: str) -> "LLM":
         from quasar.config import override
         dcfg = override(self.cfg, {"model": name, "drafter.method": "none"})
         dcfg.drafter.model = dcfg.drafter.scheme = None
         dcfg.verifier.quant = quant.default()        # the draft model runs unquantized
-        draft = LLM(dcfg)
+        draft = LLM(dcfg, kv_blocks=1 + -(-self.cfg.max_seq_len // self.cfg.runtime.kv_block_size))
         if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ConfigError(f"drafter.model {name!r} has a different tokenizer (vocabulary) than the "
                               f"target {self.cfg.model!r}; a draft model must share the target's tokenizer")
@@ -115,14 +164,76 @@ class LLM:
             return tok(text, add_special_tokens=False)["input_ids"]
         return tok(prompt)["input_ids"]
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: Optional[int] = None, on_tokens=None):
-        self.generator.manual_seed(self.sp.seed)
-        n = max_new_tokens or self.cfg.sampling.max_new_tokens
-        return self.scheduler.generate(prompt_ids, n, on_tokens)
+    def check_prompt(self, ids: list[int], max_new_tokens: Optional[int] = None) -> Optional[str]:
+        """Why this prompt cannot run (None if it can): empty, or too long for max_seq_len."""
+        if not ids:
+            return "the prompt is empty (no tokens)"
+        S = self.cfg.max_seq_len
+        if len(ids) >= S:
+            n = max_new_tokens or self.cfg.sampling.max_new_tokens
+            return (f"the prompt has {len(ids)} tokens but max_seq_len is {S}; raise max_seq_len "
+                    f"(--max-seq-len / max_seq_len:) to at least {len(ids) + n + self.k + 1} or shorten the prompt")
+        return None
 
-    def generate(self, prompt: str, max_new_tokens: Optional[int] = None, chat: Optional[bool] = None,
-                 on_tokens=None) -> Result:
-        ids = self.encode(prompt, chat)
-        out, stats = self.generate_ids(ids, max_new_tokens, on_tokens)
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        return Result(ids, out, text, stats)
+    def sequence(self, ids: list[int], sp: Optional[SamplingParams] = None, max_new_tokens: Optional[int] = None,
+                 index: int = 0, on_tokens=None) -> Sequence:
+        sp = sp or self.sp
+        n = sp.max_tokens or max_new_tokens or self.cfg.sampling.max_new_tokens
+        stop = StopConditions(n, frozenset(self.eos), frozenset(sp.stop_token_ids), sp.ignore_eos)
+        return Sequence(list(ids), sampling=sp, stop=stop, index=index, on_tokens=on_tokens)
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: Optional[int] = None, on_tokens=None,
+                     sampling_params: Optional[SamplingParams] = None):
+        """One prompt of token ids -> (new token ids, Stats); a prompt that cannot run raises."""
+        why = self.check_prompt(prompt_ids, max_new_tokens)
+        if why:
+            raise ContextLengthError(why)
+        seq = self.sequence(prompt_ids, sampling_params, max_new_tokens, on_tokens=on_tokens)
+        self.engine.run([seq])
+        if seq.error:
+            raise ContextLengthError(seq.error)
+        return seq.output_ids, seq.stats
+
+    def generate(self, prompts: Union[str, list[int], Sequence_[Union[str, list[int]]]],
+                 sampling_params: Union[None, SamplingParams, list[SamplingParams]] = None,
+                 max_new_tokens: Optional[int] = None, chat: Optional[bool] = None, on_tokens=None,
+                 progress: bool = False):
+        """Generate for one prompt (a string or a list of token ids: returns one Result) or for a
+        list of them (all in flight together, continuous batching: returns Results in input
+        order, as vLLM's offline LLM.generate). sampling_params: one for all, or one per prompt
+        (default: the deployment's `sampling:`). A prompt that cannot run gets a Result with its
+        `error` while the others run; a single prompt raises instead."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        plist = [prompts] if single else list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(plist):
+                raise ValueError(f"{len(sampling_params)} sampling_params for {len(plist)} prompts")
+            sps = list(sampling_params)
+        else:
+            sps = [sampling_params or self.sp] * len(plist)
+        ids = [self.encode(p, chat) if isinstance(p, str) else list(p) for p in plist]
+        seqs = []
+        for i, (x, sp) in enumerate(zip(ids, sps)):
+            why = self.check_prompt(x, sp.max_tokens or max_new_tokens)
+            if why and single:
+                raise ContextLengthError(why)
+            seq = self.sequence(x or [0], sp, max_new_tokens, index=i, on_tokens=on_tokens if single else None)
+            if why:
+                seq.prompt_ids = x
+                seq.finish("error", why)
+            seqs.append(seq)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(seqs), desc="requests", unit="req", file=sys.stderr)
+        runnable = [s for s in seqs if not s.is_finished]
+        if bar:
+            bar.update(len(seqs) - len(runnable))
+        self.engine.run(runnable, on_finish=(lambda s: bar.update(1)) if bar else None)
+        if bar:
+            bar.close()
+        out = [Result(s.prompt_ids, s.output_ids, self.tokenizer.decode(s.output_ids, skip_special_tokens=True),
+                      s.stats, s.finish_reason, s.error) for s in seqs]
+        if single and out[0].error:
+            raise ContextLengthError(out[0].error)
+        return out[0] if single else out

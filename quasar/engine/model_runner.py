@@ -16,15 +16,29 @@ from quasar.errors import ConfigError
 from quasar.quant import set_mode
 
 
+MODES = ("prefill", "decode", "draft", "verify")
+
+
 class ModelRunner:
     def __init__(self, model, batch: int = 1, chunk_lengths: Sequence[int] = (),
-                 modes: Sequence[str] = ("verify",), graphs: Optional[bool] = None):
+                 modes: Sequence[str] = ("verify",), graphs: Optional[bool] = None,
+                 kv_blocks: Optional[int] = None, block_size: int = 16):
         """chunk_lengths / modes: the steps to capture (decode and verify chunk lengths; "draft"
-        too for QSpec). graphs: None = capture where the backend can, True = must, False = never."""
+        too for QSpec). graphs: None = capture where the backend can, True = must, False = never.
+        kv_blocks: a paged cache of that many blocks of `block_size` (the batched runtime, `run`),
+        plus one scratch block that padded tokens write to; None: the dense cache of `batch`
+        sequences of max_seq_len (the single-sequence scheduler, `forward` / `step`)."""
         self.model = model
         self.backend = model.backend
-        self.cache = kv.allocate(model.args, batch, model.max_seq_len, model.dtype, model.device)
         self.captured = None
+        self.paged = kv_blocks is not None
+        if self.paged:
+            self.cache = kv.allocate_paged(model.args, kv_blocks + 1, block_size, model.dtype, model.device)
+            self.num_blocks, self.block_size = kv_blocks, block_size
+            self.scratch_slot = kv_blocks * block_size
+            self.max_blocks = -(-model.max_seq_len // block_size)    # a block table's width
+            return
+        self.cache = kv.allocate(model.args, batch, model.max_seq_len, model.dtype, model.device)
         if graphs is not False and chunk_lengths:
             self.captured = self.backend.graph_runner(model, self.cache, list(chunk_lengths), tuple(modes))
         if graphs and self.captured is None:
@@ -47,6 +61,19 @@ class ModelRunner:
         return self.model.forward(input_ids, positions, self.cache, kv_len, mask=mask, last_only=last_only)
 
     __call__ = forward
+
+    def run(self, input_ids: torch.Tensor, ctx, mode: str = "verify",
+            rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One step of the batched runtime on the paged cache: input_ids [N] (every sequence's
+        chunk, flattened), ctx its StepContext; mode: prefill / decode / verify run the verifier's
+        scheme, draft the draft scheme (QSpec). Returns fp32 logits [N or len(rows), vocab]."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        m = self.model
+        scheme_mode = "draft" if mode == "draft" else "verify"
+        if m.mode != scheme_mode:
+            set_mode(m, scheme_mode)
+        return m.run(input_ids, self.cache, ctx, rows)
 
     def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Logits of the last position [B, 1, vocab]."""

@@ -1,16 +1,17 @@
 """One request: its tokens, its own sampling parameters and seeded generator, its stop conditions,
 its status and statistics, its KV block table and its drafter's state.
 
-A seeded request draws from its own generator, so its sampled tokens do not depend on what else is
-in the batch. The committed context is `prompt_ids + output_ids`; the last of these is not yet in
-the KV cache while the sequence runs (the next step writes it, with the step's draft).
+A sampled request draws with noise keyed by its own seed and each token's position
+(quasar.spec_decode.sampling.pick), so its tokens do not depend on what else is in the batch. The
+committed context is `prompt_ids + output_ids`; the last of these is not yet in the KV cache while
+the sequence runs (the next step writes it, with the step's draft).
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -54,7 +55,10 @@ class Sequence:
     table: BlockTable = field(default_factory=BlockTable)
     num_computed: int = 0                     # leading context tokens whose KV is in the cache
     drafter_state: Any = None                 # per-sequence drafter state (e.g. an n-gram index)
-    generator: Optional[torch.Generator] = None
+    index: int = 0                            # the request's place in its caller's input order
+    on_tokens: Optional[Callable[[list[int]], None]] = None   # streaming: called with each step's tokens
+    accepts: float = 2.0                      # decayed counts of accepted / rejected draft tokens
+    rejects: float = 1.0                      # (a prior of 2:1), the adaptive-k acceptance estimate
 
     def __post_init__(self):
         if not self.prompt_ids:
@@ -62,11 +66,26 @@ class Sequence:
         self.prompt_ids = list(self.prompt_ids)
         self.stats.prompt_tokens = len(self.prompt_ids)
 
-    def make_generator(self, device) -> torch.Generator:
-        """This request's own generator, seeded from its sampling parameters (once)."""
-        if self.generator is None:
-            self.generator = torch.Generator(device=device).manual_seed(self.sampling.seed)
-        return self.generator
+    # ------------------------------------------------------------------ KV progress
+    @property
+    def prefill_target(self) -> int:
+        """Tokens whose KV a prefill computes: the whole prompt for a new request (its logits give
+        the first token), every token but the last for a preempted one being recomputed."""
+        return len(self) - 1 if self.output_ids else len(self)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.prefill_target
+
+    @property
+    def alpha(self) -> float:
+        """Running per-token draft acceptance rate."""
+        return self.accepts / (self.accepts + self.rejects)
+
+    def observe(self, drafted: int, accepted: int, decay: float = 0.9) -> None:
+        if drafted:
+            self.accepts = self.accepts * decay + accepted
+            self.rejects = self.rejects * decay + (accepted < drafted)
 
     # ------------------------------------------------------------------ tokens
     def __len__(self) -> int:
@@ -114,3 +133,4 @@ class Sequence:
         """Back to waiting; its KV is dropped and recomputed (prompt + output) when it resumes."""
         self.status = Status.WAITING
         self.num_computed = 0
+        self.drafter_state = None

@@ -8,7 +8,18 @@ kept by the scheduler; rejected draft slots are simply overwritten by the next s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+
+
+@dataclass
+class DenseStep:
+    """A dense-cache step's attention metadata: positions [B, T]; attend over slots [0, kv_len)."""
+    positions: torch.Tensor
+    kv_len: int
+    mask: Optional[torch.Tensor] = None
 
 
 class KVCache:
@@ -25,3 +36,11 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def prologue(self, backend, layer, qkv, q_norm, k_norm, eps, cos, sin, step: DenseStep):
+        """qkv [B*T, W] -> q [B, T, H, D], the step's k/v written at their positions."""
+        qkv = qkv.view(*step.positions.shape, -1)
+        return backend.rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, step.positions, self, layer)
+
+    def attend(self, backend, layer, q, step: DenseStep):
+        return backend.attention(q, self, layer, step.positions, step.kv_len, step.mask)

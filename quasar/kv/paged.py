@@ -30,3 +30,10 @@ class PagedKVCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def prologue(self, backend, layer, qkv, q_norm, k_norm, eps, cos, sin, ctx):
+        """qkv [N, W] -> q [N, H, D], the step's k/v written to ctx.slot_mapping."""
+        return backend.paged_rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, ctx, self, layer)
+
+    def attend(self, backend, layer, q, ctx):
+        return backend.paged_attention(q, self, layer, ctx)

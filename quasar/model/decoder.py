@@ -15,6 +15,7 @@ from torch import nn
 
 from quasar.quant import QuantLinear
 from quasar.kv import KVCache
+from quasar.kv.dense import DenseStep
 from .args import ModelArgs
 
 
@@ -37,15 +38,16 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = q_norm, k_norm
         self.backend = backend
 
-    def forward(self, h, cos, sin, positions, cache: KVCache, kv_len: int, mask):
-        a, B = self.args, self.backend
-        bsz, t = positions.shape
-        qkv = self.qkv_proj(h).view(bsz, t, -1)
-        # q/k norms, RoPE and the cache write: one fused op (cos/sin are the fp32 tables)
-        q = B.rope_kv_write(qkv, self.q_norm, self.k_norm, a.rms_norm_eps, cos, sin, positions, cache,
-                            self.layer_idx)
-        o = B.attention(q, cache, self.layer_idx, positions, kv_len, mask)
-        return self.o_proj(o.reshape(bsz * t, a.num_heads * a.head_dim))
+    def forward(self, h, cos, sin, cache, step):
+        """h [M, hidden]; cache: a KV cache representation (quasar.kv), which runs the attention
+        prologue (q/k norms, RoPE, the cache write: one fused op) and the attention through the
+        backend for the step's metadata (`step`: dense positions/kv_len, or a paged StepContext)."""
+        a = self.args
+        qkv = self.qkv_proj(h)
+        q = cache.prologue(self.backend, self.layer_idx, qkv, self.q_norm, self.k_norm, a.rms_norm_eps,
+                           cos, sin, step)
+        o = cache.attend(self.backend, self.layer_idx, q, step)
+        return self.o_proj(o.reshape(qkv.shape[0], a.num_heads * a.head_dim))
 
 
 class MLP(nn.Module):
@@ -78,11 +80,11 @@ class Block(nn.Module):
             return self.backend.rms_norm_quant(x, w, self.eps, qtype), x
         return self.backend.rms_norm(x, w, self.eps), x
 
-    def forward(self, x, delta, cos, sin, positions, cache, kv_len, mask):
+    def forward(self, x, delta, cos, sin, cache, step):
         """x: the residual stream [M, hidden] (M = B*T rows) still owed `delta` (the previous
         block's MLP output, or None). Returns (x, delta) the same way: the caller adds delta."""
         h, x = self._norm(x, delta, self.input_norm, self.attn.qkv_proj)
-        delta = self.attn(h, cos, sin, positions, cache, kv_len, mask)
+        delta = self.attn(h, cos, sin, cache, step)
         h, x = self._norm(x, delta, self.post_norm, self.mlp.gate_up_proj)
         return x, self.mlp(h)
 
@@ -112,16 +114,24 @@ class Transformer(nn.Module):
         ModelRunner); kv_len: cache slots to attend over (> max position). Returns logits
         [B, T, vocab] (fp32), or [B, 1, vocab] with last_only (prefill)."""
         bsz, t = input_ids.shape
-        x = self.embed[input_ids].reshape(bsz * t, -1)
+        rows = torch.arange(t - 1, bsz * t, t, device=input_ids.device) if last_only else None
+        logits = self.run(input_ids.reshape(-1), cache, DenseStep(positions, kv_len, mask), rows)
+        return logits.view(bsz, 1 if last_only else t, -1)
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, cache, step, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The step on any cache representation: input_ids [M] (the step's tokens, flattened),
+        `step` the cache's metadata (DenseStep, or the paged cache's StepContext). Returns fp32
+        logits [M, vocab], or [len(rows), vocab] of the given rows only (the rest skip the head)."""
+        x = self.embed[input_ids]
         delta = None
         for block in self.layers:
-            x, delta = block(x, delta, self.cos, self.sin, positions, cache, kv_len, mask)
-        if last_only:
-            x = x.view(bsz, t, -1)[:, -1]
-            delta = None if delta is None else delta.view(bsz, t, -1)[:, -1]
-            t = 1
+            x, delta = block(x, delta, self.cos, self.sin, cache, step)
+        if rows is not None:
+            x = x.index_select(0, rows)
+            delta = None if delta is None else delta.index_select(0, rows)
         if delta is None:       # no layers (a pruning experiment taken to the end)
             x = self.backend.rms_norm(x, self.norm, self.args.rms_norm_eps)
         else:
             x, _ = self.backend.add_rms_norm(x, delta, self.norm, self.args.rms_norm_eps)
-        return self.lm_head(x).view(bsz, t, -1).float()
+        return self.lm_head(x).float()

@@ -53,3 +53,35 @@ class DraftModelDrafter(Drafter):
 
     def commit(self, cached):
         self.cached = min(cached, getattr(self, "written", cached))
+
+    # the batched runtime: the draft model's own paged cache, addressed by the verifier's block
+    # tables (same block size and count), caught up on each sequence's unseen tokens in one
+    # varlen step, then k - 1 batched one-token steps
+    on_device = True
+
+    def start(self, seq):
+        seq.drafter_state = 0                  # positions of seq whose KV the draft cache holds
+
+    def propose_batch(self, seqs, ks, engine):
+        from .drafter import BatchDraft
+        k_max = max(ks, default=0)
+        if k_max == 0:
+            return Drafter.propose_batch(self, seqs, ks, engine)
+        m = self.runner
+        starts = [s.drafter_state for s in seqs]
+        ctx, ids, rows = engine.catch_up_ctx(seqs, starts)
+        logits = m.run(ids, ctx, mode="prefill", rows=rows)
+        cur = engine.pick(logits, seqs, [c + 1 for c in engine.cached])
+        toks = [cur]
+        for j in range(1, k_max):
+            pos = [c + j for c in engine.cached]
+            ctx = engine.token_ctx(seqs, pos, [j < k for k in ks])
+            cur = engine.pick(m.run(cur, ctx, mode="decode"), seqs, [p + 1 for p in pos])
+            toks.append(cur)
+        for s, c, k in zip(seqs, engine.cached, ks):
+            s.drafter_state = ("written", c + max(k, 1))     # valid draft KV below this position
+        return BatchDraft(torch.stack(toks, 1), list(ks))
+
+    def commit_seq(self, seq, cached):
+        st = seq.drafter_state
+        seq.drafter_state = min(cached, st[1]) if isinstance(st, tuple) else min(cached, st)

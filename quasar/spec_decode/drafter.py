@@ -14,6 +14,13 @@ import torch
 
 
 @dataclass
+class BatchDraft:
+    """A batched runtime's drafts: row b holds sequence b's counts[b] tokens (padded to K)."""
+    tokens: torch.Tensor                   # [B, K] int64 on the model's device (K may be 0)
+    counts: list[int]
+
+
+@dataclass
 class Draft:
     tokens: torch.Tensor                   # [d] int64, on the model's device (d may be 0)
     probs: Optional[torch.Tensor] = None   # [d, V] the drafter's distribution (None = one-hot)
@@ -38,6 +45,22 @@ class Drafter:
 
     def commit(self, cached: int) -> None:
         """After a step: the verifier's cache now holds `cached` valid positions."""
+
+    # ------------------------------------------------------------------ the batched runtime
+    # A sequence's drafter state lives on the sequence (seq.drafter_state); `engine` is the
+    # quasar.engine.Engine running the step (its runner, the step's tokens, context builders and
+    # the coupled sampler). Device drafters (on_device) make the engine sync before timing verify.
+    on_device = False
+
+    def start(self, seq) -> None:
+        """A sequence's prefill is done (new, or recomputed after preemption)."""
+
+    def propose_batch(self, seqs, ks: list[int], engine) -> BatchDraft:
+        """Up to ks[b] tokens for each running sequence b."""
+        return BatchDraft(torch.zeros(len(seqs), 0, dtype=torch.int64, device=engine.device), [0] * len(seqs))
+
+    def commit_seq(self, seq, cached: int) -> None:
+        """After a step: the verifier's cache holds `cached` valid positions of `seq`."""
 
 
 NoneDrafter = Drafter

@@ -60,3 +60,15 @@ class NgramDrafter(Drafter):
 
     def propose(self, ctx, last, k):
         return Draft(torch.tensor(self.find(ctx, k), dtype=torch.int64, device=self.device))
+
+    # the batched runtime: an index per sequence (its drafter state), matched on the host
+    def start(self, seq):
+        seq.drafter_state = NgramDrafter(self.device, self.n_min, self.n_max)
+
+    def propose_batch(self, seqs, ks, engine):
+        from .drafter import BatchDraft
+        found = [s.drafter_state.find(s.context, k) if k > 0 else [] for s, k in zip(seqs, ks)]
+        width = max((len(f) for f in found), default=0)
+        rows = [f + [0] * (width - len(f)) for f in found]
+        return BatchDraft(torch.tensor(rows, dtype=torch.int64).view(len(seqs), width).to(engine.device),
+                          [len(f) for f in found])

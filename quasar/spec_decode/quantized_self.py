@@ -40,3 +40,23 @@ class QuantizedSelfDrafter(Drafter):
             toks.append(nxt.view(1))
             cur = nxt.view(1, 1)
         return Draft(torch.cat(toks), torch.stack(dists) if dists else None)
+
+    # the batched runtime: K draft steps of every sequence together, in the draft scheme, over the
+    # verifier's paged cache (the verify step then overwrites the slots the drafts wrote)
+    on_device = True
+
+    def propose_batch(self, seqs, ks, engine):
+        from .drafter import BatchDraft
+        k_max = max(ks, default=0)
+        cur = engine.last
+        toks = []
+        for j in range(k_max):
+            # token j of sequence b sits at position cached_b + j; a sequence drafting fewer than
+            # k_max tokens writes its extra steps to the scratch slot
+            pos = [c + j for c in engine.cached]
+            ctx = engine.token_ctx(seqs, pos, [j < k for k in ks])
+            logits = self.runner.run(cur, ctx, mode="draft")
+            cur = engine.pick(logits, seqs, [p + 1 for p in pos])
+            toks.append(cur)
+        tokens = torch.stack(toks, 1) if toks else cur.new_zeros(len(seqs), 0)
+        return BatchDraft(tokens, list(ks))

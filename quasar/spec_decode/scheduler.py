@@ -41,6 +41,11 @@ class Stats:
     pos_tries: list = field(default_factory=list)    # per draft position: steps that drafted it
     pos_accepts: list = field(default_factory=list)  # ... and steps that accepted it
     finish_reason: str = ""
+    k_sum: int = 0                    # tokens the step allowed this sequence to draft, summed (adaptive k)
+
+    @property
+    def mean_k(self) -> float:
+        return self.k_sum / self.steps if self.steps else float("nan")
 
     @property
     def tau(self) -> float:
@@ -68,7 +73,7 @@ class Stats:
             "accepted": self.accepted, "acceptance_per_position": [round(a, 4) for a in self.acceptance()],
             "draft_ms_per_step": round(1e3 * self.draft_s / self.steps, 4) if self.steps else None,
             "verify_ms_per_step": round(1e3 * self.verify_s / self.steps, 4) if self.steps else None,
-            "finish_reason": self.finish_reason,
+            "mean_k": round(self.mean_k, 3), "finish_reason": self.finish_reason,
         }
 
 
@@ -145,6 +150,7 @@ class Scheduler:
             st.steps += 1
             st.drafted += d
             st.accepted += n
+            st.k_sum += k
             for i in range(d):
                 st.pos_tries[i] += 1
                 st.pos_accepts[i] += int(i < n)

@@ -12,8 +12,10 @@ confirm on hardware (docs/ascend.md lists them).
 
 What it does not emulate (raises ``NotImplementedError`` so that a backend change that starts to
 depend on it fails loudly): int4 (int32-packed) activations, ``npu_trans_quant_param`` int64
-scales, output quantization (``quant_scale``), FRACTAL_NZ formats, page attention, the compressed
-2048x2048 causal masks of sparse_mode 2/3/4, KV-cache antiquant, TND layouts.
+scales, output quantization (``quant_scale``), FRACTAL_NZ formats, the compressed 2048x2048 causal
+masks of sparse_mode 2/3/4, KV-cache antiquant, TND layouts. Page attention (``block_table``) is
+emulated for float16 / bfloat16 KV in the two documented cache layouts, with its documented
+constraints (see npu_fused_infer_attention_score).
 
 Errors are ``RuntimeError`` (what torch_npu raises when an aclnn parameter check fails).
 """
@@ -279,6 +281,80 @@ def npu_weight_quant_batchmatmul(x: torch.Tensor, weight: torch.Tensor, antiquan
 # ------------------------------------------------------------------------------ attention
 
 _LAYOUTS = ("BNSD", "BSND", "BSH")
+_PA_PROMPT_BLOCK = (128, 512, 128)     # Q_S > 1 page attention: block_size in [128, 512], multiple of 128
+_PA_DECODE_ALIGN = 16                  # Q_S == 1 page attention, float16 / bfloat16 KV: 16-aligned
+_PA_BSH_LIMIT = 65535                  # (blocknum, blocksize, H) layout: KV_N * D <= 65535
+
+
+def _paged_kv(op, q, key, value, block_table, block_size, actual_seq_lengths_kv, input_layout, hkv,
+              atten_mask):
+    """Page attention's key/value as BNSD [B, KV_N, maxBlockNumPerSeq * block_size, D], gathered
+    through block_table exactly as the documentation describes (see npu_fused_infer_attention_score),
+    after checking its constraints. Returns (k, v, KV_S)."""
+    b, sq = q.shape[0], q.shape[2]
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
+        got = _dt(block_table) if isinstance(block_table, torch.Tensor) else type(block_table).__name__
+        _fail(op, f"block_table must be an int32 tensor, got {got}")
+    if block_table.dim() != 2 or block_table.shape[0] != b:
+        _fail(op, f"block_table must be 2-D with first dim == B ({b}), got shape {tuple(block_table.shape)}")
+    if actual_seq_lengths_kv is None:
+        _fail(op, "page attention (block_table) requires actual_seq_lengths_kv")
+    bs = int(block_size)
+    if sq > 1:
+        lo, hi, mult = _PA_PROMPT_BLOCK
+        if not (lo <= bs <= hi and bs % mult == 0):
+            _fail(op, f"page attention with Q_S > 1 needs block_size a multiple of {mult} in [{lo}, {hi}], got {bs}")
+    elif bs <= 0 or bs % _PA_DECODE_ALIGN:
+        _fail(op, f"page attention with Q_S == 1 and float16/bfloat16 KV needs a {_PA_DECODE_ALIGN}-aligned "
+                  f"block_size, got {bs}")
+    if key.dim() == 4:
+        if input_layout not in ("BNSD", "TND"):
+            _fail(op, f"a (blocknum, KV_N, blocksize, D) cache needs the query input_layout BNSD or TND, "
+                      f"got {input_layout} (BSH/BSND take only (blocknum, blocksize, H))")
+        nblk, kvn, kbs, dk = key.shape
+        if kvn != hkv or kbs != bs:
+            _fail(op, f"key cache {tuple(key.shape)} is not (blocknum, KV_N={hkv}, block_size={bs}, D)")
+        pool_k, pool_v = key, value                                    # [blocknum, KV_N, bs, D]
+    elif key.dim() == 3:
+        nblk, kbs, hh = key.shape
+        if kbs != bs or hh % hkv:
+            _fail(op, f"key cache {tuple(key.shape)} is not (blocknum, block_size={bs}, H = KV_N*D)")
+        if hh > _PA_BSH_LIMIT:
+            _fail(op, f"a (blocknum, blocksize, H) cache needs KV_N*D <= {_PA_BSH_LIMIT}, got {hh}; use the "
+                      "(blocknum, KV_N, blocksize, D) layout or fewer KV heads")
+        pool_k = key.view(nblk, bs, hkv, hh // hkv).transpose(1, 2)
+        pool_v = value.view(nblk, bs, hkv, hh // hkv).transpose(1, 2)
+    else:
+        _fail(op, f"a page-attention key cache must be 3-D or 4-D, got shape {tuple(key.shape)}")
+    lens = [int(x) for x in actual_seq_lengths_kv]
+    if len(lens) == 1:
+        lens = lens * b
+    elif len(lens) < b:
+        _fail(op, f"actual_seq_lengths_kv needs 1 or >= B entries, got {len(lens)}")
+    lens = lens[:b]
+    if min(lens) < 0:
+        _fail(op, f"actual_seq_lengths_kv must be >= 0, got {lens}")
+    need = [-(-n // bs) for n in lens]
+    max_blocks = max(need)
+    if block_table.shape[1] < max_blocks:
+        _fail(op, f"block_table's second dim ({block_table.shape[1]}) is below maxBlockNumPerSeq ({max_blocks})")
+    if nblk < sum(need):
+        _fail(op, f"blocknum ({nblk}) is below the blocks the sequences need ({sum(need)})")
+    kv_s = max_blocks * bs
+    if atten_mask is not None and atten_mask.shape[-1] < kv_s:
+        _fail(op, f"with page attention the atten_mask KV_S ({atten_mask.shape[-1]}) must be >= "
+                  f"maxBlockNumPerSeq * block_size ({kv_s})")
+    d = pool_k.shape[-1]
+    k = torch.zeros(b, hkv, kv_s, d, dtype=key.dtype, device=key.device)
+    v = torch.zeros_like(k)
+    for i in range(b):
+        ids = block_table[i, :need[i]].to(torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= nblk):
+            _fail(op, f"batch {i}: block ids {ids.tolist()} outside [0, blocknum={nblk}) (undefined on hardware)")
+        n = need[i] * bs
+        k[i, :, :n] = pool_k[ids].transpose(0, 1).reshape(hkv, n, d)
+        v[i, :, :n] = pool_v[ids].transpose(0, 1).reshape(hkv, n, d)
+    return k, v, kv_s
 
 
 def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_mask=None,
@@ -317,15 +393,31 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
       emulated); Q_S == 1 ignores sparse_mode, pre_tokens and next_tokens.
     - "输出说明": attention_out has query's shape and dtype; softmax_lse is a [1] zero tensor
       unless softmax_lse_flag.
+    - Page attention ("约束说明", "page attention场景", both the Q_S > 1 and the Q_S == 1 lists):
+      enabled by a valid block_table; key/value are then the block pool "in one contiguous piece
+      of memory", float16 / bfloat16, and the key/value input_layout is ignored. Cache layouts:
+      (blocknum, blocksize, H = KV_N * D) for any query layout, (blocknum, KV_N, blocksize, D) only
+      when the query's input_layout is BNSD (or TND); the 3-D layout needs KV_N * D <= 65535.
+      block_table: int32, 2-D, first dim == B, second dim >= maxBlockNumPerSeq (the block count of
+      the longest actual_seq_lengths_kv); actual_seq_lengths_kv must be given; blocknum >= the sum
+      over batches of ceil(actual_seq_lengths_kv[b] / block_size). block_size: Q_S > 1 (the
+      PromptFlashAttention branch): a multiple of 128 in [128, 512]; Q_S == 1 (the
+      IncreFlashAttention branch): 16-aligned for float16 / bfloat16 KV. With an atten_mask
+      (B, 1, Q_S, KV_S) the mask's KV_S must be >= maxBlockNumPerSeq * block_size. Sequence b's
+      KV position j lives in block block_table[b, j // block_size] at offset j % block_size;
+      positions >= actual_seq_lengths_kv[b] are not attended. Page attention excludes left
+      padding (query_padding_size / kv_padding_size), tensor lists and KV antiquant.
     Assumptions: fully-masked query rows come out as zeros when inner_precise has bit 1 set (row
     invalid correction) and as NaN otherwise (the doc only warns of "precision loss"); softmax in
-    fp32.
+    fp32. The doc says block ids are NOT validated ("当前不会对blockid的合法性进行校验"): a block id
+    that a sequence reads and that lies outside [0, blocknum) is undefined on hardware and an
+    error here; table entries past a sequence's blocks are never read.
     """
     op = "npu_fused_infer_attention_score"
     for name, val in (("pse_shift", pse_shift), ("dequant_scale1", dequant_scale1), ("quant_scale1", quant_scale1),
                       ("dequant_scale2", dequant_scale2), ("quant_scale2", quant_scale2),
                       ("quant_offset2", quant_offset2), ("antiquant_scale", antiquant_scale),
-                      ("antiquant_offset", antiquant_offset), ("block_table", block_table),
+                      ("antiquant_offset", antiquant_offset),
                       ("query_padding_size", query_padding_size), ("kv_padding_size", kv_padding_size),
                       ("key_antiquant_scale", key_antiquant_scale), ("value_antiquant_scale", value_antiquant_scale),
                       ("key_shared_prefix", key_shared_prefix), ("query_rope", query_rope)):
@@ -349,19 +441,29 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
         _fail(op, f"num_heads ({num_heads}) must be a multiple of num_key_value_heads ({hkv}), ratio <= 64")
     # -> BNSD views
     if input_layout == "BNSD":
-        if query.dim() != 4 or key.dim() != 4:
+        if query.dim() != 4 or (block_table is None and key.dim() != 4):
             _fail(op, "BNSD needs 4-D query/key/value")
-        q, k, v = query, key, value
+        q = query
     elif input_layout == "BSND":
-        if query.dim() != 4 or key.dim() != 4:
+        if query.dim() != 4 or (block_table is None and key.dim() != 4):
             _fail(op, "BSND needs 4-D query/key/value")
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        q = query.transpose(1, 2)
     else:  # BSH
-        if query.dim() != 3 or key.dim() != 3:
+        if query.dim() != 3 or (block_table is None and key.dim() != 3):
             _fail(op, "BSH needs 3-D query/key/value")
-        if query.shape[-1] % num_heads or key.shape[-1] % hkv:
+        if query.shape[-1] % num_heads:
             _fail(op, "BSH: H must be a multiple of the head count")
         q = query.view(query.shape[0], query.shape[1], num_heads, -1).transpose(1, 2)
+    if block_table is not None:      # page attention: gather each sequence's blocks (BNSD)
+        k, v, page_kv_s = _paged_kv(op, q, key, value, block_table, block_size, actual_seq_lengths_kv,
+                                    input_layout, hkv, atten_mask)
+    elif input_layout == "BNSD":
+        k, v = key, value
+    elif input_layout == "BSND":
+        k, v = key.transpose(1, 2), value.transpose(1, 2)
+    else:
+        if key.shape[-1] % hkv:
+            _fail(op, "BSH: H must be a multiple of the head count")
         k = key.view(key.shape[0], key.shape[1], hkv, -1).transpose(1, 2)
         v = value.view(value.shape[0], value.shape[1], hkv, -1).transpose(1, 2)
     b, nq, sq, d = q.shape
@@ -449,6 +551,48 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
     elif input_layout == "BSH":
         out = out.transpose(1, 2).reshape(b, sq, nq * d)
     return out, torch.zeros(1, dtype=torch.float32, device=q.device)
+
+
+# ------------------------------------------------------------------------------ scatter update
+
+_SCATTER_ND_DTYPES = (torch.float32, torch.float16, torch.bool, torch.bfloat16, torch.int64, torch.int8)
+
+
+def npu_scatter_nd_update_(input: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    """torch_npu.npu_scatter_nd_update_(input, indices, updates) -> Tensor (input, updated in place)
+
+    Doc: op-plugin docs/context/torch_npu-npu_scatter_nd_update_.md: input[indices[i]] = updates[i]
+    in place; input 1-8 dims, ND, non-contiguous allowed, dtype float32 / float16 / bool / bfloat16
+    / int64 / int8 on Atlas A2/A3, updates of input's dtype; indices int32 / int64, at least 2-D,
+    its last dim a <= input.dim(); updates.shape == indices.shape[:-1] + input.shape[a:]; indices
+    "不支持越界" (must be in range).
+    Assumptions: an out-of-range (or negative) index is an error here (undefined on hardware); when
+    indices repeat, which update lands is unspecified (here: torch's index_put order).
+    """
+    op = "npu_scatter_nd_update_"
+    if input.dtype not in _SCATTER_ND_DTYPES:
+        _fail(op, f"input dtype {_dt(input)} is not supported (float32, float16, bool, bfloat16, int64, int8)")
+    if updates.dtype != input.dtype:
+        _fail(op, f"updates dtype ({_dt(updates)}) must equal input dtype ({_dt(input)})")
+    if not 1 <= input.dim() <= 8:
+        _fail(op, f"input must have 1-8 dims, got {input.dim()}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        _fail(op, f"indices must be int32 or int64, got {_dt(indices)}")
+    if indices.dim() < 2:
+        _fail(op, f"indices must be at least 2-D, got shape {tuple(indices.shape)}")
+    a = indices.shape[-1]
+    if not 1 <= a <= input.dim():
+        _fail(op, f"indices' last dim ({a}) must be in [1, input.dim()={input.dim()}]")
+    want = tuple(indices.shape[:-1]) + tuple(input.shape[a:])
+    if tuple(updates.shape) != want:
+        _fail(op, f"updates shape {tuple(updates.shape)} must be indices.shape[:-1] + input.shape[{a}:] = {want}")
+    idx = indices.reshape(-1, a).to(torch.int64)
+    if idx.numel():
+        bound = torch.tensor(input.shape[:a], dtype=torch.int64, device=idx.device)
+        if bool((idx < 0).any()) or bool((idx >= bound).any()):
+            _fail(op, f"indices out of range for input shape {tuple(input.shape)} (not supported)")
+    input[tuple(idx.t())] = updates.reshape(-1, *input.shape[a:])
+    return input
 
 
 # ------------------------------------------------------------------------- norms, rope, swiglu
