@@ -51,6 +51,11 @@ class Backend:
         """A captured-step runner (CUDA graphs) wrapping `model`, or None: steps run eagerly."""
         return None
 
+    def paged_graph_runner(self, runner, buckets, chunk_lengths, modes):
+        """Captured uniform steps of a paged ModelRunner (CUDA graphs per batch bucket x chunk
+        length x mode), or None: steps run eagerly."""
+        return None
+
     # ------------------------------------------------------------------ capabilities
     def supports(self, scheme, dtype: Optional[torch.dtype] = None,
                  shape: tuple[int, int] = (256, 256)) -> tuple[bool, str]:

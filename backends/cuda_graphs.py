@@ -93,3 +93,88 @@ class GraphRunner(StaticStepRunner):
         g, out = entry
         g.replay()
         return out
+
+
+class PagedGraphRunner:
+    """CUDA graphs for the batched runtime's uniform steps on the paged cache: one graph per
+    (mode, batch-size bucket, chunk length T). A step of B sequences is padded to the smallest
+    bucket >= B: padded rows read block 0 at position 0 and write the scratch slot, and their
+    logits are dropped. The block tables are captured at their full width (max_seq_len / block
+    size): the attention kernel reads each row's visible length from its position, so one graph
+    serves every context length. Steps of other shapes (varlen prefill, B above the largest
+    bucket) run eagerly."""
+
+    def __init__(self, runner, buckets, chunk_lengths, modes=("verify",)):
+        self.runner = runner
+        self.buckets = sorted(set(buckets))
+        self.lengths = sorted(set(chunk_lengths))
+        self.modes = tuple(modes)
+        dev = runner.device
+        n_max = self.buckets[-1] * self.lengths[-1]
+        self.ids = torch.zeros(n_max, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(n_max, dtype=torch.int64, device=dev)
+        self.slots = torch.full((n_max,), runner.scratch_slot, dtype=torch.int64, device=dev)
+        self.tables = torch.zeros(self.buckets[-1], runner.max_blocks, dtype=torch.int64, device=dev)
+        self.lens = torch.ones(self.buckets[-1], dtype=torch.int64, device=dev)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict = {}
+        for mode in self.modes:
+            for t in reversed(self.lengths):
+                for b in reversed(self.buckets):
+                    self._capture(mode, b, t)
+
+    def _ctx(self, b: int, t: int):
+        from quasar.engine.context import StepContext
+        n = b * t
+        return StepContext(self.pos[:n], self.slots[:n], list(range(0, n + 1, t)), self.tables[:b],
+                           self.lens[:b], t)
+
+    @torch.inference_mode()
+    def _capture(self, mode: str, b: int, t: int) -> None:
+        r = self.runner
+        ctx, ids = self._ctx(b, t), self.ids[:b * t]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                r.run_eager(ids, ctx, mode)
+        torch.cuda.current_stream().wait_stream(s)
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                out = r.run_eager(ids, ctx, mode)
+        finally:
+            if enabled:
+                gc.enable()
+        self.graphs[(mode, b, t)] = (g, out)
+
+    def bucket(self, b: int):
+        for x in self.buckets:
+            if x >= b:
+                return x
+        return None
+
+    def __call__(self, input_ids, ctx, mode):
+        """Logits [N, V] of the step, or None when no graph fits it (the caller runs it eagerly)."""
+        t, b = ctx.chunk, ctx.num_seqs
+        bb = self.bucket(b) if t else None
+        entry = self.graphs.get((mode, bb, t)) if bb else None
+        if entry is None:
+            return None
+        n = b * t
+        self.ids[:n].copy_(input_ids)
+        self.pos[:n].copy_(ctx.positions)
+        self.slots[:n].copy_(ctx.slot_mapping)
+        w = ctx.block_tables.shape[1]
+        self.tables[:b, :w].copy_(ctx.block_tables)
+        self.lens[:b].copy_(ctx.context_lens)
+        if bb > b:                                    # padded rows: harmless reads, scratch writes
+            self.pos[n:bb * t].zero_()
+            self.slots[n:bb * t].fill_(self.runner.scratch_slot)
+            self.tables[b:bb].zero_()
+        g, out = entry
+        g.replay()
+        return out[:n]

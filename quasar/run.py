@@ -12,10 +12,11 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from quasar import config as qcfg
-from quasar.errors import ConfigError, QuasarError
+from quasar.errors import ConfigError, ContextLengthError, QuasarError
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -142,6 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
     ap.add_argument("--threads", type=positive_int,
                     help="CPU threads for torch (runtime.threads; default: see README, 'CPU threads')")
+    ap.add_argument("--max-batch-size", type=positive_int,
+                    help="sequences decoded together (runtime.max_batch_size; continuous batching)")
     ap.add_argument("--json", action="store_true",
                     help="one JSON object per prompt per line (no streaming; a single prompt's text "
                          "is otherwise printed as it is generated)")
@@ -158,6 +161,7 @@ def build_config(a: argparse.Namespace) -> qcfg.DeployConfig:
         "sampling.max_new_tokens": a.max_new_tokens, "sampling.temperature": a.temperature,
         "sampling.top_p": a.top_p, "sampling.top_k": a.top_k, "sampling.seed": a.seed,
         "chat": False if a.no_chat else None, "runtime.threads": a.threads,
+        "runtime.max_batch_size": a.max_batch_size,
     })
 
 
@@ -180,7 +184,8 @@ def read_prompts_file(path: Path, limit=None) -> list[dict]:
         else:
             raise ConfigError(f"{path}:{i}: expected Spec-Bench format "
                               '{"question_id", "category", "turns": ["..."]} or {"prompt": "..."}')
-        out.append({"prompt": text, "question_id": rec.get("question_id"), "category": rec.get("category")})
+        out.append({"prompt": text, "question_id": rec.get("question_id"), "category": rec.get("category"),
+                    "where": f"{path}:{i} (prompt {len(out)})"})
         if limit and len(out) >= limit:
             break
     if not out:
@@ -241,20 +246,27 @@ def _run(a) -> int:
           f"verifier {llm.model.scheme}, drafter {cfg.drafter.method}"
           + (f" k={cfg.drafter.num_tokens}" if cfg.drafter.method != "none" else ""), file=log)
     totals = {"new_tokens": 0, "decode_tokens": 0, "steps": 0, "decode_s": 0.0, "prefill_s": 0.0}
+    ids = [llm.encode(rec["prompt"]) for rec in prompts]
+    bad = [f"{rec.get('where') or f'--prompt {i + 1}'}: {why}" for i, (rec, x) in enumerate(zip(prompts, ids))
+           if (why := llm.check_prompt(x))]
+    if bad:         # every prompt is checked before any runs
+        raise ContextLengthError(f"{len(bad)} of {len(prompts)} prompts cannot run:\n  " + "\n  ".join(bad))
     stream = len(prompts) == 1 and not a.json
-    for i, rec in enumerate(prompts):
-        if stream:
-            print(f"\n[{i + 1}/{len(prompts)}] {rec['prompt']}", flush=True)
-            printer = TokenStream(llm.tokenizer, sys.stdout)
-            r = llm.generate(rec["prompt"], on_tokens=printer)
-            printer.finish(r.text)
-        else:
-            r = llm.generate(rec["prompt"])
+    if stream:
+        print(f"\n[1/1] {prompts[0]['prompt']}", flush=True)
+        printer = TokenStream(llm.tokenizer, sys.stdout)
+        results = [llm.generate(ids[0], on_tokens=printer)]
+        printer.finish(results[0].text)
+    else:
+        t0 = time.perf_counter()
+        results = llm.generate(ids, progress=len(prompts) > 1)
+        wall = time.perf_counter() - t0
+    for i, (rec, r) in enumerate(zip(prompts, results)):
         s = r.stats
         for key in totals:
             totals[key] += getattr(s, key)
         if a.json:
-            obj = {k: v for k, v in rec.items() if v is not None}
+            obj = {k: v for k, v in rec.items() if v is not None and k != "where"}
             obj.update(prompt_token_ids=r.prompt_token_ids, token_ids=r.token_ids, text=r.text,
                        stats=s.as_dict())
             print(json.dumps(obj, ensure_ascii=False), flush=True)
@@ -262,12 +274,15 @@ def _run(a) -> int:
             if not stream:
                 print(f"\n[{i + 1}/{len(prompts)}] {rec['prompt']}\n{r.text}")
             print(f"-- {s.new_tokens} new tokens | prefill {s.prefill_s * 1e3:.1f} ms | decode "
-                  f"{s.decode_tok_s:.1f} tok/s | tau {s.tau:.2f} | finish: {s.finish_reason}", flush=True)
+                  f"{s.decode_tok_s:.1f} tok/s | tau {s.tau:.2f} | k {s.mean_k:.2f} | finish: {s.finish_reason}",
+                  flush=True)
     if len(prompts) > 1:
         tau = totals["decode_tokens"] / totals["steps"] if totals["steps"] else float("nan")
-        tps = totals["decode_tokens"] / totals["decode_s"] if totals["decode_s"] else float("nan")
-        print(f"\n== {len(prompts)} prompts | {totals['new_tokens']} new tokens | decode {tps:.1f} tok/s "
-              f"| tau {tau:.2f} | prefill {totals['prefill_s']:.2f} s total", file=log)
+        e = llm.engine
+        print(f"\n== {len(prompts)} prompts, up to {cfg.runtime.max_batch_size} in flight | "
+              f"{totals['new_tokens']} new tokens in {wall:.2f} s = {totals['new_tokens'] / wall:.1f} tok/s | "
+              f"tau {tau:.2f} | steps by k: {dict(sorted(e.k_hist.items()))} | "
+              f"peak KV blocks {e.peak_blocks}/{e.blocks.num_blocks} | preemptions {e.sched.preemptions}", file=log)
     return 0
 
 

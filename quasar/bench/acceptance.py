@@ -41,7 +41,8 @@ def acceptance(configs: list[Path], prompts: list[dict], overrides: dict, progre
     from quasar.engine import LLM
     results = OrderedDict()
     for path in configs:
-        cfg = qcfg.override(qcfg.load(path), overrides)
+        # tau at the config's own k: adaptive k would tune k to this machine's step costs
+        cfg = qcfg.override(qcfg.load(path), {"drafter.adaptive": False, **overrides})
         llm = LLM(cfg)
         per = OrderedDict()
         k = cfg.drafter.num_tokens if cfg.drafter.method != "none" else 0

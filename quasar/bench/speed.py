@@ -72,7 +72,7 @@ def e2e_configs() -> dict:
 
 
 def add_args(ap) -> None:
-    ap.add_argument("--mode", default="e2e", help="comma-separated: ops, step, e2e, project")
+    ap.add_argument("--mode", default="e2e", help="comma-separated: ops, step, batch, e2e, project")
     ap.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, a few steps")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--shapes", default="qwen3-8b,openpangu-7b")
@@ -90,6 +90,8 @@ def add_args(ap) -> None:
     ap.add_argument("--cases", default=None,
                     help="step: comma-separated subset of the step cases, matched as substrings of their "
                          "labels (e.g. 'w4a16,decode bf16')")
+    ap.add_argument("--batches", default="1,2,4,8,16,32,64", help="batch: batch sizes")
+    ap.add_argument("--batch-ctx", type=positive_int, default=1024, help="batch: context length of every sequence")
     ap.add_argument("--threads", type=positive_int, default=None,
                     help="CPU threads for torch (step, and e2e's LLMs)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"), metavar="DIR",
@@ -613,10 +615,11 @@ def main(a) -> int:
     from quasar.engine import resolve_dtype
     from quasar.run import check_out_dir, default_prompts_file
     modes = [m.strip() for m in a.mode.split(",")]
-    unknown = [m for m in modes if m not in ("ops", "step", "e2e", "project")]
+    valid = ("ops", "step", "batch", "e2e", "project")
+    unknown = [m for m in modes if m not in valid]
     if unknown:
         from quasar.errors import ConfigError
-        raise ConfigError(f"--mode: unknown mode(s) {', '.join(map(repr, unknown))}; valid: ops, step, e2e, project")
+        raise ConfigError(f"--mode: unknown mode(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
     a.out = check_out_dir(a.out)
     threads.set_default(a.threads)
     threads.apply(a.threads)
@@ -653,6 +656,12 @@ def main(a) -> int:
         print("## step\n\n" + step_markdown(results["step"]) + "\n")
         failures += [f"step: {r.get('shape')} {r.get('case')}: {r['error']}"
                      for r in results["step"].get("rows", []) if "error" in r]
+    if "batch" in modes:
+        from quasar.bench import batch as bench_batch
+        results["batch"] = bench_batch.batch_bench(a, backend, dtype)
+        print("## batch\n\n" + bench_batch.markdown(results["batch"]) + "\n")
+        failures += [f"batch: {r.get('shape')} {r.get('case')}: {r['error']}"
+                     for r in results["batch"].get("rows", []) if "error" in r]
     if "e2e" in modes:
         results["e2e"] = e2e_bench(a, backend, dtype)
         print("## e2e\n\n" + e2e_markdown(results["e2e"]) + "\n")

@@ -124,10 +124,14 @@ class LLM:
         how = "given"
         if kv_blocks is None:
             kv_blocks, how = kv_blocks_for(cfg, per_token, self.backend, self.k)
-        self.runner = ModelRunner(self.model, kv_blocks=kv_blocks, block_size=rt.kv_block_size)
+        buckets = sorted({b for b in rt.cuda_graph_batch_sizes if b < rt.max_batch_size} | {rt.max_batch_size})
+        modes = ("verify", "draft") if draft_scheme is not None else ("verify",)
+        self.runner = ModelRunner(self.model, chunk_lengths=range(1, self.k + 2), modes=modes,
+                                  graphs=rt.cuda_graphs, kv_blocks=kv_blocks, block_size=rt.kv_block_size,
+                                  buckets=buckets)
         if self.draft_llm is not None:
-            self.draft_llm.runner = ModelRunner(self.draft_llm.model, kv_blocks=kv_blocks,
-                                                block_size=rt.kv_block_size)
+            self.draft_llm.runner = ModelRunner(self.draft_llm.model, chunk_lengths=(1,), graphs=rt.cuda_graphs,
+                                                kv_blocks=kv_blocks, block_size=rt.kv_block_size, buckets=buckets)
         self.drafter = make_drafter(d, self.runner, self.sp, self.draft_llm.runner if self.draft_llm else None)
         cost = None
         if d.adaptive and self.k > 0:

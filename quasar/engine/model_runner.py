@@ -22,12 +22,15 @@ MODES = ("prefill", "decode", "draft", "verify")
 class ModelRunner:
     def __init__(self, model, batch: int = 1, chunk_lengths: Sequence[int] = (),
                  modes: Sequence[str] = ("verify",), graphs: Optional[bool] = None,
-                 kv_blocks: Optional[int] = None, block_size: int = 16):
+                 kv_blocks: Optional[int] = None, block_size: int = 16, buckets: Sequence[int] = ()):
         """chunk_lengths / modes: the steps to capture (decode and verify chunk lengths; "draft"
         too for QSpec). graphs: None = capture where the backend can, True = must, False = never.
         kv_blocks: a paged cache of that many blocks of `block_size` (the batched runtime, `run`),
         plus one scratch block that padded tokens write to; None: the dense cache of `batch`
-        sequences of max_seq_len (the single-sequence scheduler, `forward` / `step`)."""
+        sequences of max_seq_len (the single-sequence scheduler, `forward` / `step`). buckets: the
+        batch sizes whose uniform steps (chunk_lengths x modes) the paged runner captures.
+        Modes of the paged runner: prefill / decode / verify run the verifier's scheme, draft the
+        draft scheme (QSpec); a captured graph of mode "verify" serves decode steps too."""
         self.model = model
         self.backend = model.backend
         self.captured = None
@@ -37,6 +40,11 @@ class ModelRunner:
             self.num_blocks, self.block_size = kv_blocks, block_size
             self.scratch_slot = kv_blocks * block_size
             self.max_blocks = -(-model.max_seq_len // block_size)    # a block table's width
+            if graphs is not False and chunk_lengths and buckets:
+                self.captured = self.backend.paged_graph_runner(self, buckets, list(chunk_lengths), tuple(modes))
+            if graphs and self.captured is None:
+                raise ConfigError(f"runtime.cuda_graphs is true but the {self.backend.name} backend on "
+                                  f"{self.model.device} has no graph capture; set it to null or false")
             return
         self.cache = kv.allocate(model.args, batch, model.max_seq_len, model.dtype, model.device)
         if graphs is not False and chunk_lengths:
@@ -69,6 +77,14 @@ class ModelRunner:
         scheme, draft the draft scheme (QSpec). Returns fp32 logits [N or len(rows), vocab]."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if self.captured is not None and rows is None:
+            out = self.captured(input_ids, ctx, "draft" if mode == "draft" else "verify")
+            if out is not None:
+                return out
+        return self.run_eager(input_ids, ctx, mode, rows)
+
+    def run_eager(self, input_ids: torch.Tensor, ctx, mode: str = "verify",
+                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         m = self.model
         scheme_mode = "draft" if mode == "draft" else "verify"
         if m.mode != scheme_mode:
