@@ -1,11 +1,12 @@
 """CUDA backend: Triton kernels (quasar.ops.triton) for the fused norm / activation quantization,
 the attention prologue (q/k norm, RoPE, KV-cache write in one launch) and decode / verify
-attention; torch SDPA for prefill attention; CUDA graphs for the decode / draft / verify steps
-(`graph_runner` -> quasar.backends.cuda_graphs.GraphRunner; the attention kernel reads the visible
-length from the positions tensor, so one capture with kv_len = the whole cache serves every
-context length). The GEMMs are the kernels each scheme lists for "cuda" (quasar/quant/): cuBLAS
-(or the weight-streaming kernel where a tuned table says so) for unquantized layers, the Triton
-int8 / fp8 / int4 weight-streaming kernels for the quantized ones.
+attention, on the dense or the paged KV cache; torch SDPA (the reference) for prefill attention;
+CUDA graphs for the decode / draft / verify steps (`graph_runner` ->
+quasar.backends.cuda_graphs.GraphRunner; the attention kernel reads the visible length from the
+positions tensor, so one capture with kv_len = the whole cache serves every context length).
+The GEMMs are the kernels each scheme lists for "cuda" (quasar/quant/): cuBLAS (or the
+weight-streaming kernel where a tuned table says so) for unquantized layers, the Triton int8 /
+fp8 / int4 weight-streaming kernels for the quantized ones.
 
 Kernel options (quasar.config.KernelConfig, `runtime.kernels`) are given at construction and
 passed to every launch: pdl, prefetch, early_loads, ptx_dequant, tuning.
@@ -126,9 +127,35 @@ class CudaBackend(Backend):
             return attn.attention(q, cache, layer, positions, kv_len, mask, opts=self.options)
         return R.attention(q, cache, layer, positions, kv_len, mask)   # prefill: torch SDPA
 
+    # the paged KV cache (the batched runtime): the same two Triton kernels, through slot mapping
+    # and block tables
+    def paged_kv_write(self, cache, layer, k, v, slot_mapping):
+        return R.paged_kv_write(cache, layer, k, v, slot_mapping)
+
+    def paged_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
+        return self.triton.rope.paged_rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer,
+                                                    opts=self.options)
+
+    def paged_attention(self, q, cache, layer, ctx):
+        attn = self.triton.attention
+        if attn.supports_paged(q, cache, ctx):     # uniform chunks (decode, verify)
+            return attn.paged_attention(q, cache, layer, ctx, opts=self.options)
+        return R.paged_attention(q, cache, layer, ctx)   # ragged / prefill chunks: the reference
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def free_memory(self) -> int:
+        if self.device.type != "cuda":
+            return super().free_memory()
+        return torch.cuda.mem_get_info(self.device)[0]
+
+    def paged_graph_runner(self, runner, buckets, chunk_lengths, modes):
+        if self.device.type != "cuda":
+            return None
+        from .cuda_graphs import PagedGraphRunner
+        return PagedGraphRunner(runner, buckets, chunk_lengths, modes)
 
     def graph_runner(self, model, cache, chunk_lengths, modes):
         if self.device.type != "cuda":

@@ -41,6 +41,25 @@ def test_speed_benchmark_smoke_runs_every_mode(tmp_path):
     assert list(out.glob("*.png"))
 
 
+def test_batch_benchmarks_smoke(tmp_path):
+    """--mode batch (paged steps per batch size vs the floor) and --mode e2e --in-flight N
+    (continuous batching vs transformers' batched generate) through the command line."""
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "-m", "quasar.bench", "speed", "--mode", "batch,e2e", "--smoke",
+                        "--in-flight", "4", "--configs", "ar-bf16,quasar", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads((out / "speed.json").read_text())
+    rows = d["batch"]["rows"]
+    assert not [x for x in rows if "error" in x], rows
+    assert {x["B"] for x in rows} == {1, 2, 4} and all(x["ms"] > 0 and x["ratio_to_floor"] > 0 for x in rows)
+    assert any(x["case"].startswith("QSpec draft") for x in rows)
+    e2e = d["e2e_batch"]["rows"]
+    assert [x["config"] for x in e2e][:2] == ["ar-bf16-smollm2: AR unquantized", "quasar-smollm2: ngram k=5 + w8a8-int8"]
+    assert e2e[-1]["peer"] and all(x["tok_s"] > 0 for x in e2e)
+    assert all(0 < x["peak_kv_blocks"] <= x["kv_blocks"] for x in e2e[:-1])
+
+
 def test_step_cases_filter(tmp_path):
     """--cases picks step cases by label; a filter that matches nothing is refused, naming the
     cases there are."""

@@ -117,12 +117,12 @@ def test_sequence_stop_conditions_and_preemption():
         Sequence([])
 
 
-def test_a_seeded_sequence_draws_from_its_own_generator():
+def test_a_requests_noise_depends_only_on_its_seed_and_position():
+    """The batched runtime's sampling noise (Gumbel, keyed by seed and position): the same for a
+    row alone or among others, different across seeds and positions."""
     import torch
-    a, b = Sequence([1]), Sequence([1])
-    from quasar.spec_decode.sampling import SamplingParams
-    a.sampling = b.sampling = SamplingParams(temperature=1.0, seed=7)
-    ga, gb = a.make_generator("cpu"), b.make_generator("cpu")
-    torch.rand(5, generator=ga)                                    # a draws more than b
-    assert a.make_generator("cpu") is ga
-    assert torch.equal(torch.rand(3, generator=torch.Generator().manual_seed(7)), torch.rand(3, generator=gb))
+    from quasar.spec_decode.sampling import gumbel
+    alone = gumbel(torch.tensor([7]), torch.tensor([12]), 64)
+    batch = gumbel(torch.tensor([3, 7, 7, 9]), torch.tensor([12, 12, 13, 12]), 64)
+    assert torch.equal(alone[0], batch[1])
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[1], batch[2])

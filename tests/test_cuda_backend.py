@@ -69,8 +69,7 @@ def test_backend_declares_every_op_and_runs_on_the_cpu(cuda_be):
     # every op of the contract is a method the cuda backend implements itself (the GEMM: the
     # scheme's kernels for "cuda", through Backend.gemm)
     assert set(OPS) <= set(CONTRACT_METHODS) | {"gemm"} and callable(cuda_be.gemm)
-    # (the paged-cache ops of the batched runtime have only their CPU reference so far, issue 17)
-    assert all("cuda" in backends.implementing(op) for op in CONTRACT_METHODS if not op.startswith("paged_"))
+    assert all("cuda" in backends.implementing(op) for op in CONTRACT_METHODS)
     assert callable(cuda_be.synchronize)
     cuda_be.synchronize()
     assert set(cuda_be.dtypes) == {torch.float32, torch.bfloat16, torch.float16}

@@ -14,6 +14,14 @@ empty (m = -inf, l = 0) record. With NUM_SPLITS > 1 a second small kernel merges
 (m, l, acc) records (log-sum-exp); with one split the first kernel writes O directly.
 Rows with no visible slot at all get zeros (the reference's SDPA would give NaN). Prefill
 (T > 16, or T * G > 128 rows) is left to torch SDPA (see the backend).
+
+The paged cache (PAGED, quasar.kv.paged: [blocks, Hkv, PBS, D] per layer) goes through the same
+kernel for uniform steps (every sequence has T tokens: decode, verify; op paged_attention): q,
+positions and o are [N = B * T, ...] (sequence b's rows are tokens b*T .. b*T + T - 1, which the
+(sequence, token) strides express), and the K/V row of logical slot s of sequence b is offset
+s % PBS of block block_tables[b, s // PBS] (a gather per row, so the tile BS is independent of
+the page size). KV_LEN is the block table's width * PBS; the visible length still comes from the
+positions. Ragged steps (varlen prefill) are left to the reference (see the backend).
 """
 from __future__ import annotations
 
@@ -59,6 +67,25 @@ def _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr, s
 
 
 @triton.jit
+def _kv_tile(k_ptr, v_ptr, bt_ptr, b, hk, s, ok, d, d_ok, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sbt,
+             PAGED: tl.constexpr, PBS: tl.constexpr):
+    """K and V [BS, BD] at the slots s of sequence b, kv head hk (rows where `ok`; zeros elsewhere).
+    Dense cache [B, Hkv, S, D]: slot s of sequence b. Paged cache [blocks, Hkv, PBS, D] (sk_b /
+    sv_b: the block stride): logical slot s of sequence b is offset s % PBS of its block
+    block_tables[b, s // PBS], one gather per row (the tile need not be one page)."""
+    m2 = ok[:, None] & d_ok[None, :]
+    if PAGED:
+        blk = tl.load(bt_ptr + b * sbt + s // PBS, mask=ok, other=0)
+        off = s % PBS
+        kt = tl.load(k_ptr + hk * sk_h + (blk * sk_b + off * sk_s)[:, None] + d[None, :], mask=m2, other=0.0)
+        vt = tl.load(v_ptr + hk * sv_h + (blk * sv_b + off * sv_s)[:, None] + d[None, :], mask=m2, other=0.0)
+    else:
+        kt = tl.load(k_ptr + b * sk_b + hk * sk_h + s[:, None] * sk_s + d[None, :], mask=m2, other=0.0)
+        vt = tl.load(v_ptr + b * sv_b + hk * sv_h + s[:, None] * sv_s + d[None, :], mask=m2, other=0.0)
+    return kt, vt
+
+
+@triton.jit
 def _split_range(pos_ptr, b, t, r_ok, sp_b, sp_t, split, KV_LEN, NUM_SPLITS: tl.constexpr, BS: tl.constexpr):
     """The rows' positions, the visible length (max position + 1, capped at KV_LEN) and this
     split's slot range [start, end) of it, in whole blocks."""
@@ -71,13 +98,14 @@ def _split_range(pos_ptr, b, t, r_ok, sp_b, sp_t, split, KV_LEN, NUM_SPLITS: tl.
 
 
 @triton.jit(do_not_specialize=["T", "KV_LEN"])
-def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_ptr,
+def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_ptr, bt_ptr,
                  T, HKV, KV_LEN, D, qk_scale,
                  sq_b, sq_t, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sp_b, sp_t,
-                 sm_b, sm_t, sm_s, so_b, so_t, so_h,
+                 sm_b, sm_t, sm_s, so_b, so_t, so_h, sbt,
                  G: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                  NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, F32DOT: tl.constexpr,
-                 EARLY_KV: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+                 EARLY_KV: tl.constexpr, PAGED: tl.constexpr, PBS: tl.constexpr,
+                 INTERP: tl.constexpr, PDL: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -88,8 +116,6 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
     r_ok = t < T
     d = tl.arange(0, BD)
     d_ok = d < D
-    k_base = k_ptr + b * sk_b + hk * sk_h
-    v_base = v_ptr + b * sv_b + hk * sv_h
     if EARLY_KV:
         # Before waiting for the previous kernel: the positions (an input no kernel writes), this
         # split's range, and the first block of K/V at the slots the chunk does not write (slots
@@ -100,8 +126,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
         s = start + tl.arange(0, BS)
         s_ok = s < end
         old = s_ok & (s < pmin)
-        kt = tl.load(k_base + s[:, None] * sk_s + d[None, :], mask=old[:, None] & d_ok[None, :], other=0.0)
-        vt = tl.load(v_base + s[:, None] * sv_s + d[None, :], mask=old[:, None] & d_ok[None, :], other=0.0)
+        kt, vt = _kv_tile(k_ptr, v_ptr, bt_ptr, b, hk, s, old, d, d_ok, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                          sbt, PAGED, PBS)
     pdl_prologue(PDL)
     qt = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :],
                  mask=r_ok[:, None] & d_ok[None, :], other=0.0)
@@ -113,10 +139,10 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
     if EARLY_KV:
         # the chunk's own slots in the first block, now that they are written
         new = s_ok & (s >= pmin)
-        kt = tl.where(new[:, None], tl.load(k_base + s[:, None] * sk_s + d[None, :],
-                                            mask=new[:, None] & d_ok[None, :], other=0.0), kt)
-        vt = tl.where(new[:, None], tl.load(v_base + s[:, None] * sv_s + d[None, :],
-                                            mask=new[:, None] & d_ok[None, :], other=0.0), vt)
+        kn, vn = _kv_tile(k_ptr, v_ptr, bt_ptr, b, hk, s, new, d, d_ok, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                          sbt, PAGED, PBS)
+        kt = tl.where(new[:, None], kn, kt)
+        vt = tl.where(new[:, None], vn, vt)
         m_i, l_i, acc = _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr,
                                     sm_b, sm_t, sm_s, qk_scale, HAS_MASK, F32DOT)
         s_first = start + BS
@@ -126,10 +152,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
     for s0 in range(s_first, end, BS):
         s = s0 + tl.arange(0, BS)
         s_ok = s < end
-        kt = tl.load(k_base + s[:, None] * sk_s + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                     other=0.0)
-        vt = tl.load(v_base + s[:, None] * sv_s + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                     other=0.0)
+        kt, vt = _kv_tile(k_ptr, v_ptr, bt_ptr, b, hk, s, s_ok, d, d_ok, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                          sbt, PAGED, PBS)
         m_i, l_i, acc = _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr,
                                     sm_b, sm_t, sm_s, qk_scale, HAS_MASK, F32DOT)
     if NUM_SPLITS == 1:
@@ -198,13 +222,50 @@ def default_splits(batch_heads: int, kv_len: int, device) -> int:
     return int(max(1, min(want, triton.cdiv(kv_len, 64), 64)))
 
 
+def _launch(q, k, v, positions, pos_strides, mk, sm, out, bsz, t, hkv, kv_len, bt, sbt, pbs, qs, os_,
+            num_splits, block_s, num_warps, num_stages, early, opts):
+    """One launch of _attn_kernel (+ the combine kernel when split) over B = bsz sequences of t
+    rows each. qs / os_: (sequence, token, head) strides of q / out; mk: the mask (uint8, strides
+    sm) or None; bt: the block tables (paged, pbs slots per block) or None (dense)."""
+    h, dh = q.shape[-2], q.shape[-1]
+    g = h // hkv
+    br = max(16, triton.next_power_of_2(t * g))
+    bd = max(16, triton.next_power_of_2(dh))
+    bs = block_s or (32 if INTERPRETED else 64)
+    ns = num_splits or default_splits(bsz * hkv, kv_len, q.device)
+    f32dot = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
+    qk_scale = dh ** -0.5 * 1.4426950408889634   # log2(e): the kernel uses exp2
+    if ns > 1:
+        wacc = torch.empty(bsz * hkv * ns * br * bd, dtype=torch.float32, device=q.device)
+        wml = torch.empty(bsz * hkv * ns * 2 * br, dtype=torch.float32, device=q.device)
+    else:
+        wacc = wml = out
+    nw = num_warps or (1 if INTERPRETED else 4)
+    nst = num_stages or (1 if INTERPRETED else 2)
+    _attn_kernel[(bsz * hkv, ns)](
+        q, k, v, positions, positions if mk is None else mk, out, wacc, wml,
+        positions if bt is None else bt, t, hkv, kv_len, dh, qk_scale,
+        qs[0], qs[1], qs[2], k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), pos_strides[0], pos_strides[1],
+        sm[0], sm[1], sm[2], os_[0], os_[1], os_[2], sbt,
+        G=g, BR=br, BS=bs, BD=bd, NUM_SPLITS=ns, HAS_MASK=mk is not None, F32DOT=bool(f32dot),
+        EARLY_KV=early, PAGED=bt is not None, PBS=int(pbs), INTERP=INTERPRETED, num_warps=nw,
+        num_stages=nst, **pdl_kw(q.device, opts))
+    if ns > 1:
+        _attn_combine_kernel[(bsz * hkv, t * g)](
+            wacc, wml, out, hkv, dh, os_[0], os_[1], os_[2],
+            G=g, BR=br, BD=bd, NUM_SPLITS=ns, NSP=max(2, triton.next_power_of_2(ns)),
+            INTERP=INTERPRETED, num_warps=1 if INTERPRETED else 4, **pdl_kw(q.device, opts))
+    return out
+
+
 def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_len: int,
               mask: Optional[torch.Tensor] = None, num_splits: Optional[int] = None,
               block_s: Optional[int] = None, out: Optional[torch.Tensor] = None,
               num_warps: Optional[int] = None, num_stages: Optional[int] = None, opts=None) -> torch.Tensor:
     if getattr(cache, "representation", "dense") != "dense":
         raise UnsupportedError(f"the Triton attention kernel reads a dense KV cache, not "
-                               f"{cache.representation!r}")
+                               f"{cache.representation!r} (paged: paged_attention)")
     bsz, t, h, dh = q.shape
     k = cache.k[layer]
     v = cache.v[layer]
@@ -220,10 +281,6 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
     if q.stride(-1) != 1:
         q = q.contiguous()
     kv_len = int(min(kv_len, k.shape[2]))
-    br = max(16, triton.next_power_of_2(t * g))
-    bd = max(16, triton.next_power_of_2(dh))
-    bs = block_s or (32 if INTERPRETED else 64)
-    ns = num_splits or default_splits(bsz * hkv, kv_len, q.device)
     if out is None:
         out = torch.empty((bsz, t, h, dh), dtype=q.dtype, device=q.device)
     if mask is not None:
@@ -232,26 +289,69 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
         mk = mask.to(torch.uint8) if mask.dtype == torch.bool else mask
         sm = mk.stride()
     else:
-        mk, sm = positions, (0, 0, 0)
-    f32dot = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
-    qk_scale = dh ** -0.5 * 1.4426950408889634   # log2(e): the kernel uses exp2
-    if ns > 1:
-        wacc = torch.empty(bsz * hkv * ns * br * bd, dtype=torch.float32, device=q.device)
-        wml = torch.empty(bsz * hkv * ns * 2 * br, dtype=torch.float32, device=q.device)
-    else:
-        wacc = wml = out
-    nw = num_warps or (1 if INTERPRETED else 4)
-    nst = num_stages or (1 if INTERPRETED else 2)
-    _attn_kernel[(bsz * hkv, ns)](
-        q, k, v, positions, mk, out, wacc, wml, t, hkv, kv_len, dh, qk_scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), positions.stride(0), positions.stride(1),
-        sm[0], sm[1], sm[2], out.stride(0), out.stride(1), out.stride(2),
-        G=g, BR=br, BS=bs, BD=bd, NUM_SPLITS=ns, HAS_MASK=mask is not None, F32DOT=bool(f32dot),
-        EARLY_KV=early_loads("attention", opts), INTERP=INTERPRETED, num_warps=nw, num_stages=nst, **pdl_kw(q.device, opts))
-    if ns > 1:
-        _attn_combine_kernel[(bsz * hkv, t * g)](
-            wacc, wml, out, hkv, dh, out.stride(0), out.stride(1), out.stride(2),
-            G=g, BR=br, BD=bd, NUM_SPLITS=ns, NSP=max(2, triton.next_power_of_2(ns)),
-            INTERP=INTERPRETED, num_warps=1 if INTERPRETED else 4, **pdl_kw(q.device, opts))
-    return out
+        mk, sm = None, (0, 0, 0)
+    return _launch(q, k, v, positions, positions.stride(), mk, sm, out, bsz, t, hkv, kv_len, None, 0, 1,
+                   q.stride()[:3], out.stride()[:3], num_splits, block_s, num_warps, num_stages,
+                   early_loads("attention", opts), opts)
+
+
+def supports_paged(q: torch.Tensor, cache, ctx) -> bool:
+    """Whether the Triton kernel takes this paged_attention call: every sequence has the same
+    chunk length T (ctx.chunk = T > 0, N = B * T), T <= MAX_T and T * (H / Hkv) <= MAX_ROWS
+    (else the reference: ragged / prefill chunks)."""
+    n, h, _ = q.shape
+    hkv = cache.k[0].shape[1]
+    t = int(getattr(ctx, "chunk", 0) or 0)
+    return (getattr(cache, "representation", "dense") == "paged" and 0 < t <= MAX_T and h % hkv == 0
+            and t * (h // hkv) <= MAX_ROWS and n == ctx.num_seqs * t)
+
+
+def paged_attention(q: torch.Tensor, cache, layer: int, ctx, num_splits: Optional[int] = None,
+                    block_s: Optional[int] = None, out: Optional[torch.Tensor] = None,
+                    num_warps: Optional[int] = None, num_stages: Optional[int] = None, opts=None) -> torch.Tensor:
+    """See quasar.ops (op paged_attention), for a uniform step: q [N, H, D] with N = B * T
+    (ctx.chunk = T), sequence b's rows are tokens b*T .. b*T + T - 1 at ctx.positions; K/V
+    through ctx.block_tables [B, W] (cache.k[layer]: [blocks, Hkv, block_size, D]). The launch's
+    KV_LEN is W * block_size (a fixed-width table, as in a CUDA graph, stays correct: the
+    visible length is read from the positions). Early K/V loads (EARLY_KV) are off here: they
+    assume that the kernel before writes no slot below the chunk's lowest position, which the
+    dense cache's positions guarantee but a slot mapping need not (slots are separate from
+    positions)."""
+    if getattr(cache, "representation", "dense") != "paged":
+        raise UnsupportedError("paged_attention reads a paged KV cache (dense: attention)")
+    n, h, dh = q.shape
+    k = cache.k[layer]
+    v = cache.v[layer]
+    hkv = k.shape[1]
+    if h % hkv:
+        raise ValueError(f"{h} query heads are not a multiple of {hkv} kv heads")
+    g = h // hkv
+    bsz = ctx.num_seqs
+    t = int(getattr(ctx, "chunk", 0) or 0)
+    if t <= 0 or n != bsz * t:
+        raise UnsupportedError(f"the Triton paged attention kernel takes steps whose {bsz} sequences all "
+                               f"have one chunk length (ctx.chunk = {t}, {n} tokens)")
+    if t > MAX_T or t * g > MAX_ROWS:
+        raise UnsupportedError(f"the Triton attention kernel takes chunks of <= {MAX_T} tokens "
+                               f"(<= {MAX_ROWS} query rows per kv head); got T={t}, G={g}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("the KV cache must be contiguous along head_dim")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty((n, h, dh), dtype=q.dtype, device=q.device)
+    if n == 0:
+        return out
+    pbs = cache.block_size
+    bt = ctx.block_tables
+    if bt.dtype != torch.int64 or bt.stride(-1) != 1:
+        bt = bt.to(torch.int64).contiguous()
+    pos = ctx.positions.reshape(-1)
+    if pos.dtype != torch.int64 or pos.stride(-1) != 1:
+        pos = pos.to(torch.int64).contiguous()
+    kv_len = bt.shape[1] * pbs
+    # sequence b, token i is row b * t + i of q / positions / out
+    return _launch(q, k, v, pos, (t, 1), None, (0, 0, 0), out, bsz, t, hkv, kv_len, bt, bt.stride(0), pbs,
+                   (t * q.stride(0), q.stride(0), q.stride(1)),
+                   (t * out.stride(0), out.stride(0), out.stride(1)),
+                   num_splits, block_s, num_warps, num_stages, False, opts)

@@ -22,13 +22,19 @@ import torch
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
+def verifier_schemes() -> list[str]:
+    """The verifier schemes of the shipped end-to-end deployments (the systems compared)."""
+    from .speed import E2E_FILES, _deployment
+    return list(dict.fromkeys(_deployment(stem).verifier.quant for stem in E2E_FILES))
+
+
 def cases(k_values=(3, 5)) -> list:
-    """(label, scheme, draft scheme, group size, hadamard, T, mode)."""
+    """(label, scheme, draft scheme, group size, hadamard, T, mode): decode and verify chunks of
+    every deployed verifier scheme, and QSpec's draft step."""
     from quasar import quant
     from .speed import STEP_QSPEC_FILE, _deployment
-    u = quant.default()
     out = []
-    for scheme in (u, "w8a8-int8", "w4a16"):
+    for scheme in verifier_schemes():
         out.append((f"decode {scheme}", scheme, None, "auto", False, 1, "verify"))
         for k in k_values:
             out.append((f"verify {scheme} k={k}", scheme, None, "auto", False, k + 1, "verify"))
@@ -178,34 +184,154 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def project_batch(batch: dict, taus: dict, k: int = 3) -> dict:
-    """Projected tokens/s per batch size: B * E[tokens per step] / (step time), with
-    E = tau measured on the real model for the system, the step times of this run, and adaptive
-    k: a speculative system takes max over K in {0, k} of its rate (K = 0 is plain decoding in the
-    same scheme). QSpec adds k draft steps: B * tau / (k * t_draft(B) + t_verify(B, k + 1)).
-    taus: {"ngram": tau at k, "qspec": tau at k}."""
+def project_batch(batch: dict, taus: dict) -> dict:
+    """Projected tokens/s per batch size for each shipped deployment (E2E_FILES), from this run's
+    step times and tau measured on the real model (taus: {deployment stem: tau at k}):
+      AR:           B / t(decode, B)
+      n-gram:       max(B / t(decode, B), B * tau / t(verify k+1, B))            (adaptive k: 0 or k)
+      QSpec:        max(B / t(decode, B), B * tau / (k * t(draft, B) + t(verify k+1, B)))"""
+    from .speed import E2E_FILES, _deployment
     rows = [r for r in batch["rows"] if "error" not in r]
 
     def t(case, b):
         x = next((r for r in rows if r["case"] == case and r["B"] == b), None)
         return x["ms"] / 1e3 if x else None
-    from quasar import quant
-    u = quant.default()
+    draft_case = next((r["case"] for r in rows if r["case"].startswith("QSpec draft")), None)
     out = []
     for b in sorted({r["B"] for r in rows}):
         row = {"B": b}
-        for name, scheme in (("AR bf16", u), ("AR w8a8", "w8a8-int8"), ("AR w4a16", "w4a16")):
-            d = t(f"decode {scheme}", b)
-            row[name] = b / d if d else None
-        dv, vv = t("decode w8a8-int8", b), t(f"verify w8a8-int8 k={k}", b)
-        if dv and vv:
-            row["Quasar (ngram + w8a8)"] = max(b / dv, b * taus["ngram"] / vv)
-            row["Quasar k"] = 0 if b / dv >= b * taus["ngram"] / vv else k
-        dq = next((t(r["case"], b) for r in rows if r["case"].startswith("QSpec draft")), None)
-        d4, v4 = t("decode w4a16", b), t(f"verify w4a16 k={k}", b)
-        if dq and d4 and v4:
-            row["QSpec"] = max(b / d4, b * taus["qspec"] / (k * dq + v4))
-            row["QSpec k"] = 0 if b / d4 >= b * taus["qspec"] / (k * dq + v4) else k
+        for stem in E2E_FILES:
+            cfg = _deployment(stem)
+            v, k = cfg.verifier.quant, cfg.drafter.num_tokens
+            dec, ver = t(f"decode {v}", b), t(f"verify {v} k={k}", b)
+            if not dec:
+                continue
+            ar = b / dec
+            method = cfg.drafter.method
+            if method == "none" or stem not in taus or not ver:
+                row[stem], row[stem + " k"] = ar, 0
+                continue
+            extra = k * t(draft_case, b) if method == "quantized_self" and draft_case else 0.0
+            spec = b * taus[stem] / (extra + ver)
+            row[stem], row[stem + " k"] = max(ar, spec), (k if spec > ar else 0)
         out.append(row)
-    return {"k": k, "taus": taus, "rows": out,
-            "formula": "tokens/s = B * tau / (k * t_draft(B) + t_step(B, T=k+1)), maxed with plain decoding (K=0)"}
+    return {"taus": taus, "rows": out, "formula": project_batch.__doc__}
+
+
+# ------------------------------------------------------------------ end to end, many requests in flight
+
+def e2e_batch_bench(a, backend, dtype) -> dict:
+    """`--mode e2e --in-flight N`: the first N prompts submitted at once (continuous batching,
+    max_batch_size N) for each config, total new tokens / wall time; the peer is transformers'
+    batched `generate` (left padding, greedy) on the same prompts in the same run.
+    --ignore-eos makes every request generate exactly max_new_tokens on both sides (equal work:
+    used with random weights, where EOS is arbitrary)."""
+    from quasar import config as qcfg
+    from quasar.bench.acceptance import select
+    from quasar.engine import LLM
+    from quasar.run import read_prompts_file
+    from quasar.spec_decode.sampling import SamplingParams
+    from .speed import _smoke_model_dir, _sync, e2e_configs
+    n = 4 if a.smoke else a.in_flight
+    n_new = 12 if a.smoke else a.max_new_tokens
+    model_name = str(_smoke_model_dir()) if a.smoke else a.model
+    recs = read_prompts_file(a.prompts_file) if a.prompts_file else [
+        {"prompt": p} for p in ("one two three one two", "alpha beta gamma alpha", "red green red", "x y z x y")]
+    recs = (recs * (1 + n // len(recs)))[:n]
+    configs = e2e_configs()
+    names = list(configs) if not a.configs else [c for c in configs if any(
+        w.strip() and w.strip() in c for w in a.configs.split(","))]
+    dname = str(dtype).replace("torch.", "")
+    rows, ids = [], None
+    for name in names:
+        cfg = qcfg.from_dict({"model": model_name, "device": backend.name, "dtype": dname,
+                              "max_seq_len": 2048 if not a.smoke else 128, **configs[name],
+                              "sampling": {"max_new_tokens": n_new},
+                              "runtime": {"max_batch_size": n}})
+        if a.smoke:
+            cfg.chat = False
+        llm = LLM(cfg)
+        ids = [llm.encode(r["prompt"]) for r in recs]
+        sp = SamplingParams(ignore_eos=a.ignore_eos, max_tokens=n_new)
+        llm.generate(ids[:2], sp)                      # warm-up
+        if backend.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(backend)
+        t0 = time.perf_counter()
+        res = llm.generate(ids, sp)
+        _sync(backend)
+        wall = time.perf_counter() - t0
+        e = llm.engine
+        new = sum(len(r.token_ids) for r in res)
+        steps = sum(r.stats.steps for r in res)
+        rows.append({"config": name, "in_flight": n, "tok_s": new / wall, "new_tokens": new, "wall_s": wall,
+                     "tau": sum(r.stats.decode_tokens for r in res) / max(steps, 1),
+                     "k_hist": dict(sorted(e.k_hist.items())), "peak_kv_blocks": e.peak_blocks,
+                     "kv_blocks": e.blocks.num_blocks, "preemptions": e.sched.preemptions,
+                     "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9 if backend.device.type == "cuda" else None})
+        print(f"  {name}: {rows[-1]['tok_s']:.1f} tok/s ({n} in flight)", flush=True)
+        del llm
+        if backend.device.type == "cuda":
+            torch.cuda.empty_cache()
+    if not a.no_peers and ids is not None:
+        rows.append(_hf_batched(model_name, ids, n_new, backend, dtype, a.ignore_eos))
+        print(f"  {rows[-1]['config']}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
+    peer = rows[-1]["tok_s"] if rows and rows[-1].get("peer") else None
+    for r in rows:
+        if peer:
+            r["vs_transformers_batched"] = r["tok_s"] / peer
+    return {"model": model_name, "in_flight": n, "max_new_tokens": n_new, "ignore_eos": a.ignore_eos,
+            "dtype": dname, "rows": rows}
+
+
+def _hf_batched(model_name, ids, n_new, backend, dtype, ignore_eos) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from quasar.engine import eos_ids, load_tokenizer
+    from quasar.fetch import resolve_model
+    from .speed import _sync
+    path = resolve_model(model_name)
+    tok = load_tokenizer(path)
+    eos = eos_ids(path, tok)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(backend.device).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    width = max(len(x) for x in ids)
+    x = torch.tensor([[pad] * (width - len(r)) + r for r in ids], device=backend.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=backend.device)
+    kw = dict(max_new_tokens=n_new, do_sample=False, pad_token_id=pad)
+    if ignore_eos:
+        kw.update(eos_token_id=None, min_new_tokens=n_new)
+    hf.generate(x[:2], attention_mask=mask[:2], **dict(kw, max_new_tokens=8, min_new_tokens=None))
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(backend)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(x, attention_mask=mask, **kw)[:, width:].tolist()
+    _sync(backend)
+    wall = time.perf_counter() - t0
+    new = 0
+    for row in out:
+        for j, t in enumerate(row):
+            if not ignore_eos and t in eos:
+                new += j + 1
+                break
+        else:
+            new += len(row)
+    del hf
+    return {"config": f"transformers generate, batched ({len(ids)}, padded, greedy)", "tok_s": new / wall,
+            "new_tokens": new, "wall_s": wall, "peer": True,
+            "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9 if backend.device.type == "cuda" else None}
+
+
+def e2e_batch_markdown(res: dict) -> str:
+    lines = [f"{res['in_flight']} prompts in flight, {res['max_new_tokens']} new tokens"
+             + (" each (EOS ignored)" if res["ignore_eos"] else " max") + f", greedy, {res['dtype']}", "",
+             "| config | tok/s | vs transformers batched | tau | steps by k | peak KV blocks | peak mem GB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        pm = r.get("peak_mem_GB")
+        lines.append(f"| {r['config']} | {r['tok_s']:.1f} | {r.get('vs_transformers_batched', float('nan')):.2f}x | "
+                     f"{r.get('tau', float('nan')):.2f} | {r.get('k_hist', '')} | "
+                     f"{r.get('peak_kv_blocks', '')}/{r.get('kv_blocks', '')} | {'' if pm is None else f'{pm:.1f}'} |")
+    return "\n".join(lines)

@@ -91,6 +91,10 @@ def add_args(ap) -> None:
                     help="step: comma-separated subset of the step cases, matched as substrings of their "
                          "labels (e.g. 'w4a16,decode bf16')")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64", help="batch: batch sizes")
+    ap.add_argument("--in-flight", type=positive_int, default=1,
+                    help="e2e: requests submitted together (continuous batching, max_batch_size N); 1 = one at a time")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="e2e --in-flight: every request generates --max-new-tokens (equal work; random weights)")
     ap.add_argument("--batch-ctx", type=positive_int, default=1024, help="batch: context length of every sequence")
     ap.add_argument("--threads", type=positive_int, default=None,
                     help="CPU threads for torch (step, and e2e's LLMs)")
@@ -662,7 +666,11 @@ def main(a) -> int:
         print("## batch\n\n" + bench_batch.markdown(results["batch"]) + "\n")
         failures += [f"batch: {r.get('shape')} {r.get('case')}: {r['error']}"
                      for r in results["batch"].get("rows", []) if "error" in r]
-    if "e2e" in modes:
+    if "e2e" in modes and a.in_flight > 1:
+        from quasar.bench import batch as bench_batch
+        results["e2e_batch"] = bench_batch.e2e_batch_bench(a, backend, dtype)
+        print("## e2e, batched\n\n" + bench_batch.e2e_batch_markdown(results["e2e_batch"]) + "\n")
+    elif "e2e" in modes:
         results["e2e"] = e2e_bench(a, backend, dtype)
         print("## e2e\n\n" + e2e_markdown(results["e2e"]) + "\n")
         failures += [f"e2e: {r.get('config', r.get('name', '?'))}: {r['error']}"

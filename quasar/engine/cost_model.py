@@ -104,6 +104,6 @@ def calibrate_runner(runner, k: int, max_batch: int, sync=None, device_drafter: 
         ids = torch.zeros(n, dtype=torch.int64, device=runner.device)
         runner.run(ids, ctx, mode)
 
-    hi = max(2, max_batch * (k + 1))
+    hi = max(2, min(max_batch * (k + 1), 128))       # the line is fitted; the online fit refines it
     draft = (lambda n: forward(n, "draft")) if device_drafter else None
     return StepCost.calibrate(forward, (1, hi), sync, draft)
