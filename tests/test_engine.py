@@ -77,6 +77,7 @@ def test_batch_equals_transformers_generate_alone(target):
     ps = prompts()
     e = engine(load_quasar(target, max_seq_len=S), "ngram")
     out = e.run(seqs_for(ps))
+    assert e.prefill_tokens == sum(len(p) for p in ps)      # each prompt once, nothing recomputed
     for p, s in zip(ps, out):
         ids = torch.tensor([p])
         want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,

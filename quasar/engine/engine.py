@@ -55,6 +55,7 @@ class Engine:
         self.cached: list[int] = []
         self.k_hist: dict[int, int] = {}          # steps per K chosen (stats)
         self.peak_blocks = 0
+        self.prefill_tokens = 0                   # tokens prefilled (prompts, and recomputes after preemption)
 
     # ------------------------------------------------------------------ requests
     def capacity_tokens(self) -> int:
@@ -116,6 +117,7 @@ class Engine:
     # ------------------------------------------------------------------ prefill
     def _prefill(self, chunks) -> list[Sequence]:
         t0 = time.perf_counter()
+        self.prefill_tokens += sum(n for _, _, n in chunks)
         tables, pos, slots, qs, lens = [], [], [], [0], []
         ids: list[int] = []
         sample_rows, sample_seqs = [], []
@@ -237,6 +239,7 @@ class Engine:
             st.decode_tokens += len(got)
             if s.on_tokens and got:
                 s.on_tokens(got)
+            s.num_computed = c + 1 + na                # last + the accepted drafts now hold KV
             self.drafter.commit_seq(s, c + 1 + na)
             if not s.is_finished and len(s) - 1 >= self.max_seq_len:
                 s.finish("max_seq_len")
