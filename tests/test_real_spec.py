@@ -55,3 +55,55 @@ def test_acceptance_bench_writes_json(smollm2_dir, tmp_path):
     res = json.loads((tmp_path / "res" / "acceptance.json").read_text())
     tasks = res["ngram-bf16-smollm2"]["tasks"]
     assert set(tasks) == {"qa", "rag", "all"} and tasks["all"]["prompts"] == 2 and tasks["all"]["tau"] >= 1.0
+
+
+NB = 12          # new tokens per prompt in the batch tests
+
+
+def _specbench(n):
+    from quasar.run import REPO_ROOT, read_prompts_file
+    recs = read_prompts_file(REPO_ROOT / "benchmarks/data/specbench/question.jsonl")
+    # mixed lengths: every 30th question (all Spec-Bench tasks)
+    return [r["prompt"] for r in recs[::30][:n]]
+
+
+@pytest.fixture(scope="module")
+def batch_refs(smollm2_dir):
+    """Each of 16 Spec-Bench prompts alone: transformers' greedy `generate` (bf16 scheme = the
+    unquantized model), and our W4A16 verifier's own AR decode one prompt at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    prompts = _specbench(16)
+    llm = LLM(from_dict({"device": "cpu", "dtype": "float32", "runtime": {"max_batch_size": 1}}))
+    ids = [llm.encode(p) for p in prompts]
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    want = []
+    for x in ids:
+        t = torch.tensor([x])
+        out = hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=NB, do_sample=False)[0, len(x):]
+        toks = out.tolist()
+        for j, tok in enumerate(toks):                       # transformers pads after EOS
+            if tok in llm.eos:
+                toks = toks[:j + 1]
+                break
+        want.append(toks)
+    w4 = LLM(from_dict({"device": "cpu", "dtype": "float32", "verifier": {"quant": "w4a16", "group_size": -1},
+                        "runtime": {"max_batch_size": 1}}))
+    return ids, {"bf16": want, "w4a16": [w4.generate_ids(x, NB)[0] for x in ids]}
+
+
+@pytest.mark.parametrize("quant,extra,drafter", [
+    ("bf16", {}, {"method": "ngram"}),
+    ("w4a16", {"group_size": -1}, {"method": "quantized_self", "scheme": "w4a4", "num_tokens": 3}),
+    ("bf16", {}, {"method": "draft_model", "model": "smollm2-135m-instruct", "num_tokens": 3}),
+])
+def test_real_model_batch_equals_each_prompt_alone(batch_refs, quant, extra, drafter):
+    """16 Spec-Bench prompts of mixed lengths in flight together (8 at a time, chunked prefill,
+    so sequences join and leave), each equal to its greedy output alone."""
+    ids, refs = batch_refs
+    llm = LLM(from_dict({"device": "cpu", "dtype": "float32", "verifier": {"quant": quant, **extra},
+                         "drafter": {**drafter, "adaptive": False},
+                         "runtime": {"max_batch_size": 8, "max_prefill_tokens": 256}}))
+    got = llm.generate(ids, max_new_tokens=NB)
+    assert [r.token_ids for r in got] == refs[quant]
+    llm.engine.check()

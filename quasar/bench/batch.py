@@ -342,3 +342,42 @@ def e2e_batch_markdown(res: dict) -> str:
                      f"{r.get('tau', float('nan')):.2f} | {r.get('k_hist', '')} | "
                      f"{r.get('peak_kv_blocks', '')}/{r.get('kv_blocks', '')} | {'' if pm is None else f'{pm:.1f}'} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the n-gram drafter's host cost
+
+def ngram_bench(batch: int = 64, ctx: int = 8192, k: int = 5, steps: int = 50, seed: int = 0) -> dict:
+    """Host time of one batched n-gram proposal (`NgramDrafter.propose_batch`) for `batch`
+    sequences of `ctx` tokens each (Spec-Bench-like repetition: random text with repeated
+    spans), after each step appends the step's tokens. vLLM issue #16883: its CPU matcher is a
+    bottleneck on long prompts; ours is an incremental index (one dict look-up per n)."""
+    import random
+
+    from quasar.engine.sequence import Sequence, StopConditions
+    from quasar.spec_decode.ngram import NgramDrafter
+    rng = random.Random(seed)
+
+    def text(n):
+        out = []
+        while len(out) < n:
+            out += rng.sample(range(32000), 40) if rng.random() < 0.5 or len(out) < 64 else out[-rng.randrange(64, len(out)):][:40]
+        return out[:n]
+
+    class Eng:
+        device = torch.device("cpu")
+    d = NgramDrafter("cpu", 1, 3)
+    seqs = [Sequence(text(ctx), stop=StopConditions(10 ** 6)) for _ in range(batch)]
+    t0 = time.perf_counter()
+    for s in seqs:
+        d.start(s)
+        s.drafter_state.find(s.context, k)          # index the prompt (once per request)
+    first = time.perf_counter() - t0
+    ts = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        d.propose_batch(seqs, [k] * batch, Eng)
+        ts.append(time.perf_counter() - t)
+        for s in seqs:
+            s.append([rng.randrange(32000) for _ in range(rng.randint(1, k + 1))])
+    return {"batch": batch, "ctx": ctx, "k": k, "index_prompts_ms": first * 1e3,
+            "propose_ms_median": statistics.median(ts) * 1e3, "propose_ms_max": max(ts) * 1e3}

@@ -663,7 +663,11 @@ def main(a) -> int:
     if "batch" in modes:
         from quasar.bench import batch as bench_batch
         results["batch"] = bench_batch.batch_bench(a, backend, dtype)
-        print("## batch\n\n" + bench_batch.markdown(results["batch"]) + "\n")
+        ng = bench_batch.ngram_bench(8 if a.smoke else 64, 512 if a.smoke else 8192, steps=5 if a.smoke else 50)
+        results["batch"]["ngram_proposal"] = ng
+        print("## batch\n\n" + bench_batch.markdown(results["batch"]) + "\n\n" +
+              f"n-gram proposal, {ng['batch']} sequences x {ng['ctx']} tokens: {ng['propose_ms_median']:.2f} ms "
+              f"per step (max {ng['propose_ms_max']:.2f}); indexing the prompts once: {ng['index_prompts_ms']:.0f} ms\n")
         failures += [f"batch: {r.get('shape')} {r.get('case')}: {r['error']}"
                      for r in results["batch"].get("rows", []) if "error" in r]
     if "e2e" in modes and a.in_flight > 1:
