@@ -140,7 +140,8 @@ class CudaBackend(Backend):
         attn = self.triton.attention
         if attn.supports_paged(q, cache, ctx):     # uniform chunks (decode, verify)
             return attn.paged_attention(q, cache, layer, ctx, opts=self.options)
-        return R.paged_attention(q, cache, layer, ctx)   # ragged / prefill chunks: the reference
+        # ragged / prefill chunks: every sequence in one masked SDPA call (torch's fused kernels)
+        return R.batched_paged_attention(q, cache, layer, ctx)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

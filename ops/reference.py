@@ -212,3 +212,40 @@ def paged_attention(q: torch.Tensor, cache, layer: int, ctx) -> torch.Tensor:
 
 
 paged_rope_kv_write = paged_rope_kv_write_with(rms_norm, rope, paged_kv_write)
+
+
+def batched_paged_attention(q: torch.Tensor, cache, layer: int, ctx) -> torch.Tensor:
+    """paged_attention for every sequence of the step in one SDPA call (the same math as the
+    per-sequence definition above, not its per-row bit-for-bit form): queries padded to the
+    longest chunk (a pad row repeats its sequence's last query and is dropped), each sequence's
+    blocks gathered up to the step's longest context, visibility as a mask. No host sync: the
+    chunk lengths come from ctx.query_start and the width from ctx.max_context (host ints).
+    What an accelerator backend runs for ragged steps (varlen prefill)."""
+    n, heads, d = q.shape
+    qs = ctx.query_start
+    S = len(qs) - 1
+    lens = [qs[b + 1] - qs[b] for b in range(S)]
+    tmax = max(lens)
+    bs = cache.block_size
+    longest = ctx.max_context or int(ctx.context_lens.max())
+    width = -(-longest // bs)
+    dev = q.device
+    uniform = all(x == tmax for x in lens)
+    if uniform:
+        qp, pos = q.view(S, tmax, heads, d), ctx.positions.view(S, tmax)
+    else:
+        idx = torch.tensor([qs[b] + min(t, lens[b] - 1) for b in range(S) for t in range(tmax)], device=dev)
+        qp = q.index_select(0, idx).view(S, tmax, heads, d)
+        pos = ctx.positions.index_select(0, idx).view(S, tmax)
+    table = ctx.block_tables[:, :width]
+    kc, vc = cache.k[layer], cache.v[layer]
+    hkv = kc.shape[1]
+    k = kc[table].permute(0, 2, 1, 3, 4).reshape(S, hkv, width * bs, d).to(q.dtype)
+    v = vc[table].permute(0, 2, 1, 3, 4).reshape(S, hkv, width * bs, d).to(q.dtype)
+    allow = torch.arange(width * bs, device=dev)[None, None, :] <= pos[:, :, None]      # [S, tmax, L]
+    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=allow[:, None], scale=d ** -0.5,
+                                       enable_gqa=heads != hkv).transpose(1, 2)        # [S, tmax, H, D]
+    if uniform:
+        return o.reshape(n, heads, d)
+    keep = torch.tensor([b * tmax + t for b in range(S) for t in range(lens[b])], device=dev)
+    return o.reshape(S * tmax, heads, d).index_select(0, keep)

@@ -145,13 +145,13 @@ def test_speculative_equals_autoregressive_greedy(be, tiny_root, quant):
 @pytest.mark.parametrize("quant", [None, "w8a8-int8"], ids=["bf16", "w8a8-int8"])
 def test_batched_speculation_equals_each_sequence_alone(be, tiny_root, quant):
     """The batched runtime on this backend's paged ops (paged KV write, paged attention for the
-    uniform verify chunks and the varlen prefill): 5 sequences of mixed lengths with n-gram drafts,
+    uniform verify chunks and the varlen prefill): 3 sequences of mixed lengths with n-gram drafts,
     2 in flight at a time with chunked prefill, each equal to its own greedy decode alone."""
     from quasar.engine.engine import Engine
     from quasar.engine.sequence import Sequence, StopConditions
     from quasar.spec_decode.ngram import NgramDrafter
     m = build(make_tiny(tiny_root, "qwen3", seed=5), be, quant)
-    prompts = [golden.prompt(seed, n) for seed, n in ((0, 28), (1, 9), (2, 20), (3, 5), (4, 33))]
+    prompts = [golden.prompt(seed, n) for seed, n in ((0, 28), (1, 9), (4, 33))]
     want = [golden.greedy(m, p, k=0)[0] for p in prompts]
     e = Engine(ModelRunner(m, kv_blocks=64, block_size=16), NgramDrafter(m.device, 1, 3), 5, max_batch_size=2,
                max_prefill_tokens=24)

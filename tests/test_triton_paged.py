@@ -238,13 +238,13 @@ def test_cuda_backend_paged_ops(monkeypatch):
     qr = R.paged_rope_kv_write(qkv, None, None, 1e-6, cos, sin, step, ref, LAYER)
     assert torch.equal(q, qr) and torch.equal(mine.k, ref.k) and torch.equal(mine.v, ref.v)
 
-    # attention: the kernel for the uniform step, the reference otherwise
+    # attention: the kernel for the uniform step, one masked SDPA call (batched_paged_attention) otherwise
     o = be.paged_attention(q, mine, LAYER, step)
     assert calls and rel(o, R.paged_attention(q, ref, LAYER, step)) <= 1e-5
     calls.clear()
     ragged = StepContext.build(tables, [(10, 2), (28, 1)], bs, "cpu")
     qx = torch.randn(3, h, d, generator=g)
-    assert torch.equal(be.paged_attention(qx, mine, LAYER, ragged), R.paged_attention(qx, ref, LAYER, ragged))
+    assert rel(be.paged_attention(qx, mine, LAYER, ragged), R.paged_attention(qx, ref, LAYER, ragged)) <= 1e-5
     qp = torch.randn(37, h, d, generator=g)
-    assert torch.equal(be.paged_attention(qp, mine, LAYER, pre), R.paged_attention(qp, ref, LAYER, pre))
+    assert rel(be.paged_attention(qp, mine, LAYER, pre), R.paged_attention(qp, ref, LAYER, pre)) <= 1e-5
     assert not calls

@@ -21,6 +21,7 @@ class StepContext:
     block_tables: torch.Tensor       # [B, max_blocks] int64, padded with 0 past a sequence's blocks
     context_lens: torch.Tensor       # [B] int64: KV slots visible to sequence b (its last position + 1)
     chunk: int = 0                   # T when every sequence has T tokens (decode / verify), else 0
+    max_context: int = 0             # max(context_lens) on the host (0 = unknown: read it from the device)
 
     @property
     def num_seqs(self) -> int:
@@ -53,4 +54,5 @@ class StepContext:
                 bt[b, :len(t)] = torch.tensor(t, dtype=torch.int64)
         return StepContext(torch.tensor(positions, dtype=torch.int64, device=device),
                            torch.tensor(slots, dtype=torch.int64, device=device), list(query_start),
-                           bt.to(device), torch.tensor(context_lens, dtype=torch.int64, device=device), chunk)
+                           bt.to(device), torch.tensor(context_lens, dtype=torch.int64, device=device), chunk,
+                           max(context_lens, default=0))
