@@ -269,10 +269,14 @@ def _run(a) -> int:
             obj = {k: v for k, v in rec.items() if v is not None and k != "where"}
             obj.update(prompt_token_ids=r.prompt_token_ids, token_ids=r.token_ids, text=r.text,
                        stats=s.as_dict())
+            if r.error:
+                obj["error"] = r.error
             print(json.dumps(obj, ensure_ascii=False), flush=True)
         else:
             if not stream:
                 print(f"\n[{i + 1}/{len(prompts)}] {rec['prompt']}\n{r.text}")
+            if r.error:
+                print(f"-- error: {r.error}", flush=True)
             print(f"-- {s.new_tokens} new tokens | prefill {s.prefill_s * 1e3:.1f} ms | decode "
                   f"{s.decode_tok_s:.1f} tok/s | tau {s.tau:.2f} | k {s.mean_k:.2f} | finish: {s.finish_reason}",
                   flush=True)

@@ -214,6 +214,19 @@ def test_a_request_that_cannot_run_fails_alone(target):
     e.check()
 
 
+def test_a_sequence_that_outgrows_the_whole_cache_fails_alone(target):
+    """A cache of 10 blocks of 4 (40 slots): a request that would grow past it ends with its own
+    error and keeps what it generated; the request beside it completes."""
+    m = load_quasar(target, max_seq_len=S)
+    e = engine(m, "ngram", blocks=10, max_batch_size=2)
+    big, small = Sequence(prompts(4, (20,))[0], stop=StopConditions(60)), Sequence([1, 2, 3], stop=StopConditions(5))
+    e.run([big, small])
+    assert big.finish_reason == "error" and "whole cache holds 40" in big.error and big.output_ids
+    assert big.output_ids == ar_alone(m, big.prompt_ids, 60)[:len(big.output_ids)]
+    assert small.finish_reason == "length" and small.output_ids == ar_alone(m, [1, 2, 3], 5)
+    e.check()
+
+
 def test_sequences_stop_at_max_seq_len_with_a_reason(target):
     m = load_quasar(target, max_seq_len=40)
     e = engine(m, "ngram")

@@ -174,7 +174,8 @@ class Engine:
             return finished
         K = self.choose_k(seqs)
         ks = [min(K, self._room(s)) for s in seqs]
-        kept = self.sched.reserve(seqs, [len(s) + k for s, k in zip(seqs, ks)])
+        kept, failed = self.sched.reserve(seqs, [len(s) + k for s, k in zip(seqs, ks)])
+        finished += failed
         if len(kept) < len(seqs):
             ks = [k for s, k in zip(seqs, ks) if s in kept]
             seqs = kept

@@ -77,22 +77,31 @@ class BatchScheduler:
         self.blocks.register_prompt(seq.table, seq.prompt_ids, seq.num_computed)
 
     # ------------------------------------------------------------------ decode
-    def reserve(self, seqs: list[Sequence], slots: list[int]) -> list[Sequence]:
+    def reserve(self, seqs: list[Sequence], slots: list[int]) -> tuple[list[Sequence], list[Sequence]]:
         """Make sure each sequence's table covers its slots for this step, preempting the most
         recently admitted running sequences when the blocks run out. Returns the sequences that
-        stay in the step (in order)."""
-        keep = []
+        stay in the step (in order), and those finished because even the whole cache cannot hold
+        them (a sequence alone that still does not fit: its own error, its tokens so far kept)."""
+        keep, failed = [], []
         for s, n in zip(seqs, slots):
             if s.status is not Status.RUNNING:
                 continue                            # preempted for an earlier sequence of this step
             while not self.blocks.ensure(s.table, n):
+                if self.running == [s]:
+                    cap = self.blocks.num_blocks * self.blocks.block_size
+                    s.finish("error", f"the sequence needs {n} KV slots but the whole cache holds {cap} "
+                                      f"tokens ({len(s.output_ids)} tokens were generated); raise "
+                                      "runtime.kv_cache_memory or lower max_new_tokens")
+                    self.finish(s)
+                    failed.append(s)
+                    break
                 victim = self.running[-1]
                 self.preempt(victim)
                 if victim is s:
                     break
             if s.status is Status.RUNNING:
                 keep.append(s)
-        return keep
+        return keep, failed
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
