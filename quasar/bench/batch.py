@@ -259,7 +259,10 @@ def e2e_batch_bench(a, backend, dtype) -> dict:
         llm = LLM(cfg)
         ids = [llm.encode(r["prompt"]) for r in recs]
         sp = SamplingParams(ignore_eos=a.ignore_eos, max_tokens=n_new)
-        llm.generate(ids[:2], sp)                      # warm-up
+        # warm-up: every prompt's prefill shape and the decode buckets (kernels compile for new
+        # shapes on first use), on prompts shifted by one token so that the timed run gets no
+        # prefix-cache hits from it
+        llm.generate([[x[0]] + x for x in ids], SamplingParams(ignore_eos=True, max_tokens=4))
         if backend.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _sync(backend)
