@@ -20,7 +20,6 @@ import gc
 
 import torch
 
-from quasar.quant import set_mode
 
 
 class StaticStepRunner:
@@ -45,9 +44,7 @@ class StaticStepRunner:
         self.ids[:, :t].copy_(input_ids)
         self.pos[:, :t].copy_(positions)
         m = self.model
-        if m.mode != mode:
-            set_mode(m, mode)
-        return m.forward(self.ids[:, :t], self.pos[:, :t], self.cache, kv_len=m.max_seq_len)
+        return m.forward(self.ids[:, :t], self.pos[:, :t], self.cache, kv_len=m.max_seq_len, mode=mode)
 
 
 class GraphRunner(StaticStepRunner):
@@ -58,18 +55,16 @@ class GraphRunner(StaticStepRunner):
         for mode in modes:
             for t in self.lengths:
                 self._capture(mode, t)
-        set_mode(model, "verify")
 
     @torch.inference_mode()
     def _capture(self, mode: str, t: int) -> None:
         m = self.model
-        set_mode(m, mode)
         ids, pos = self.ids[:, :t], self.pos[:, :t]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):                      # compile / autotune outside the capture
-                m.forward(ids, pos, self.cache, kv_len=m.max_seq_len)
+                m.forward(ids, pos, self.cache, kv_len=m.max_seq_len, mode=mode)
         torch.cuda.current_stream().wait_stream(s)
         gc.collect()                 # free dead graphs now, not in the middle of the capture
         enabled = gc.isenabled()
@@ -77,7 +72,7 @@ class GraphRunner(StaticStepRunner):
         try:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                out = m.forward(ids, pos, self.cache, kv_len=m.max_seq_len)
+                out = m.forward(ids, pos, self.cache, kv_len=m.max_seq_len, mode=mode)
         finally:
             if enabled:
                 gc.enable()

@@ -21,7 +21,7 @@ from quasar.errors import UnsupportedError
 from quasar.model.loader import build_model
 from quasar.ops import OPS
 from quasar.ops import reference as R
-from quasar.quant import rtn, set_mode
+from quasar.quant import rtn
 from quasar.quant.format import QActivation
 from tiny import load_hf, make_tiny
 
@@ -169,8 +169,6 @@ def test_qspec_draft_and_verify_share_weights_and_match_cpu(tiny_root, cuda_be):
     assert lin.draft is not None and lin.draft.weight is lin.weight
     ids = torch.randint(0, 256, (1, 34), generator=torch.Generator().manual_seed(3))
     for mode in ("draft", "verify"):
-        set_mode(mc, mode)
-        set_mode(mr, mode)
         assert rel(run_steps(mc, ids, mode=mode), run_steps(mr, ids, mode=mode)) <= 1e-3, mode
 
 

@@ -301,18 +301,7 @@ def step_bench(a, backend, dtype) -> dict:
 
 
 def weight_bytes_mode(model, mode: str) -> int:
-    if mode == "draft":
-        from quasar.quant import set_mode
-        set_mode(model, "draft")
-        try:
-            return _draft_bytes(model)
-        finally:
-            set_mode(model, "verify")
-    return weight_bytes(model)
-
-
-def _draft_bytes(model) -> int:
-    # the draft runs the same codes: the bytes read are the verifier's
+    """Weight bytes a step in `mode` reads: a QSpec draft runs the verifier's codes, so the same."""
     return weight_bytes(model)
 
 

@@ -13,7 +13,6 @@ import torch
 
 from quasar import kv
 from quasar.errors import ConfigError
-from quasar.quant import set_mode
 
 
 MODES = ("prefill", "decode", "draft", "verify")
@@ -64,8 +63,6 @@ class ModelRunner:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int,
                 mask: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """An eager forward over this runner's cache (prefill, or any chunk)."""
-        if self.model.mode != "verify":
-            set_mode(self.model, "verify")
         return self.model.forward(input_ids, positions, self.cache, kv_len, mask=mask, last_only=last_only)
 
     __call__ = forward
@@ -85,11 +82,7 @@ class ModelRunner:
 
     def run_eager(self, input_ids: torch.Tensor, ctx, mode: str = "verify",
                   rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        m = self.model
-        scheme_mode = "draft" if mode == "draft" else "verify"
-        if m.mode != scheme_mode:
-            set_mode(m, scheme_mode)
-        return m.run(input_ids, self.cache, ctx, rows)
+        return self.model.run(input_ids, self.cache, ctx, rows, mode)
 
     def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Logits of the last position [B, 1, vocab]."""
@@ -102,7 +95,4 @@ class ModelRunner:
         from `positions`), else run eagerly in `mode`."""
         if self.captured is not None:
             return self.captured(input_ids, positions, mode)
-        m = self.model
-        if m.mode != mode:
-            set_mode(m, mode)
-        return m.forward(input_ids, positions, self.cache, kv_len)
+        return self.model.forward(input_ids, positions, self.cache, kv_len, mode=mode)

@@ -8,7 +8,7 @@ anywhere, e.g. a test or a plugin).
 from __future__ import annotations
 
 from quasar.errors import UnsupportedError
-from .linear import QuantLinear, set_mode
+from .linear import QuantLinear
 from .scheme import Kernel, ReferenceKernel, Scheme
 
 SCHEMES: dict[str, type[Scheme]] = {}
@@ -78,4 +78,4 @@ register(W4A4)
 DEFAULT_DRAFT = W4A4.name      # quantized_self (QSpec) drafts in this scheme unless drafter.scheme says
 
 __all__ = ["SCHEMES", "QuantLinear", "Scheme", "Kernel", "ReferenceKernel", "register", "get",
-           "canonical", "names", "set_mode", "table"]
+           "canonical", "names", "table"]

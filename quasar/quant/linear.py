@@ -2,8 +2,10 @@
 that kernel prepared once.
 
 A layer may also carry a *draft* layer that runs the same canonical weights in another scheme
-(QSpec: the int4 weights run as w4a4 while drafting and as w4a16 while verifying); `set_mode(model,
-"draft" | "verify")` flips every layer at once. Model code never branches on hardware or scheme.
+(QSpec: the int4 weights run as w4a4 while drafting and as w4a16 while verifying). Which one runs is
+an argument of the call (`layer(x, draft=True)`), passed down from the step's mode
+(`ModelRunner.run(..., mode)`): no layer holds a mode. Model code never branches on hardware or
+scheme.
 """
 from __future__ import annotations
 
@@ -33,20 +35,19 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else bias.to(device=backend.device, dtype=dtype)
         self.dtype = dtype
         self.draft: Optional[QuantLinear] = None
-        self.mode = "verify"
 
     @property
     def scheme_name(self) -> str:
         return self.scheme.name
 
-    @property
-    def fused_act_qtype(self) -> Optional[str]:
-        """What the preceding op may hand over pre-quantized (None: a plain tensor)."""
-        active = self.draft if (self.mode == "draft" and self.draft is not None) else self
+    def fused_act_qtype(self, draft: bool = False) -> Optional[str]:
+        """What the preceding op may hand over pre-quantized (None: a plain tensor), in the
+        verify scheme or (draft) the draft scheme."""
+        active = self.draft if (draft and self.draft is not None) else self
         return None if active.hadamard else active.scheme.act_qtype
 
-    def forward(self, x):
-        if self.mode == "draft" and self.draft is not None:
+    def forward(self, x, draft: bool = False):
+        if draft and self.draft is not None:
             return self.draft(x)
         shape = x.shape
         if not isinstance(x, QActivation):
@@ -63,11 +64,3 @@ def _fmt(w) -> tuple:
     if isinstance(w, QuantizedWeight):
         return (w.bits, w.group_size, w.zero is not None, w.is_fp8, w.hadamard)
     return ("dense", str(w.dtype))
-
-
-def set_mode(model: nn.Module, mode: str) -> None:
-    """Run every quantized linear of `model` in its verify scheme or its draft scheme."""
-    model.mode = mode
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.mode = mode
