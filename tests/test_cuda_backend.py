@@ -304,3 +304,43 @@ def test_l2_prefetch_changes_no_result_on_a_real_gpu():
             for i, (a, b) in enumerate(zip(outs[0], outs[npf])):
                 assert torch.equal(a, b), (k, npf, i)
     be.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels); "
+                    "the CPU twin is tests/test_triton_paged.py under the interpreter")
+def test_paged_ops_on_a_real_gpu():
+    """The compiled paged kernels (rope + KV write through slots, attention through block tables)
+    vs the reference on random block tables, ragged lengths, GQA, chunks 1 and 6, bf16."""
+    import random
+
+    from quasar.engine.block_manager import BlockManager
+    from quasar.engine.context import StepContext
+    from quasar.kv.paged import PagedKVCache
+    be = backends.get("cuda")
+    rng = random.Random(0)
+    h, hkv, d, bs = 32, 8, 128, 16
+    lens = [700, 33, 1500, 257]
+    bm = BlockManager(sum(-(-n // bs) + 1 for n in lens) + 5, bs)
+    order = list(bm._free)
+    rng.shuffle(order)
+    bm._free.clear()
+    bm._free.update((i, None) for i in order)
+    tables = [bm.allocate([i + 1] * (n + 6), n + 6).blocks for i, n in enumerate(lens)]
+    cache = PagedKVCache(1, bm.num_blocks, bs, hkv, d, torch.bfloat16, "cuda")
+    cache.k.normal_()
+    cache.v.normal_()
+    ref = PagedKVCache(1, bm.num_blocks, bs, hkv, d, torch.bfloat16, "cuda")
+    ref.k.copy_(cache.k)
+    ref.v.copy_(cache.v)
+    S = 4096
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    f = torch.outer(torch.arange(S, device="cuda").float(), inv)
+    cos, sin = torch.cat((f, f), -1).cos(), torch.cat((f, f), -1).sin()
+    for t in (1, 6):
+        ctx = StepContext.build(tables, [(n, t) for n in lens], bs, "cuda")
+        qkv = torch.randn(len(lens) * t, (h + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+        q = be.paged_rope_kv_write(qkv, None, None, 1e-6, cos, sin, ctx, cache, 0)
+        qr = R.paged_rope_kv_write(qkv, None, None, 1e-6, cos, sin, ctx, ref, 0)
+        assert rel(q, qr) <= 1e-2 and rel(cache.k, ref.k) <= 1e-2 and torch.equal(cache.v, ref.v)
+        o = be.paged_attention(q, cache, 0, ctx)
+        assert rel(o, R.paged_attention(q, ref, 0, ctx)) <= 1e-2, t
