@@ -99,8 +99,8 @@ class Engine:
         finished: list[Sequence] = []
         if want_prefill and (self._last_kind == "decode" or not ready):
             chunks = self.sched.prefill_chunks()
-            finished += [s for s in list(self.sched.waiting) if s.is_finished]   # failed at admission
-            self.sched.waiting = type(self.sched.waiting)(s for s in self.sched.waiting if not s.is_finished)
+            finished += self.sched.failed                  # failed at admission (their own error)
+            self.sched.failed = []
             if chunks:
                 self._last_kind = "prefill"
                 finished += self._prefill(chunks)

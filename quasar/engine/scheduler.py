@@ -26,6 +26,7 @@ class BatchScheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.failed: list[Sequence] = []       # finished with an error at admission (drained by the engine)
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -59,6 +60,7 @@ class BatchScheduler:
             except ContextLengthError as e:
                 self.waiting.popleft()
                 s.finish("error", str(e))
+                self.failed.append(s)
                 continue
             if table is None:
                 break                               # no room now: wait for blocks to free up
