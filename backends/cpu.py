@@ -55,27 +55,7 @@ class CpuBackend(Backend):
     auto_kv_cap_gib = 2.0
 
     def paged_attention(self, q, cache, layer, ctx):
-        """A uniform step (decode / verify: every sequence T tokens) in one SDPA call over the
-        sequences' gathered blocks (padded to the longest context, masked per row); ragged
-        steps (varlen prefill) through the reference, one call per sequence."""
-        if not ctx.chunk:
-            return R.paged_attention(q, cache, layer, ctx)
-        n, heads, d = q.shape
-        t, b = ctx.chunk, ctx.num_seqs
-        bs = cache.block_size
-        width = -(-int(ctx.context_lens.max()) // bs)
-        table = ctx.block_tables[:, :width]
-        kc, vc = cache.k[layer], cache.v[layer]
-        hkv = kc.shape[1]
-        g = heads // hkv
-        k = kc[table].permute(0, 2, 1, 3, 4).reshape(b, hkv, 1, width * bs, d).to(q.dtype)
-        v = vc[table].permute(0, 2, 1, 3, 4).reshape(b, hkv, 1, width * bs, d).to(q.dtype)
-        pos = ctx.positions.view(b, 1, 1, t, 1)
-        qh = q.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4)                  # [b, hkv, g, t, d]
-        scores = (qh @ k.transpose(-1, -2)) * d ** -0.5                        # [b, hkv, g, t, S]
-        allow = torch.arange(width * bs, device=q.device) <= pos
-        o = scores.masked_fill(~allow, float("-inf")).softmax(-1) @ v         # [b, hkv, g, t, d]
-        return o.permute(0, 3, 1, 2, 4).reshape(n, heads, d)
+        return R.paged_attention(q, cache, layer, ctx)
 
     def paged_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
         return R.paged_rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer)

@@ -169,45 +169,61 @@ def paged_kv_write(cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_map
     cache.v[layer][blk, :, off] = v.to(cache.dtype)
 
 
+KV_BUCKET = 64      # the paged reference attends over a row's KV padded (masked) to a multiple of this
+
+
 def _gather(cache_layer: torch.Tensor, table: torch.Tensor, n: int, bs: int) -> torch.Tensor:
-    """A sequence's first n slots, contiguous: [1, Hkv, n, D]."""
-    blocks = cache_layer[table[:-(-n // bs)]]                          # [nb, Hkv, bs, D]
+    """A sequence's first n slots, contiguous: [1, Hkv, n, D]. Slots past the table's width read
+    block 0 (callers mask them)."""
+    nb = -(-n // bs)
+    ids = table[:nb]
+    if ids.shape[0] < nb:
+        ids = torch.cat([ids, ids.new_zeros(nb - ids.shape[0])])
+    blocks = cache_layer[ids]                                           # [nb, Hkv, bs, D]
     return blocks.permute(1, 0, 2, 3).reshape(blocks.shape[1], -1, blocks.shape[-1])[None, :, :n]
 
 
 def paged_attention(q: torch.Tensor, cache, layer: int, ctx) -> torch.Tensor:
     """q [N, H, D] (the step's tokens, flattened; ctx: quasar.engine.context.StepContext) -> o [N, H, D].
     Token i of sequence b attends to that sequence's slots at positions <= positions[i], found
-    through its block table. Chunks of <= INVARIANT_ROWS tokens are computed row by row, each
-    exactly as the dense cache's one-token decode computes it (same gathered K/V, same SDPA call),
-    so a batch gives every sequence the bits it gets alone and the dense cache gives."""
+    through its block table.
+
+    Batch invariance: a row's result depends only on its q, its position p and its sequence's KV.
+    Every SDPA call has one shape per KV length: rows are grouped by L = p + 1 rounded up to a
+    multiple of KV_BUCKET, cut into tiles of exactly INVARIANT_ROWS rows (the last padded by
+    repeating a row), and all tiles of one L go into one call, one tile per batch entry, over their
+    sequences' slots [0, L) with the causal mask. Masked slots add exact zeros, and for a fixed
+    call shape SDPA gives a row the same bits whatever the other rows and batch entries are. So a
+    sequence gets the same bits alone, in any batch, in a verify chunk of any length and under any
+    prefill chunking: greedy output through an activation-quantizing verifier (W8A8, where a
+    last-bit difference can move an int8 code) depends on it."""
     n_tok, heads, d = q.shape
-    bs = cache.block_size
+    bs, R = cache.block_size, INVARIANT_ROWS
     kc, vc = cache.k[layer], cache.v[layer]
     kv_heads = kc.shape[1]
+    dev = q.device
     pos = ctx.positions.tolist()
-    out = torch.empty_like(q)
     qs = ctx.query_start
+    by_len: dict[int, list[tuple[int, list[int]]]] = {}          # L -> [(sequence, tile rows)]
     for b in range(len(qs) - 1):
-        a, e = qs[b], qs[b + 1]
-        if a == e:
-            continue
-        table = ctx.block_tables[b]
-        if e - a <= INVARIANT_ROWS:
-            for i in range(a, e):
-                n = pos[i] + 1
-                k, v = _gather(kc, table, n, bs).to(q.dtype), _gather(vc, table, n, bs).to(q.dtype)
-                o = F.scaled_dot_product_attention(q[i:i + 1, None].transpose(1, 2), k, v, scale=d ** -0.5,
-                                                   enable_gqa=heads != kv_heads)
-                out[i] = o[0, :, 0]
-            continue
-        n = max(pos[a:e]) + 1
-        k, v = _gather(kc, table, n, bs).to(q.dtype), _gather(vc, table, n, bs).to(q.dtype)
-        p = ctx.positions[a:e]
-        allow = torch.arange(n, device=q.device)[None, :] <= p[:, None]         # [T, n]
-        o = F.scaled_dot_product_attention(q[a:e][None].transpose(1, 2), k, v, attn_mask=allow[None, None],
-                                           scale=d ** -0.5, enable_gqa=heads != kv_heads)
-        out[a:e] = o[0].transpose(0, 1)
+        groups: dict[int, list[int]] = {}
+        for i in range(qs[b], qs[b + 1]):
+            groups.setdefault(-(-(pos[i] + 1) // KV_BUCKET) * KV_BUCKET, []).append(i)
+        for n, rows in groups.items():
+            for t in range(0, len(rows), R):
+                tile = rows[t:t + R]
+                by_len.setdefault(n, []).append((b, tile + [tile[-1]] * (R - len(tile))))
+    out = torch.empty_like(q)
+    for n, tiles in by_len.items():
+        k = torch.cat([_gather(kc, ctx.block_tables[b], n, bs) for b, _ in tiles]).to(q.dtype)
+        v = torch.cat([_gather(vc, ctx.block_tables[b], n, bs) for b, _ in tiles]).to(q.dtype)
+        idx = torch.tensor([r for _, rows in tiles for r in rows], device=dev)
+        qt = q.index_select(0, idx).view(len(tiles), R, heads, d).transpose(1, 2)      # [tiles, H, R, D]
+        p = ctx.positions.index_select(0, idx).view(len(tiles), R)
+        allow = torch.arange(n, device=dev)[None, None, :] <= p[:, :, None]            # [tiles, R, n]
+        o = F.scaled_dot_product_attention(qt, k, v, attn_mask=allow[:, None], scale=d ** -0.5,
+                                           enable_gqa=heads != kv_heads)
+        out[idx] = o.transpose(1, 2).reshape(-1, heads, d)      # a padded row rewrites its own value
     return out
 
 

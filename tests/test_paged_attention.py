@@ -43,18 +43,23 @@ def _case(seed, heads, kv_heads, d, lens, chunks, block_size, dtype=torch.float3
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 1)])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_paged_attention_equals_the_dense_cache_bit_for_bit(heads, kv_heads, block_size):
-    lens = [37, 5, 64, 18, 1]
-    chunks = [6, 1, 16, 3, 1]
+def test_paged_attention_equals_the_dense_cache_and_is_batch_invariant_bit_for_bit(heads, kv_heads, block_size):
+    lens = [37, 5, 64, 18, 1, 150]
+    chunks = [6, 1, 16, 3, 1, 40]
     dense, paged, ctx, q = _case(0, heads, kv_heads, 16, lens, chunks, block_size)
     out = R.paged_attention(q, paged, 0, ctx)
     for b, (n, c) in enumerate(zip(lens, chunks)):
         a = ctx.query_start[b]
         want = R.attention(q[a:a + c][None], dense[b], 0, torch.arange(n - c, n).view(1, -1), n)[0]
-        assert torch.equal(out[a:a + c], want), b
-        # and alone: the same sequence in a batch of one
-        solo = StepContext.build([ctx.block_tables[b].tolist()], [(n - c, c)], block_size, "cpu")
-        assert torch.equal(R.paged_attention(q[a:a + c], paged, 0, solo), want)
+        torch.testing.assert_close(out[a:a + c], want, rtol=1e-5, atol=1e-6)
+        # the same sequence alone (a batch of one, its own table width): the same bits
+        solo = StepContext.build([ctx.block_tables[b].tolist()[:-(-n // block_size)]], [(n - c, c)], block_size, "cpu")
+        assert torch.equal(R.paged_attention(q[a:a + c], paged, 0, solo), out[a:a + c]), b
+        # each row alone (a chunk of one token at its position): the same bits, so a verify chunk
+        # of any length and any prefill chunking give a row the same result
+        for i in range(c):
+            one = StepContext.build([ctx.block_tables[b].tolist()], [(n - c + i, 1)], block_size, "cpu")
+            assert torch.equal(R.paged_attention(q[a + i:a + i + 1], paged, 0, one), out[a + i:a + i + 1]), (b, i)
 
 
 def test_a_prefill_sized_chunk_and_bf16():
