@@ -1,10 +1,15 @@
-"""Speed benchmarks: `python -m quasar.bench speed --mode ops,step,e2e,project`.
+"""Speed benchmarks: `python -m quasar.bench speed --mode ops,step,batch,e2e,project`.
 
 - ops:     GEMM per scheme and attention at Qwen3-8B / OpenPangu-7B shapes (quasar.bench.ops).
 - step:    full-model step time, random weights of the real shapes: one-token bf16 decode and
            verify steps (k+1 tokens) for bf16 / w8a8-int8 / w8a8-fp8 / w4a16, and QSpec's w4a4
            draft step; contexts 512 and 4096. Each against its byte floor (weights + KV read once
            at the copy bandwidth measured in the same run).
+- batch:   the batched runtime's paged steps (quasar.bench.batch): decode and verify of B
+           sequences (--batches, --batch-ctx) per deployed verifier scheme and QSpec's draft, each
+           against max(byte floor, compute floor); and the n-gram drafter's host cost at 64 x 8k.
+- e2e --in-flight N: N requests submitted at once (continuous batching) per deployment, total
+           tokens/s, against transformers' batched `generate` on the same prompts.
 - e2e:     the real SmolLM2-135M-Instruct over Spec-Bench prompts (a fixed subset per task,
            greedy): AR bf16, AR w8a8-int8, ngram+bf16, Quasar (ngram + w8a8-int8), QSpec, and
            the peers transformers `generate` (greedy, and with prompt_lookup_num_tokens), on the
