@@ -142,11 +142,12 @@ def test_speculative_equals_autoregressive_greedy(be, tiny_root, quant):
     assert max(taus) > 1.0          # drafts were accepted: the comparison could have failed
 
 
-@pytest.mark.parametrize("quant", [None, "w8a8-int8"], ids=["bf16", "w8a8-int8"])
+@pytest.mark.parametrize("quant", ["w8a8-int8"])
 def test_batched_speculation_equals_each_sequence_alone(be, tiny_root, quant):
     """The batched runtime on this backend's paged ops (paged KV write, paged attention for the
     uniform verify chunks and the varlen prefill): 3 sequences of mixed lengths with n-gram drafts,
-    2 in flight at a time with chunked prefill, each equal to its own greedy decode alone."""
+    2 in flight at a time with chunked prefill, each equal to its own greedy decode alone. W8A8
+    (Quasar's verifier), whose int8 activation codes make any batch-dependent bit visible."""
     from quasar.engine.engine import Engine
     from quasar.engine.sequence import Sequence, StopConditions
     from quasar.spec_decode.ngram import NgramDrafter
