@@ -56,7 +56,7 @@ class StepContext:
             flat += t
             flat += [0] * (width - len(t))
         host = torch.tensor(flat, dtype=torch.int64)
-        dev = host.to(device) if torch.device(device).type != "cpu" else host
+        dev = host.to(device)                    # no copy when `device` is the CPU
         pos, slot, lens = dev[:n], dev[n:2 * n], dev[2 * n:2 * n + b]
         bt = dev[2 * n + b:].view(b, width)
         return StepContext(pos, slot, list(query_start), bt, lens, chunk, max(context_lens, default=0))
