@@ -200,6 +200,15 @@ def _attn_combine_kernel(wacc_ptr, wml_ptr, o_ptr, HKV, D, so_b, so_t, so_h,
     tl.store(o_ptr + b * so_b + t * so_t + h * so_h + d, to_dtype(o, ODT, INTERP), mask=d_ok)
 
 
+def _check_chunk(t: int, g: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The limits the kernel's one-program-per-kv-head layout puts on a step (dense and paged)."""
+    if t > MAX_T or t * g > MAX_ROWS:
+        raise UnsupportedError(f"the Triton attention kernel takes chunks of <= {MAX_T} tokens "
+                               f"(<= {MAX_ROWS} query rows per kv head); got T={t}, G={g}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("the KV cache must be contiguous along head_dim")
+
+
 def supports(q: torch.Tensor, cache) -> bool:
     """Whether the Triton kernel takes this call (else: SDPA, for prefill-sized chunks)."""
     b, t, h, _ = q.shape
@@ -273,11 +282,7 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
     if h % hkv:
         raise ValueError(f"{h} query heads are not a multiple of {hkv} kv heads")
     g = h // hkv
-    if t > MAX_T or t * g > MAX_ROWS:
-        raise UnsupportedError(f"the Triton attention kernel takes chunks of <= {MAX_T} tokens "
-                               f"(<= {MAX_ROWS} query rows per kv head); got T={t}, G={g}")
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("the KV cache must be contiguous along head_dim")
+    _check_chunk(t, g, k, v)
     if q.stride(-1) != 1:
         q = q.contiguous()
     kv_len = int(min(kv_len, k.shape[2]))
@@ -331,11 +336,7 @@ def paged_attention(q: torch.Tensor, cache, layer: int, ctx, num_splits: Optiona
     if t <= 0 or n != bsz * t:
         raise UnsupportedError(f"the Triton paged attention kernel takes steps whose {bsz} sequences all "
                                f"have one chunk length (ctx.chunk = {t}, {n} tokens)")
-    if t > MAX_T or t * g > MAX_ROWS:
-        raise UnsupportedError(f"the Triton attention kernel takes chunks of <= {MAX_T} tokens "
-                               f"(<= {MAX_ROWS} query rows per kv head); got T={t}, G={g}")
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("the KV cache must be contiguous along head_dim")
+    _check_chunk(t, g, k, v)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if out is None:
