@@ -122,10 +122,9 @@ def test_join_leave_prefix_hits_and_preemption_keep_every_output(target):
         e = engine(m, "ngram", blocks=blocks, max_batch_size=3, max_prefill_tokens=20)
         got = e.run(seqs_for(ps, max_new=max_new))
         assert [s.output_ids for s in got] == want
-        hits = sum(s.table.num_cached_tokens for s in got)
         assert (e.sched.preemptions > 0) == preempt, e.sched.preemptions
-        if not preempt:
-            assert e.blocks.prefix_caching and hits == 0 or True
+        # the four requests sharing a 30-token prefix skipped its full blocks (prefix-cache hits)
+        assert e.prefill_tokens < sum(len(p) for p in ps) + (10 ** 6 if preempt else 0)
         e.check()
 
 
