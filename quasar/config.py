@@ -189,6 +189,25 @@ class RuntimeConfig:
                                      doc="batch-size buckets captured as CUDA graphs (inputs padded to the bucket)")
 
 
+def api_key_choice(path: str, value):
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"{path} must be a non-empty string or null (no authentication), got {value!r}")
+    return value
+
+
+@dataclass
+class ServerConfig:
+    """`quasar serve` (python -m quasar.serve); the flags of the same names override these."""
+    host: str = _c("127.0.0.1", doc="address to listen on (0.0.0.0: every interface)")
+    port: int = _c(8000, min=0, max=65535, doc="TCP port (0: a free one, printed at start)")
+    api_key: Optional[str] = _c(None, check=api_key_choice,
+                                doc="require `Authorization: Bearer KEY` on /v1/* (null: no authentication; env QUASAR_API_KEY)")
+    served_model_name: Optional[str] = _c(None, doc="the model name clients send (null: the config's `model`)")
+    max_waiting: int = _c(1024, min=1, doc="requests allowed to wait for a batch slot; more get 503 with Retry-After")
+    shutdown_timeout: float = _c(30.0, min=0.0, doc="seconds SIGTERM waits for in-flight requests before aborting them")
+    retry_after: int = _c(1, min=1, doc="Retry-After seconds sent with a 503")
+
+
 @dataclass
 class DeployConfig:
     model: str = _c("smollm2-135m-instruct", doc="embedded model name, local HF directory or .gguf file")
@@ -201,6 +220,7 @@ class DeployConfig:
     drafter: DrafterConfig = _c(DrafterConfig)
     sampling: SamplingConfig = _c(SamplingConfig)
     runtime: RuntimeConfig = _c(RuntimeConfig)
+    server: ServerConfig = _c(ServerConfig)
 
     def __post_init__(self):
         validate(self)

@@ -1,7 +1,8 @@
 """python -m quasar.run: generate with a deployment (YAML + flag overrides).
 
 With no arguments it runs the demo: the embedded default model on the best available device,
-with a few built-in prompts. Flags override the YAML. The installed `quasar` command is the same.
+with a few built-in prompts. Flags override the YAML. The installed `quasar` command is the same;
+`quasar serve ...` starts the OpenAI-compatible server (python -m quasar.serve --help).
 
     python -m quasar.run --prompt "Write a limerick." --max-new-tokens 64
     python -m quasar.run --config configs/quasar-smollm2.yaml --prompts-file benchmarks/data/specbench/question.jsonl --limit 12 --json
@@ -27,7 +28,8 @@ DEMO_PROMPTS = [
 
 # optional modules -> the extra (setup.py extras_require) that installs them
 OPTIONAL_MODULES = {"triton": "cuda", "gguf": "gguf", "matplotlib": "plot", "llmcompressor": "quant",
-                    "compressed_tensors": "quant", "torch_npu": "npu"}
+                    "compressed_tensors": "quant", "torch_npu": "npu", "fastapi": "serve", "uvicorn": "serve",
+                    "prometheus_client": "serve", "httpx": "serve"}
 
 
 def cli_call(fn, *args, **kwargs) -> int:
@@ -194,39 +196,32 @@ def read_prompts_file(path: Path, limit=None) -> list[dict]:
 
 
 class TokenStream:
-    """on_tokens callback that prints a completion as its tokens are accepted. It decodes the whole
-    id list each time and prints the new suffix, and waits while the text ends in U+FFFD (a
-    multi-byte character split across tokens), so what it prints equals the final decode."""
+    """on_tokens callback that prints a completion as its tokens are accepted (incremental
+    detokenization: no broken multi-byte character is printed, and what it prints equals the
+    final decode)."""
 
     def __init__(self, tokenizer, out):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.shown = ""
-
-    def _show(self, text: str) -> None:
-        if text.startswith(self.shown):
-            self.out.write(text[len(self.shown):])
-            self.shown = text
-            self.out.flush()
+        from quasar.engine.detokenizer import IncrementalDetokenizer
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.out = out
 
     def __call__(self, new_ids) -> None:
-        self.ids.extend(int(t) for t in new_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            self._show(text)
+        self.detok.add(new_ids)
+        self.out.write(self.detok.delta())
+        self.out.flush()
 
     def finish(self, text: str) -> None:
-        """The final text: print what is left (a trailing U+FFFD included) and end the line."""
-        if text.startswith(self.shown):
-            self._show(text)
-        else:       # decoding changed an earlier part (not seen with the shipped tokenizers)
-            self.out.write("\n" + text)
-            self.shown = text
-        self.out.write("\n")
+        """Print what is left (a trailing U+FFFD included) and end the line."""
+        self.detok.finish()
+        self.out.write(self.detok.delta(final=True) + "\n")
         self.out.flush()
 
 
 def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["serve"]:                     # `quasar serve ...` = python -m quasar.serve ...
+        from quasar.serve.cli import main as serve_main
+        return serve_main(args[1:])
     a = parse_args(argv)
     return cli_call(_run, a)
 

@@ -33,6 +33,9 @@ def test_full_config_roundtrip():
     ({"verifier": {"group_size": 100}}, "verifier.group_size must be 'auto', -1"),
     ({"runtime": {"cuda_graphs": "yes"}}, "runtime.cuda_graphs must be true or false or null"),
     ({"drafter": 5}, "drafter must be a mapping"),
+    ({"server": {"port": 70000}}, "server.port must be an integer in [0, 65535], got 70000"),
+    ({"server": {"api_key": ""}}, "server.api_key must be a non-empty string or null"),
+    ({"server": {"max_waiting": 0}}, "server.max_waiting must be an integer >= 1"),
 ])
 def test_bad_values_name_the_key(data, needle):
     with pytest.raises(ConfigError) as e:
@@ -45,6 +48,7 @@ def test_bad_values_name_the_key(data, needle):
     ({"verifer": {}}, "'verifer' at the top level", "verifier"),
     ({"sampling": {"temprature": 0.5}}, "'temprature' in sampling", "sampling.temperature"),
     ({"drafter": {"ngram": {"maximum": 3}}}, "'maximum' in drafter.ngram", "drafter.ngram.max"),
+    ({"server": {"max_wating": 3}}, "'max_wating' in server", "server.max_waiting"),
 ])
 def test_unknown_keys_list_valid_keys_and_closest(data, path, close):
     with pytest.raises(ConfigError) as e:

@@ -4,6 +4,7 @@
         --per-category 10 --out acc.json
     python -m quasar.bench speed --mode e2e|step|ops|project [--smoke] --out DIR
     python -m quasar.bench.ops --out ops.json      (the GEMM / attention kernel sweeps; CUDA)
+    python -m quasar.bench serve --url http://127.0.0.1:8000 --request-rate 1,4,inf --num-prompts 100
 
 Prompts: the Spec-Bench question set shipped in benchmarks/data/specbench/question.jsonl unless
 --prompts-file names another. --out: a FILE.json for acceptance (and bench.ops, fidelity), a
@@ -11,7 +12,8 @@ directory for speed (it writes speed.json, bench_ops.json and plots there).
 
 acceptance (quasar/bench/acceptance.py): runs each config over the prompts and prints tau per
 Spec-Bench task. speed (quasar/bench/speed.py): ops, step, e2e, project; --smoke runs a tiny model
-on the CPU.
+on the CPU. serve (quasar/bench/serve.py): streaming requests at Poisson request rates against
+any OpenAI-compatible server (TTFT, TPOT, ITL, throughput; tau from /metrics).
 """
 from __future__ import annotations
 
@@ -41,9 +43,14 @@ def main(argv=None) -> int:
     a2 = sub.add_parser("speed", help="ops / step / e2e / project speed benchmarks")
     from quasar.bench import speed
     speed.add_args(a2)
+    a3 = sub.add_parser("serve", help="serving benchmark against an OpenAI-compatible server")
+    from quasar.bench import serve as serve_bench
+    serve_bench.add_args(a3)
     a = ap.parse_args(argv)
     if a.cmd == "acceptance":
         return cli_call(_acceptance, a)
+    if a.cmd == "serve":
+        return cli_call(serve_bench.main, a)
     return cli_call(speed.main, a)
 
 

@@ -74,6 +74,15 @@ class Engine:
             return
         self.sched.add(seq)
 
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        """Stop a request now (a client that went away, a stop string matched): it leaves the
+        queue or the batch and its KV blocks are freed before the next step. Its tokens so far
+        are kept."""
+        if seq.is_finished:
+            return
+        self.sched.abort(seq)
+        seq.finish(reason)
+
     @property
     def has_work(self) -> bool:
         return self.sched.has_work

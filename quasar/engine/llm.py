@@ -160,23 +160,47 @@ class LLM:
         return draft
 
     def encode(self, prompt: str, chat: Optional[bool] = None) -> list[int]:
+        """A prompt's ids: as the one user message of a chat (the tokenizer's chat template, when
+        `chat` and it has one), else the raw text."""
         chat = self.cfg.chat if chat is None else chat
+        if chat and self.has_chat_template:
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer(prompt)["input_ids"]
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A conversation's ids through the tokenizer's chat template, with the assistant's turn
+        opened. No template, or one that rejects the conversation: ConfigError naming why."""
         tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            return tok(text, add_special_tokens=False)["input_ids"]
-        return tok(prompt)["input_ids"]
+        if not self.has_chat_template:
+            raise ConfigError(f"the tokenizer of {self.cfg.model!r} has no chat template; send raw text "
+                              "(the completions API, or chat: false) or use a model with one")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:          # jinja's own errors (e.g. roles must alternate)
+            raise ConfigError(f"the chat template rejected the messages: {e}") from None
+        return tok(text, add_special_tokens=False)["input_ids"]
 
     def check_prompt(self, ids: list[int], max_new_tokens: Optional[int] = None) -> Optional[str]:
         """Why this prompt cannot run (None if it can): empty, or too long for max_seq_len."""
         if not ids:
             return "the prompt is empty (no tokens)"
+        V = self.model.args.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            return f"the prompt has token ids outside the vocabulary [0, {V}): {bad[:5]}"
         S = self.cfg.max_seq_len
         if len(ids) >= S:
             n = max_new_tokens or self.cfg.sampling.max_new_tokens
             return (f"the prompt has {len(ids)} tokens but max_seq_len is {S}; raise max_seq_len "
                     f"(--max-seq-len / max_seq_len:) to at least {len(ids) + n + self.k + 1} or shorten the prompt")
+        cap = self.engine.capacity_tokens()
+        if len(ids) + 1 + self.k > cap:
+            return (f"the prompt needs {len(ids) + 1 + self.k} KV slots but the whole KV cache holds {cap} "
+                    "tokens; raise runtime.kv_cache_memory or shorten the prompt")
         return None
 
     def sequence(self, ids: list[int], sp: Optional[SamplingParams] = None, max_new_tokens: Optional[int] = None,

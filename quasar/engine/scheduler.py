@@ -112,6 +112,17 @@ class BatchScheduler:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
+    def abort(self, seq: Sequence) -> bool:
+        """Drop a waiting or running sequence at once (its blocks are freed); False if it is not
+        here (already finished)."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            return True
+        if seq in self.running:
+            self.finish(seq)
+            return True
+        return False
+
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
