@@ -377,3 +377,69 @@ def test_smollm2_served_equals_offline(smollm2_dir, tmp_path):
             model="smollm2", prompt=p, max_tokens=16, temperature=0, stream=True)) == want.text
     finally:
         assert s.stop() == 0
+
+
+# ---------------------------------------------------------------- the serving benchmark
+
+def test_serving_benchmark_runs_against_the_server(server, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "sb"
+    r = subprocess.run([sys.executable, "-m", "quasar.bench", "serve", "--url", server.url, "--request-rate",
+                        "40,inf", "--num-prompts", "6", "--max-tokens", "8", "--endpoint", "completions",
+                        "--label", "t", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "serve.json").read_text())
+    assert [row["request_rate"] for row in rows] == [40.0, float("inf")]
+    for row in rows:
+        assert row["completed"] == 6 and row["failed"] == 0
+        assert row["total_output_tokens"] == 6 * 8
+        assert row["tau"] is not None and row["tau"] >= 1.0
+        assert 0 < row["ttft_ms"]["median"] <= row["e2e_ms"]["median"]
+    assert (out / "serve.md").read_text().count("\n| t |") == 2
+    assert (out / "serve.png").stat().st_size > 1000
+
+
+def test_health_is_503_until_loaded_then_200(tiny_model):
+    """The app answers while the model loads: /health and /v1 are 503 (with Retry-After), then
+    200 once the engine thread has built the LLM (in process, through starlette's TestClient)."""
+    import contextlib
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from quasar.config import from_dict
+    from quasar.engine import LLM
+    from quasar.serve.app import ServerState, build_app
+    from quasar.serve.async_engine import AsyncEngine
+    from quasar.serve.metrics import Metrics
+
+    cfg = from_dict({k: v for k, v in tiny_cfg(tiny_model).items() if k != "server"})
+    gate = threading.Event()
+
+    def load():
+        gate.wait(60)
+        return LLM(cfg)
+
+    eng = AsyncEngine(load, Metrics(NAME), max_waiting=8)
+    state = ServerState(engine=eng, metrics=eng.metrics, model_name=NAME, max_seq_len=cfg.max_seq_len,
+                        sampling_defaults=cfg.sampling)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        import asyncio
+        eng.start(asyncio.get_running_loop(), lambda: None)
+        yield
+        eng.stop()
+
+    with TestClient(build_app(state, lifespan)) as tc:
+        r = tc.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "loading"}
+        r = tc.post("/v1/completions", json={"model": NAME, "prompt": "hi"})
+        assert_error(r, 503, "loading")
+        assert r.headers["retry-after"] == "1"
+        gate.set()
+        assert eng.ready.wait(120)
+        assert tc.get("/health").status_code == 200
+        r = tc.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
