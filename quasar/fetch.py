@@ -10,6 +10,7 @@ transformers and cached as a standard Hugging Face directory under $QUASAR_CACHE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import subprocess
@@ -89,9 +90,31 @@ def ensure(name: str, gguf: Optional[Path] = None, wheel: Optional[Path] = None)
         raise CheckpointError(f"unknown embedded model {name!r}; known: {', '.join(MODELS)}")
     m = MODELS[name]
     out = model_dir(name)
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if (out / "QUASAR_SOURCE.txt").is_file():          # written last: the conversion finished
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(out.parent / f".{name}.lock"):           # one process converts, the others wait
+        if (out / "QUASAR_SOURCE.txt").is_file():
+            return out
+        return _convert(name, m, out, gguf, wheel)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:                                 # no POSIX locks (Windows): no lock
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _convert(name: str, m, out: Path, gguf: Optional[Path], wheel: Optional[Path]) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp = Path(tmp)
         if gguf is None:

@@ -121,10 +121,14 @@ def test_stop_string_cuts_the_text(server, offline):
     stop = want.text[8:11]                          # a piece from the middle of the greedy text
     assert stop and stop in want.text
     cut = want.text[:want.text.index(stop)]
+    tok = offline.tokenizer
+    upto = next(i + 1 for i in range(len(want.token_ids)) if stop in tok.decode(want.token_ids[:i + 1]))
     c = client(server)
-    r = c.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=[stop, "@@@@"])
+    r = c.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=[stop, "@@@@"],
+                             extra_body={"return_token_ids": True})
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
-    assert r.usage.completion_tokens < 24
+    assert extra(r.choices[0], "token_ids") == want.token_ids[:upto]     # up to the token completing the stop
+    assert r.usage.completion_tokens == upto
     text = "".join(ch.choices[0].text for ch in c.completions.create(
         model=NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=stop, stream=True))
     assert text == cut
@@ -202,6 +206,12 @@ def test_malformed_json_is_400(server):
     assert_error(post(server, "/v1/completions", b'{"model": "tiny", "prompt": '), 400, "not valid JSON")
 
 
+def test_a_body_that_is_not_json_is_400(server):
+    r = httpx.post(server.url + "/v1/completions", data={"model": NAME, "prompt": "hi"}, timeout=30)  # a form
+    assert_error(r, 400, "JSON object", "Content-Type: application/json")
+    assert_error(post(server, "/v1/completions", [1, 2]), 400, "JSON object")
+
+
 def test_wrong_type_names_the_field(server):
     r = post(server, "/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": "many"})
     assert_error(r, 400, "max_tokens", param="max_tokens")
@@ -249,7 +259,8 @@ def test_models_and_health(server):
 def guarded(tiny_model, tmp_path_factory):
     """A small server: 2 in the batch, 4 may wait, an API key, a short drain."""
     cfg = tiny_cfg(tiny_model, max_batch_size=2)
-    cfg["server"].update(api_key="sekret", max_waiting=4, shutdown_timeout=20.0)
+    cfg["drafter"] = {"method": "none"}             # one token per step: a long request stays long
+    cfg["server"].update(api_key="sekret", max_waiting=4, shutdown_timeout=1.5)
     s = Server(cfg, tmp_path_factory.mktemp("srvB")).start()
     yield s
     s.stop()
@@ -259,6 +270,7 @@ def test_api_key(guarded):
     for key in (None, "wrong"):
         h = {"Authorization": f"Bearer {key}"} if key else {}
         assert_error(post(guarded, "/v1/completions", {"model": NAME, "prompt": "hi"}, h), 401, "API key")
+    assert_error(post(guarded, "/v1/completions", b"{not json"), 401, "API key")     # before the body
     with pytest.raises(openai.AuthenticationError):
         client(guarded, api_key="wrong").models.list()
     r = client(guarded, api_key="sekret").completions.create(model=NAME, prompt="hi", max_tokens=3)
@@ -295,26 +307,41 @@ def test_bounded_load_nothing_lost(guarded):
 
 
 def test_sigterm_drains_then_exits_0(guarded):
-    """SIGTERM: an in-flight stream finishes, new requests are refused, the process exits 0."""
-    h = httpx.Client(timeout=60, headers={"Authorization": "Bearer sekret"})
-    with h.stream("POST", guarded.url + "/v1/completions",
-                  json={"model": NAME, "prompt": "Drain me", "max_tokens": 200, "ignore_eos": True,
-                        "stream": True}) as r:
-        lines = r.iter_lines()
-        first = next(lines)
-        assert first.startswith("data: ")
-        guarded.proc.send_signal(signal.SIGTERM)
-        rest = list(lines)
-    chunks = [json.loads(x[6:]) for x in [first] + rest if x.startswith("data: {")]
-    assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert chunks[-1]["usage"]["completion_tokens"] == 200
-    try:                                        # refused: the listening socket is closed, or
-        r2 = httpx.post(guarded.url + "/v1/completions", json={"model": NAME, "prompt": "x"}, timeout=5,
-                        headers={"Authorization": "Bearer sekret"})
-        assert r2.status_code == 503            # a connection that got in is answered 503
-    except httpx.TransportError:
-        pass
+    """SIGTERM: a short stream in flight finishes; one still running at the deadline
+    (server.shutdown_timeout) ends with finish_reason "abort" and [DONE]; new requests are
+    refused; the process exits 0."""
+    started = {}
+
+    async def stream(h, n):
+        lines = []
+        async with h.stream("POST", "/v1/completions", json={"model": NAME, "prompt": f"Drain {n}",
+                                                              "max_tokens": n, "ignore_eos": True, "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    started[n] = True
+                lines.append(line)
+        return [json.loads(x[6:]) for x in lines if x.startswith("data: {")], lines
+
+    async def main():
+        async with httpx.AsyncClient(base_url=guarded.url, headers={"Authorization": "Bearer sekret"},
+                                     timeout=60) as h:
+            tasks = [asyncio.create_task(stream(h, n)) for n in (30, 2000)]
+            while len(started) < 2:
+                await asyncio.sleep(0.01)
+            guarded.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            try:                                    # refused: the listening socket is closed, or
+                r2 = await h.post("/v1/completions", json={"model": NAME, "prompt": "x"})
+                assert r2.status_code == 503        # a connection that got in is answered 503
+            except httpx.TransportError:
+                pass
+            return await asyncio.gather(*tasks)
+
+    (short, short_lines), (long, long_lines) = asyncio.run(main())
+    assert short[-1]["choices"][0]["finish_reason"] == "length" and short[-1]["usage"]["completion_tokens"] == 30
+    assert long[-1]["choices"][0]["finish_reason"] == "abort"
+    assert 0 < long[-1]["usage"]["completion_tokens"] < 2000
+    assert "data: [DONE]" in short_lines and "data: [DONE]" in long_lines
     assert guarded.proc.wait(30) == 0
     assert "stopped" in guarded.log()
 
@@ -390,7 +417,7 @@ def test_serving_benchmark_runs_against_the_server(server, tmp_path):
                         "--label", "t", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = json.loads((out / "serve.json").read_text())
-    assert [row["request_rate"] for row in rows] == [40.0, float("inf")]
+    assert [row["request_rate"] for row in rows] == [40.0, "inf"]
     for row in rows:
         assert row["completed"] == 6 and row["failed"] == 0
         assert row["total_output_tokens"] == 6 * 8
@@ -440,6 +467,10 @@ def test_health_is_503_until_loaded_then_200(tiny_model):
         assert r.headers["retry-after"] == "1"
         gate.set()
         assert eng.ready.wait(120)
+        eng.draining = True
+        assert_error(tc.post("/v1/completions", json={"model": NAME, "prompt": "hi"}), 503, "shutting down")
+        assert tc.get("/health").json() == {"status": "draining"}
+        eng.draining = False
         assert tc.get("/health").status_code == 200
         r = tc.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -314,10 +314,12 @@ def main(a) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         f = out / "serve.json"
-        old = json.loads(f.read_text()) if f.is_file() else []
+        old = [dict(r, request_rate=float(r["request_rate"])) for r in json.loads(f.read_text())] if f.is_file() else []
         keep = [r for r in old if (r["label"], r["request_rate"]) not in {(x["label"], x["request_rate"]) for x in rows}]
         allrows = keep + rows
-        f.write_text(json.dumps(allrows, indent=1, default=lambda x: str(x)))
+        # strict JSON: the rate inf is written as the string "inf"
+        f.write_text(json.dumps([dict(r, request_rate=r["request_rate"] if r["request_rate"] != float("inf") else "inf")
+                                 for r in allrows], indent=1, allow_nan=False))
         (out / "serve.md").write_text(markdown(allrows) + "\n")
         made = plot(allrows, out / "serve.png")
         print(f"wrote {f}, {out / 'serve.md'}" + (f", {out / 'serve.png'}" if made else " (no matplotlib: no plot)"))

@@ -40,7 +40,7 @@ class IncrementalDetokenizer:
         self.ids.extend(int(t) for t in ids)
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):
+        if len(after) <= len(before) or after.endswith("\ufffd"):
             return False
         self.prefix, self.read = self.read, len(self.ids)
         return self._extend(after[len(before):])
@@ -63,8 +63,8 @@ class IncrementalDetokenizer:
         if self.stopped is not None:
             return
         full = self._decode(self.ids)
-        if full.startswith(self.text):
-            self._extend(full[len(self.text):])
+        if full.startswith(self.text):          # else the tokenizer's decode is not prefix-stable:
+            self._extend(full[len(self.text):])  # keep what was streamed
 
     def delta(self, final: bool = False) -> str:
         """Text not handed out yet (held back: a possible stop-string start, unless final)."""

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -226,7 +226,7 @@ def _sse(obj) -> str:
 
 
 def _sse_error(err: APIError) -> str:
-    body = P.ErrorResponse(error=P.ErrorInfo(message=err.message, type=err.type, code=err.status))
+    body = P.ErrorResponse(error=P.ErrorInfo(message=err.message, type=err.type, code=err.code))
     return f"data: {body.model_dump_json()}\n\n"
 
 
@@ -236,18 +236,21 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
     app = FastAPI(title="Quasar", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.quasar = state
 
-    async def auth(request: Request) -> None:
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        """/v1/* needs the API key when one is set (checked before the body is parsed);
+        /health and /metrics stay open, as in vLLM."""
         key = state.api_key
-        if key is None:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-            raise APIError(401, "missing or incorrect API key: send the header `Authorization: Bearer <key>` "
-                                "with the key the server was started with (server.api_key / --api-key)",
-                           "authentication_error", code="invalid_api_key")
+        if key is not None and request.url.path.startswith("/v1"):
+            got = request.headers.get("authorization", "")
+            scheme, _, token = got.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+                return error_response(401, "missing or incorrect API key: send the header `Authorization: Bearer "
+                                           "<key>` with the key the server was started with (server.api_key / "
+                                           "--api-key)", "authentication_error", code="invalid_api_key")
+        return await call_next(request)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+    v1 = APIRouter(prefix="/v1")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -258,17 +261,26 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
         errs = e.errors()
         first = errs[0] if errs else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        got = first.get("input")
         if first.get("type") == "json_invalid":
             msg = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
             return error_response(400, msg, "invalid_request_error")
-        field = ".".join(loc) or None
+        if isinstance(got, (bytes, str)) and not loc:
+            return error_response(400, "the request body must be a JSON object, sent with the header "
+                                       "`Content-Type: application/json`", "invalid_request_error")
+        if not loc:
+            return error_response(400, f"the request body must be a JSON object, got {type(got).__name__}",
+                                  "invalid_request_error")
+        field = ".".join(loc)
         if first.get("type") == "extra_forbidden":
             msg = f"unknown parameter {field!r}"
         elif first.get("type") == "missing":
             msg = f"missing required parameter {field!r}"
         else:
-            got = first.get("input")
-            shown = json.dumps(got)[:80] if not isinstance(got, (dict, list)) else type(got).__name__
+            try:
+                shown = json.dumps(got)[:80] if not isinstance(got, (dict, list)) else type(got).__name__
+            except (TypeError, ValueError):
+                shown = repr(got)[:80]
             msg = f"{field}: {first.get('msg', 'invalid value')} (got {shown})"
         if len(errs) > 1:
             msg += f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})"
@@ -290,6 +302,8 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
         e = state.engine
         if e.load_error:
             return JSONResponse({"status": "failed", "error": e.load_error}, status_code=503)
+        if e.dead:
+            return JSONResponse({"status": "failed", "error": e.dead}, status_code=503)
         if e.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         if not e.ready.is_set():
@@ -332,7 +346,7 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
                 try:
                     async for text, new in run.events():
                         final = run.end is not None
-                        if not (text or new or final):
+                        if not (text or (new and tids) or final):
                             continue
                         if final and run.error():
                             yield _sse_error(run.error())
@@ -379,7 +393,7 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
                         P.ChatChunkChoice(delta=P.Delta(role="assistant", content=""))]))
                     async for text, new in run.events():
                         final = run.end is not None
-                        if not (text or new or final):
+                        if not (text or (new and tids) or final):
                             continue
                         if final and run.error():
                             yield _sse_error(run.error())

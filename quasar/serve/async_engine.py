@@ -65,6 +65,7 @@ class AsyncEngine:
         self.ready = threading.Event()
         self.load_error: Optional[str] = None
         self.draining = False
+        self.dead: Optional[str] = None           # an unrecoverable engine error
         self._cond = threading.Condition()
         self._new: list[Request] = []
         self._aborts: list[tuple[Request, str]] = []
@@ -117,6 +118,8 @@ class AsyncEngine:
         """Queue a request (call on the event loop). Raises Unavailable or QueueFull."""
         if self.draining or self._stop:
             raise Unavailable("the server is shutting down")
+        if self.dead:
+            raise Unavailable(f"the engine failed and cannot take requests ({self.dead}); restart the server")
         if not self.ready.is_set():
             raise Unavailable("the model is still loading; retry when GET /health returns 200")
         with self._cond:
@@ -144,27 +147,46 @@ class AsyncEngine:
                 new, self._new = self._new, []
                 aborts, self._aborts = self._aborts, []
                 stop = self._stop
-            for r in new:
-                self._admit(r)
-            for r, reason in aborts:
-                self._abort(r, reason)
-            if stop:
-                for r in list(self._live.values()):
-                    self._abort(r, "abort")
-                self._flush()
-                return
-            if eng.has_work:
-                try:
+            try:
+                for r in new:
+                    self._admit(r)
+                for r, reason in aborts:
+                    self._abort(r, reason)
+                if stop:
+                    for r in list(self._live.values()):
+                        self._abort(r, "abort")
+                    self._flush()
+                    return
+                if eng.has_work:
                     for s in eng.step():
                         self._finish(self._live.pop(s.seq_id))
-                except Exception as e:          # noqa: BLE001 - fail the batch, keep serving
-                    log.exception("engine step failed; aborting the requests in flight")
-                    msg = f"internal error in the engine step ({type(e).__name__}: {e}); the request was aborted"
-                    for r in list(self._live.values()):
-                        eng.abort(r.seq, "error")
-                        r.seq.error = msg
-                        self._finish(self._live.pop(r.seq.seq_id))
+            except Exception as e:          # noqa: BLE001 - fail the batch, keep serving
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(f"internal error in the engine ({type(e).__name__}: {e}); the request was aborted")
             self._flush()
+
+    def _fail_all(self, msg: str) -> None:
+        """After an exception: every request in flight ends (with `msg`, unless it had already
+        finished in the failed step) and its blocks are freed. If that fails too, the engine's
+        state is broken: it is marked dead (/health 503, new requests refused)."""
+        for r in list(self._live.values()):
+            self._live.pop(r.seq.seq_id, None)
+            try:
+                if not r.seq.is_finished:       # (a finished one was freed by the step itself)
+                    self.llm.engine.abort(r.seq, "error")
+                    r.seq.error = msg
+            except Exception:               # noqa: BLE001
+                log.exception("could not free a failed request's blocks; the engine is marked dead")
+                self.dead = msg
+                r.seq.error = r.seq.error or msg
+            self._finish(r)
+
+    def abort_all(self, reason: str = "abort") -> None:
+        """Abort every request in flight (thread-safe): the shutdown deadline."""
+        with self._cond:
+            self._aborts += [(r, reason) for r in list(self._live.values())]
+            self._aborts += [(r, reason) for r in self._new]
+            self._cond.notify()
 
     def _admit(self, r: Request) -> None:
         llm = self.llm
@@ -177,8 +199,12 @@ class AsyncEngine:
             self._live[r.seq.seq_id] = r
 
     def _abort(self, r: Request, reason: str) -> None:
-        if r.finished or r.seq is None:
+        if r.finished:
             return
+        if r.seq is None:                       # not admitted yet
+            self._admit(r)
+            if r.finished:
+                return
         self.llm.engine.abort(r.seq, reason)
         self._live.pop(r.seq.seq_id, None)
         self._finish(r)

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from quasar import config as qcfg
@@ -110,15 +111,20 @@ def _serve(a) -> int:
     app = build_app(state, lifespan)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):          # SIGTERM / Ctrl-C: stop admitting at once
+        def handle_exit(self, sig, frame):
+            """SIGTERM / Ctrl-C: stop admitting at once; at the deadline abort what is left, so
+            every client still gets a final response (finish_reason "abort") before the exit."""
             if not engine.draining:
                 engine.draining = True
-                log.info("shutting down: no new requests; waiting up to %gs for %d in flight",
-                         srv.shutdown_timeout, len(engine._live))
+                log.info("shutting down: no new requests; up to %gs for those in flight", srv.shutdown_timeout)
+                t = threading.Timer(srv.shutdown_timeout, engine.abort_all)
+                t.daemon = True
+                t.start()
             super().handle_exit(sig, frame)
 
+    # uvicorn's own deadline comes later: the handlers of aborted requests send their end first
     config = uvicorn.Config(app, log_level="warning", access_log=a.access_log, lifespan="on",
-                            timeout_graceful_shutdown=srv.shutdown_timeout, timeout_keep_alive=5)
+                            timeout_graceful_shutdown=srv.shutdown_timeout + 5, timeout_keep_alive=5)
     server = Server(config)
     auth = "API key required" if srv.api_key else "no API key"
     print(f"quasar serve: {name} ({cfg.model}) at http://{host}:{port}/v1 ({auth}); "
