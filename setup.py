@@ -34,9 +34,9 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20", "httpx>=0.27"],
         "dev": [
             "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20", "httpx>=0.27", "openai>=1.30",
-            "pytest>=8", "scipy>=1.11", "gguf>=0.10", "accelerate>=1.0", "triton>=3.2",
+            "pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "gguf>=0.10", "accelerate>=1.0", "triton>=3.2",
             "llmcompressor>=0.14", "compressed-tensors>=0.19", "matplotlib>=3.8",
         ],
     },
-    entry_points={"console_scripts": ["quasar=quasar.run:main"]},
+    entry_points={"console_scripts": ["quasar=quasar.cli:main"]},
 )

@@ -218,10 +218,6 @@ class TokenStream:
 
 
 def main(argv=None) -> int:
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["serve"]:                     # `quasar serve ...` = python -m quasar.serve ...
-        from quasar.serve.cli import main as serve_main
-        return serve_main(args[1:])
     a = parse_args(argv)
     return cli_call(_run, a)
 
