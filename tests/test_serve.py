@@ -474,3 +474,19 @@ def test_health_is_503_until_loaded_then_200(tiny_model):
         assert tc.get("/health").status_code == 200
         r = tc.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_preformatted_chunks_equal_the_pydantic_models(chat):
+    """The per-token fast path (ChunkFormat) writes the JSON the response models write."""
+    from quasar.serve import protocol as P
+    from quasar.serve.app import ChunkFormat, _sse
+    text = 'multi\nline "quoted" \\ 東京 🚀'
+    f = ChunkFormat("chat.completion.chunk" if chat else "text_completion", "rid-1", "m", chat)
+    if chat:
+        ref = P.ChatCompletionChunk(id="rid-1", model="m", choices=[P.ChatChunkChoice(delta=P.Delta(content=text))])
+    else:
+        ref = P.CompletionResponse(id="rid-1", model="m", choices=[P.CompletionChoice(text=text)])
+    got, want = json.loads(f(text)[6:]), json.loads(_sse(ref)[6:])
+    want["created"] = got["created"]
+    assert got == want and f(text).endswith("\n\n") and f(text).startswith("data: {")

@@ -230,25 +230,48 @@ def _sse_error(err: APIError) -> str:
     return f"data: {body.model_dump_json()}\n\n"
 
 
+class ApiKeyMiddleware:
+    """/v1/* needs the API key when one is set, checked before the body is read; /health and
+    /metrics stay open (as in vLLM). A plain ASGI middleware: it does not wrap the response
+    stream (starlette's BaseHTTPMiddleware does, at a cost on every streamed chunk)."""
+
+    def __init__(self, app, key: Optional[str]):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if self.key is not None and scope["type"] == "http" and scope["path"].startswith("/v1"):
+            got = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = got.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.key.encode()):
+                r = error_response(401, "missing or incorrect API key: send the header `Authorization: Bearer <key>` "
+                                        "with the key the server was started with (server.api_key / --api-key)",
+                                   "authentication_error", code="invalid_api_key")
+                await r(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class ChunkFormat:
+    """A stream's non-final chunks as preformatted strings (the same JSON that the pydantic
+    chunk models give, built without them: they are on the per-token path)."""
+
+    def __init__(self, obj_type: str, rid: str, model: str, chat: bool):
+        head = json.dumps({"id": rid, "object": obj_type, "created": P.now(), "model": model})[:-1]
+        field = '"delta":{"content":' if chat else '"text":'
+        self.prefix = f'data: {head},"choices":[{{"index":0,{field}'
+        self.suffix = ('}' if chat else '') + ',"finish_reason":null,"logprobs":null}]}\n\n'
+
+    def __call__(self, text: str) -> str:
+        return self.prefix + json.dumps(text, ensure_ascii=False) + self.suffix
+
+
 # ---------------------------------------------------------------- the app
 
 def build_app(state: ServerState, lifespan=None) -> FastAPI:
     app = FastAPI(title="Quasar", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.quasar = state
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        """/v1/* needs the API key when one is set (checked before the body is parsed);
-        /health and /metrics stay open, as in vLLM."""
-        key = state.api_key
-        if key is not None and request.url.path.startswith("/v1"):
-            got = request.headers.get("authorization", "")
-            scheme, _, token = got.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-                return error_response(401, "missing or incorrect API key: send the header `Authorization: Bearer "
-                                           "<key>` with the key the server was started with (server.api_key / "
-                                           "--api-key)", "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    app.add_middleware(ApiKeyMiddleware, key=state.api_key)
 
     v1 = APIRouter(prefix="/v1")
 
@@ -342,6 +365,8 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
         tids = body.return_token_ids
 
         if body.stream:
+            fast = ChunkFormat("text_completion", rid, state.model_name, chat=False)
+
             async def stream():
                 try:
                     async for text, new in run.events():
@@ -351,6 +376,9 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
                         if final and run.error():
                             yield _sse_error(run.error())
                             break
+                        if not final and not tids:
+                            yield fast(text)
+                            continue
                         yield _sse(P.CompletionResponse(
                             id=rid, model=state.model_name,
                             choices=[P.CompletionChoice(text=text, token_ids=new if tids else None,
@@ -387,6 +415,8 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
         tids = body.return_token_ids
 
         if body.stream:
+            fast = ChunkFormat("chat.completion.chunk", rid, state.model_name, chat=True)
+
             async def stream():
                 try:
                     yield _sse(P.ChatCompletionChunk(id=rid, model=state.model_name, choices=[
@@ -398,6 +428,9 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
                         if final and run.error():
                             yield _sse_error(run.error())
                             break
+                        if not final and not tids:
+                            yield fast(text)
+                            continue
                         yield _sse(P.ChatCompletionChunk(
                             id=rid, model=state.model_name,
                             choices=[P.ChatChunkChoice(delta=P.Delta(content=text), token_ids=new if tids else None,
