@@ -85,3 +85,17 @@ def test_demo_runs_with_no_arguments_on_cpu(smollm2_dir):
     assert r.returncode == 0, r.stderr
     assert "smollm2-135m-instruct on cpu" in r.stdout
     assert r.stdout.count("\n-- ") == 3 and "decode" in r.stdout and "tau" in r.stdout
+
+
+def test_quasar_command_dispatches_serve(capsys):
+    """`quasar serve ...` (the console script, quasar.cli:main) is python -m quasar.serve ...;
+    anything else is the run CLI."""
+    from quasar.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--served-model-name" in out and "--api-key" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--prompts-file" in capsys.readouterr().out
