@@ -28,7 +28,6 @@ class IncrementalDetokenizer:
         self.stop = tuple(s for s in stop if s)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.stopped: Optional[str] = None   # the stop string that ended the text
-        self.num_ids_at_stop: Optional[int] = None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
@@ -53,7 +52,6 @@ class IncrementalDetokenizer:
             i, s = min(hits)
             self.text = self.text[:i]
             self.stopped = s
-            self.num_ids_at_stop = len(self.ids)
             return True
         return False
 

@@ -61,16 +61,22 @@ class Engine:
     def capacity_tokens(self) -> int:
         return self.blocks.num_blocks * self.bs
 
+    def capacity_error(self, prompt_len: int) -> Optional[str]:
+        """Why a prompt of this length can never run in this cache (None if it can)."""
+        if prompt_len >= self.max_seq_len:
+            return (f"the prompt has {prompt_len} tokens but max_seq_len is {self.max_seq_len}; raise "
+                    "max_seq_len or shorten the prompt")
+        need = prompt_len + 1 + self.k
+        if need > self.capacity_tokens():
+            return (f"the prompt needs {need} KV slots but the whole KV cache holds {self.capacity_tokens()} "
+                    "tokens; raise runtime.kv_cache_memory or shorten the prompt")
+        return None
+
     def add(self, seq: Sequence) -> None:
         """Queue a request; one that can never run is finished at once with its own error."""
-        need = len(seq.prompt_ids) + 1
-        if len(seq.prompt_ids) >= self.max_seq_len:
-            seq.finish("error", f"the prompt has {len(seq.prompt_ids)} tokens but max_seq_len is "
-                                f"{self.max_seq_len}; raise max_seq_len or shorten the prompt")
-        elif need + self.k > self.capacity_tokens():
-            seq.finish("error", f"the prompt needs {need + self.k} KV slots but the cache holds "
-                                f"{self.capacity_tokens()} tokens; raise runtime.kv_cache_memory")
-        if seq.is_finished:
+        why = self.capacity_error(len(seq.prompt_ids))
+        if why:
+            seq.finish("error", why)
             return
         self.sched.add(seq)
 

@@ -197,11 +197,7 @@ class LLM:
             n = max_new_tokens or self.cfg.sampling.max_new_tokens
             return (f"the prompt has {len(ids)} tokens but max_seq_len is {S}; raise max_seq_len "
                     f"(--max-seq-len / max_seq_len:) to at least {len(ids) + n + self.k + 1} or shorten the prompt")
-        cap = self.engine.capacity_tokens()
-        if len(ids) + 1 + self.k > cap:
-            return (f"the prompt needs {len(ids) + 1 + self.k} KV slots but the whole KV cache holds {cap} "
-                    "tokens; raise runtime.kv_cache_memory or shorten the prompt")
-        return None
+        return self.engine.capacity_error(len(ids))
 
     def sequence(self, ids: list[int], sp: Optional[SamplingParams] = None, max_new_tokens: Optional[int] = None,
                  index: int = 0, on_tokens=None) -> Sequence:

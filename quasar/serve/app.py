@@ -265,6 +265,29 @@ class ChunkFormat:
         return self.prefix + json.dumps(text, ensure_ascii=False) + self.suffix
 
 
+def _stream(run: Run, fast: ChunkFormat, chunk, tids: bool, first=None) -> StreamingResponse:
+    """A request's server-sent events: `first` (chat: the role), a chunk per piece of text (the
+    preformatted fast path, or chunk(text, new_ids, final) -> a response model when token ids
+    are asked for and for the final chunk), an error event if the request failed, then [DONE].
+    A client that goes away aborts the request (the generator's finally)."""
+    async def events():
+        try:
+            if first is not None:
+                yield _sse(first)
+            async for text, new in run.events():
+                final = run.end is not None
+                if not (text or (new and tids) or final):
+                    continue
+                if final and run.error():
+                    yield _sse_error(run.error())
+                    break
+                yield fast(text) if not final and not tids else _sse(chunk(text, new, final))
+            yield "data: [DONE]\n\n"
+        finally:
+            run.abort_if_running()
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 # ---------------------------------------------------------------- the app
 
 def build_app(state: ServerState, lifespan=None) -> FastAPI:
@@ -365,31 +388,13 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
         tids = body.return_token_ids
 
         if body.stream:
-            fast = ChunkFormat("text_completion", rid, state.model_name, chat=False)
-
-            async def stream():
-                try:
-                    async for text, new in run.events():
-                        final = run.end is not None
-                        if not (text or (new and tids) or final):
-                            continue
-                        if final and run.error():
-                            yield _sse_error(run.error())
-                            break
-                        if not final and not tids:
-                            yield fast(text)
-                            continue
-                        yield _sse(P.CompletionResponse(
-                            id=rid, model=state.model_name,
-                            choices=[P.CompletionChoice(text=text, token_ids=new if tids else None,
-                                                        finish_reason=run.finish_reason if final else None)],
-                            usage=run.usage() if final else None,
-                            prompt_token_ids=ids if tids and final else None))
-                    yield "data: [DONE]\n\n"
-                finally:
-                    run.abort_if_running()
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            def chunk(text, new, final):
+                return P.CompletionResponse(
+                    id=rid, model=state.model_name,
+                    choices=[P.CompletionChoice(text=text, token_ids=new if tids else None,
+                                                finish_reason=run.finish_reason if final else None)],
+                    usage=run.usage() if final else None, prompt_token_ids=ids if tids and final else None)
+            return _stream(run, ChunkFormat("text_completion", rid, state.model_name, chat=False), chunk, tids)
 
         text = await _collect(run, request)
         return _json(P.CompletionResponse(
@@ -415,33 +420,16 @@ def build_app(state: ServerState, lifespan=None) -> FastAPI:
         tids = body.return_token_ids
 
         if body.stream:
-            fast = ChunkFormat("chat.completion.chunk", rid, state.model_name, chat=True)
-
-            async def stream():
-                try:
-                    yield _sse(P.ChatCompletionChunk(id=rid, model=state.model_name, choices=[
-                        P.ChatChunkChoice(delta=P.Delta(role="assistant", content=""))]))
-                    async for text, new in run.events():
-                        final = run.end is not None
-                        if not (text or (new and tids) or final):
-                            continue
-                        if final and run.error():
-                            yield _sse_error(run.error())
-                            break
-                        if not final and not tids:
-                            yield fast(text)
-                            continue
-                        yield _sse(P.ChatCompletionChunk(
-                            id=rid, model=state.model_name,
-                            choices=[P.ChatChunkChoice(delta=P.Delta(content=text), token_ids=new if tids else None,
-                                                       finish_reason=run.finish_reason if final else None)],
-                            usage=run.usage() if final else None,
-                            prompt_token_ids=ids if tids and final else None))
-                    yield "data: [DONE]\n\n"
-                finally:
-                    run.abort_if_running()
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            def chunk(text, new, final):
+                return P.ChatCompletionChunk(
+                    id=rid, model=state.model_name,
+                    choices=[P.ChatChunkChoice(delta=P.Delta(content=text), token_ids=new if tids else None,
+                                               finish_reason=run.finish_reason if final else None)],
+                    usage=run.usage() if final else None, prompt_token_ids=ids if tids and final else None)
+            first = P.ChatCompletionChunk(id=rid, model=state.model_name, choices=[
+                P.ChatChunkChoice(delta=P.Delta(role="assistant", content=""))])
+            return _stream(run, ChunkFormat("chat.completion.chunk", rid, state.model_name, chat=True), chunk,
+                           tids, first)
 
         text = await _collect(run, request)
         return _json(P.ChatCompletionResponse(

@@ -199,12 +199,8 @@ class AsyncEngine:
             self._live[r.seq.seq_id] = r
 
     def _abort(self, r: Request, reason: str) -> None:
-        if r.finished:
+        if r.finished or r.seq is None:     # (new requests are admitted before aborts are applied)
             return
-        if r.seq is None:                       # not admitted yet
-            self._admit(r)
-            if r.finished:
-                return
         self.llm.engine.abort(r.seq, reason)
         self._live.pop(r.seq.seq_id, None)
         self._finish(r)

@@ -48,7 +48,8 @@ def build_config(a: argparse.Namespace) -> qcfg.DeployConfig:
         "model": a.model, "device": a.device, "max_seq_len": a.max_seq_len,
         "runtime.max_batch_size": a.max_batch_size,
         "server.host": a.host, "server.port": a.port,
-        "server.api_key": a.api_key or (None if cfg.server.api_key else os.environ.get("QUASAR_API_KEY") or None),
+        # the API key: --api-key, else the YAML's server.api_key, else $QUASAR_API_KEY
+        "server.api_key": a.api_key or cfg.server.api_key or os.environ.get("QUASAR_API_KEY") or None,
         "server.served_model_name": a.served_model_name, "server.max_waiting": a.max_waiting,
         "server.shutdown_timeout": a.shutdown_timeout,
     })

@@ -159,22 +159,28 @@ def finish_reason(engine_reason: str) -> str:
     return FINISH_REASONS.get(engine_reason, engine_reason)
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
     index: int = 0
-    text: str
     finish_reason: Optional[str] = None
     logprobs: None = None
     token_ids: Optional[list[int]] = None           # with return_token_ids
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=now)
     model: str
-    choices: list[CompletionChoice]
     usage: Optional[Usage] = None
     prompt_token_ids: Optional[list[int]] = None    # with return_token_ids
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class CompletionResponse(_Response):                 # also each streamed chunk, as in OpenAI's API
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class AssistantMessage(BaseModel):
@@ -182,22 +188,13 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int = 0
+class ChatChoice(_Choice):
     message: AssistantMessage
-    finish_reason: Optional[str] = None
-    logprobs: None = None
-    token_ids: Optional[list[int]] = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[ChatChoice]
-    usage: Optional[Usage] = None
-    prompt_token_ids: Optional[list[int]] = None
 
 
 class Delta(BaseModel):
@@ -205,22 +202,13 @@ class Delta(BaseModel):
     content: Optional[str] = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int = 0
+class ChatChunkChoice(_Choice):
     delta: Delta
-    finish_reason: Optional[str] = None
-    logprobs: None = None
-    token_ids: Optional[list[int]] = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
-    prompt_token_ids: Optional[list[int]] = None
 
 
 class ModelCard(BaseModel):
