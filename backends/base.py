@@ -153,5 +153,20 @@ class Backend:
     def paged_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
         self._missing("paged_rope_kv_write")
 
+    def hier_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
+        self._missing("hier_rope_kv_write")
+
+    def hier_attention(self, q, cache, layer, ctx, upper_only):
+        self._missing("hier_attention")
+
+    # ------------------------------------------------------------------ KV representations
+    # representation -> why this backend cannot run it and what to use instead
+    kv_unsupported: ClassVar[dict] = {}
+
+    def check_kv(self, representation: str) -> None:
+        why = self.kv_unsupported.get(representation)
+        if why:
+            raise UnsupportedError(f"kv_cache.representation {representation!r} is not supported on {self.name}: {why}")
+
 
 CONTRACT_METHODS = tuple(op for op in OPS if op != "gemm")

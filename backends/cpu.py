@@ -59,3 +59,9 @@ class CpuBackend(Backend):
 
     def paged_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
         return R.paged_rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer)
+
+    def hier_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
+        return R.hier_rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer)
+
+    def hier_attention(self, q, cache, layer, ctx, upper_only):
+        return R.hier_attention(q, cache, layer, ctx, upper_only)

@@ -143,6 +143,19 @@ class CudaBackend(Backend):
         # ragged / prefill chunks: every sequence in one masked SDPA call (torch's fused kernels)
         return R.batched_paged_attention(q, cache, layer, ctx)
 
+    # QuantSpec's hierarchical KV cache: norms / RoPE by this backend's kernels, the full-precision
+    # write and the quantization of completed blocks in torch; attention by the Triton kernel for
+    # uniform steps (decode, draft, verify), the reference for ragged ones (prefill)
+    def hier_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
+        return R.paged_rope_kv_write_with(self.rms_norm, self.rope, R.hier_kv_write)(
+            qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer)
+
+    def hier_attention(self, q, cache, layer, ctx, upper_only):
+        hk = self.triton.hier_attention
+        if hk.supports(q, cache, ctx):
+            return hk.hier_attention(q, cache, layer, ctx, upper_only, opts=self.options)
+        return R.hier_attention(q, cache, layer, ctx, upper_only)
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -23,6 +23,7 @@ Kernels (argument conventions from the torch_npu API reference, Ascend/op-plugin
 | rope_kv_write | composed: rms_norm (q/k norms), rope, kv_write above | torch_npu's fused ``npu_kv_rmsnorm_rope_cache`` is not used yet |
 | paged_kv_write | ``npu_scatter_nd_update_(cache.k[layer], idx[N, Hkv, 3], k)`` (same for v) | in place on our [blocks, Hkv, bs, D] layer, idx = (slot // bs, head, slot % bs) |
 | paged_rope_kv_write | composed: rms_norm, rope (the step as B = 1), paged_kv_write above | |
+| hier_rope_kv_write, hier_attention | not supported: UnsupportedError naming the alternative (kv_cache.representation: dense) | the KV antiquant modes are per channel over the sequence or per token, and not paged (see `kv_unsupported`) |
 | paged_attention | ``npu_fused_infer_attention_score(q_BNSD, cache.k[layer], cache.v[layer], block_table=int32, block_size=bs, actual_seq_lengths_kv, atten_mask, input_layout="BNSD")`` | page attention on the cache layer itself (no copy); one call per distinct chunk length |
 
 Paged KV cache (docs/context/torch_npu-npu_fused_infer_attention_score.md, "page attention场景"):
@@ -231,6 +232,23 @@ class NpuBackend(Backend):
 
     def paged_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
         return self._paged_rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer)
+
+    # QuantSpec's hierarchical KV cache: npu_fused_infer_attention_score's KV antiquant takes
+    # per-channel scales for the whole sequence ((N, D)) or per-token scales ((B, S), float32),
+    # and not with page attention ("page attention不支持伪量化场景"); the cache's keys are grouped per
+    # channel over each block of G tokens, paged. No documented mapping: refuse, naming the way out.
+    kv_unsupported = {"hierarchical-int4": (
+        "its keys are quantized per channel over each block of G tokens, and torch_npu's "
+        "npu_fused_infer_attention_score documents KV antiquant only per channel over the whole "
+        "sequence or per token, and not with page attention; use kv_cache.representation: dense "
+        "on npu (drafting with drafter.method quantized_self still works), or run QuantSpec with "
+        "--device cuda or cpu")}
+
+    def hier_rope_kv_write(self, qkv, q_norm, k_norm, eps, cos, sin, ctx, cache, layer):
+        self.check_kv(cache.representation)
+
+    def hier_attention(self, q, cache, layer, ctx, upper_only):
+        self.check_kv(cache.representation)
 
     def _once(self, key: str, msg: str) -> None:
         if key not in self._said:

@@ -75,3 +75,14 @@ _op("paged_rope_kv_write", "(qkv[N, (H + 2 Hkv) D], q_norm[D] | None, k_norm[D] 
     "sin[S, D] f32, ctx: StepContext, cache: PagedKVCache, layer: int) -> q[N, H, D]",
     "rope_kv_write on the paged cache: norms and RoPE at ctx.positions, then "
     "paged_kv_write(cache, layer, k, v, ctx.slot_mapping); returns q")
+_op("hier_rope_kv_write", "(qkv[N, (H + 2 Hkv) D], q_norm[D] | None, k_norm[D] | None, eps, cos[S, D] f32, "
+    "sin[S, D] f32, ctx: StepContext, cache: HierarchicalKVCache, layer: int) -> q[N, H, D]",
+    "paged_rope_kv_write on the hierarchical cache: norms and RoPE at ctx.positions, k / v written to the "
+    "full-precision copies of ctx.slot_mapping (block slot // G, pool slot cache.fp_index[block]), then the "
+    "blocks in cache.step_quantize quantized (quasar.kv.hierarchical.quantize: keys per channel over the "
+    "block, values per token over Gv channels) into this layer's planes; returns q")
+_op("hier_attention", "(q[N, H, D], cache: HierarchicalKVCache, layer: int, ctx: StepContext, upper_only: bool) "
+    "-> o[N, H, D]",
+    "paged_attention on the hierarchical cache: token i (position p) of sequence b reads b's first "
+    "quantized_blocks(p) = max(0, (p - R) // G) blocks dequantized from the planes (upper only: u * scale + "
+    "min; both: u * scale + (l - 8) * scale / 16 + min) and its slots up to p past them at full precision")

@@ -120,7 +120,7 @@ def paged_rope_kv_write_with(rms_norm_fn, rope_fn, paged_kv_write_fn):
                             eps: float, cos: torch.Tensor, sin: torch.Tensor, ctx, cache, layer: int) -> torch.Tensor:
         # as one sequence of N tokens (rope takes [B, T, H, D])
         q, k, v = _norm_rope(rms_norm_fn, rope_fn, qkv[None], q_norm, k_norm, eps, cos, sin,
-                             ctx.positions[None], cache.k.shape[2], cache.k.shape[-1])
+                             ctx.positions[None], cache.num_kv_heads, cache.head_dim)
         paged_kv_write_fn(cache, layer, k[0], v[0], ctx.slot_mapping)
         return q[0]
     return paged_rope_kv_write
@@ -265,3 +265,85 @@ def batched_paged_attention(q: torch.Tensor, cache, layer: int, ctx) -> torch.Te
         return o.reshape(n, heads, d)
     keep = torch.tensor([b * tmax + t for b in range(S) for t in range(lens[b])], device=dev)
     return o.reshape(S * tmax, heads, d).index_select(0, keep)
+
+
+# ------------------------------------------------------------------ the hierarchical KV cache (QuantSpec)
+
+def hier_kv_write(cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v [N, Hkv, D] -> the full-precision copies of the slots slot_mapping[N] (block slot // G,
+    whose pool slot is cache.fp_index[block]); then the blocks the step's prologue quantizes
+    (cache.step_quantize, set by cache.before_step), in this layer."""
+    G = cache.block_size
+    fp = cache.fp_index[slot_mapping // G]
+    off = slot_mapping % G
+    cache.k_fp[layer][fp, :, off] = k.to(cache.dtype)
+    cache.v_fp[layer][fp, :, off] = v.to(cache.dtype)
+    if cache.step_quantize is not None:
+        cache._quantize(cache.step_quantize, layer)
+
+
+def _hier_gather(cache, layer: int, table: torch.Tensor, n: int, nq: int, upper_only: bool, dtype):
+    """A sequence's first n tokens as contiguous K, V [1, Hkv, n, D]: blocks [0, nq) from the
+    quantized planes (the upper plane only, or both), the rest from their full-precision copies.
+    Past the table's width, block 0 is read (callers mask it)."""
+    G = cache.block_size
+    nb = -(-n // G)
+    ids = table[:nb]
+    if ids.shape[0] < nb:
+        ids = torch.cat([ids, ids.new_zeros(nb - ids.shape[0])])
+    parts_k, parts_v = [], []
+    if nq:
+        k, v = cache.dequantize_blocks(layer, ids[:nq], upper_only)
+        parts_k.append(k.to(dtype))
+        parts_v.append(v.to(dtype))
+    if nb > nq:
+        fp = cache.fp_index[ids[nq:]].clamp(min=0)
+        parts_k.append(cache.k_fp[layer][fp].to(dtype))
+        parts_v.append(cache.v_fp[layer][fp].to(dtype))
+    k, v = torch.cat(parts_k), torch.cat(parts_v)                         # [nb, Hkv, G, D]
+    h, d = k.shape[1], k.shape[-1]
+    return (k.permute(1, 0, 2, 3).reshape(h, -1, d)[None, :, :n],
+            v.permute(1, 0, 2, 3).reshape(h, -1, d)[None, :, :n])
+
+
+def hier_attention(q: torch.Tensor, cache, layer: int, ctx, upper_only: bool) -> torch.Tensor:
+    """q [N, H, D] -> o [N, H, D] on the hierarchical KV cache (quasar.kv.hierarchical): as
+    paged_attention, where token i (position p) reads its sequence's first
+    quantized_blocks(p) blocks from the quantized planes (the upper plane only when
+    `upper_only`: a QuantSpec draft step; else both, about 8 bits) and the rest of [0, p] at full
+    precision. Batch invariant as paged_attention: rows are tiled by (KV length bucket, quantized
+    blocks), both functions of the row's position."""
+    from quasar.kv.hierarchical import quantized_blocks
+    n_tok, heads, d = q.shape
+    G, R = cache.block_size, cache.residual
+    T = INVARIANT_ROWS
+    kv_heads = cache.num_kv_heads
+    dev = q.device
+    pos = ctx.positions.tolist()
+    qs = ctx.query_start
+    by_key: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+    for b in range(len(qs) - 1):
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in range(qs[b], qs[b + 1]):
+            key = (-(-(pos[i] + 1) // KV_BUCKET) * KV_BUCKET, quantized_blocks(pos[i], G, R))
+            groups.setdefault(key, []).append(i)
+        for key, rows in groups.items():
+            for t in range(0, len(rows), T):
+                tile = rows[t:t + T]
+                by_key.setdefault(key, []).append((b, tile + [tile[-1]] * (T - len(tile))))
+    out = torch.empty_like(q)
+    for (n, nq), tiles in by_key.items():
+        kv = [_hier_gather(cache, layer, ctx.block_tables[b], n, nq, upper_only, q.dtype) for b, _ in tiles]
+        k = torch.cat([x[0] for x in kv])
+        v = torch.cat([x[1] for x in kv])
+        idx = torch.tensor([r for _, rows in tiles for r in rows], device=dev)
+        qt = q.index_select(0, idx).view(len(tiles), T, heads, d).transpose(1, 2)
+        p = ctx.positions.index_select(0, idx).view(len(tiles), T)
+        allow = torch.arange(n, device=dev)[None, None, :] <= p[:, :, None]
+        o = F.scaled_dot_product_attention(qt, k, v, attn_mask=allow[:, None], scale=d ** -0.5,
+                                           enable_gqa=heads != kv_heads)
+        out[idx] = o.transpose(1, 2).reshape(-1, heads, d)
+    return out
+
+
+hier_rope_kv_write = paged_rope_kv_write_with(rms_norm, rope, hier_kv_write)

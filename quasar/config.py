@@ -122,6 +122,25 @@ class DrafterConfig:
     scheme: Optional[str] = _c(None, check=scheme_choice, doc="quantized_self: scheme the draft runs (default w4a4)")
     model: Optional[str] = _c(None, doc="draft_model: path or name of the small draft model")
     adaptive: bool = _c(True, doc="choose the tokens drafted per step from the step cost model and each sequence's acceptance (false: always num_tokens)")
+    kv: Literal["full", "upper"] = _c("full", doc="quantized_self on a hierarchical KV cache: the view its draft steps read (upper: the 4-bit upper plane, QuantSpec; full: both planes)")
+
+
+def representation_choice(path: str, value):
+    from quasar import kv
+    names = kv.names()
+    if value == "bf16":            # the and QuantSpec's name for the unquantized cache
+        value = "dense"
+    if value not in names:
+        raise ConfigError(f"{path} must be one of {', '.join(names)} (bf16 = dense), got {value!r}{_close(value, names)}")
+    return value
+
+
+@dataclass
+class KVCacheConfig:
+    representation: str = _c("dense", check=representation_choice,
+                             doc="dense (alias bf16): K/V in the model dtype; hierarchical-int4: QuantSpec's INT4/INT8 planes + a full-precision buffer of recent tokens")
+    group_size: int = _c(128, min=2, doc="hierarchical-int4: tokens per key group (the block size: runtime.kv_block_size does not apply) and channels per value group")
+    residual_tokens: int = _c(128, min=0, doc="hierarchical-int4: recent tokens kept at full precision (R; each sequence holds R..R+group_size)")
 
 
 @dataclass
@@ -217,6 +236,7 @@ class DeployConfig:
     max_seq_len: int = _c(2048, min=16, doc="static KV cache length (prompt + generated + draft slack)")
     chat: bool = _c(True, doc="apply the tokenizer's chat template when it has one")
     verifier: VerifierConfig = _c(VerifierConfig)
+    kv_cache: KVCacheConfig = _c(KVCacheConfig)
     drafter: DrafterConfig = _c(DrafterConfig)
     sampling: SamplingConfig = _c(SamplingConfig)
     runtime: RuntimeConfig = _c(RuntimeConfig)
@@ -324,6 +344,10 @@ def validate(cfg: DeployConfig) -> None:
         raise ConfigError(f"drafter.ngram.min ({d.ngram.min}) must be <= drafter.ngram.max ({d.ngram.max})")
     if d.method == "draft_model" and not d.model:
         raise ConfigError("drafter.method 'draft_model' needs drafter.model (a path or name of the draft model)")
+    if d.kv == "upper" and (d.method != "quantized_self" or cfg.kv_cache.representation != "hierarchical-int4"):
+        raise ConfigError("drafter.kv: upper (QuantSpec's draft on the 4-bit upper plane) needs drafter.method "
+                          f"quantized_self and kv_cache.representation hierarchical-int4; got method {d.method!r} "
+                          f"and representation {cfg.kv_cache.representation!r}")
 
 
 def from_dict(data: dict | None) -> DeployConfig:

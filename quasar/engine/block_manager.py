@@ -59,6 +59,7 @@ class BlockManager:
         # survives as long as possible
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._by_hash: dict[bytes, int] = {}
+        self.on_free = None          # called with the ids of blocks that became free
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -148,6 +149,7 @@ class BlockManager:
     def free(self, table: BlockTable) -> None:
         """Release a sequence's blocks (finished or preempted). Registered blocks stay findable by
         their hash until they are reused."""
+        freed = []
         for bid in reversed(table.blocks):
             b = self.blocks[bid]
             b.ref_count -= 1
@@ -155,7 +157,10 @@ class BlockManager:
                 raise RuntimeError(f"block {bid} freed twice")
             if b.ref_count == 0:
                 self._free[bid] = None
+                freed.append(bid)
         table.blocks.clear()
+        if freed and self.on_free is not None:
+            self.on_free(freed)
         table.num_cached_tokens = table.num_registered = 0
 
     def register_prompt(self, table: BlockTable, prompt: list[int], num_computed: int) -> None:

@@ -22,6 +22,10 @@ class StepContext:
     context_lens: torch.Tensor       # [B] int64: KV slots visible to sequence b (its last position + 1)
     chunk: int = 0                   # T when every sequence has T tokens (decode / verify), else 0
     max_context: int = 0             # max(context_lens) on the host (0 = unknown: read it from the device)
+    # the same metadata on the host (what the cache's before_step bookkeeping reads; no device sync)
+    host_positions: list = None
+    host_slots: list = None
+    host_tables: list = None
 
     @property
     def num_seqs(self) -> int:
@@ -59,4 +63,5 @@ class StepContext:
         dev = host.to(device)                    # no copy when `device` is the CPU
         pos, slot, lens = dev[:n], dev[n:2 * n], dev[2 * n:2 * n + b]
         bt = dev[2 * n + b:].view(b, width)
-        return StepContext(pos, slot, list(query_start), bt, lens, chunk, max(context_lens, default=0))
+        return StepContext(pos, slot, list(query_start), bt, lens, chunk, max(context_lens, default=0),
+                           positions, slots, tables)

@@ -44,7 +44,9 @@ class Engine:
         self.device = runner.device
         self.max_seq_len = runner.max_seq_len
         self.bs = runner.block_size
-        self.blocks = BlockManager(runner.num_blocks, runner.block_size, prefix_caching)
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size,
+                                   prefix_caching and runner.cache.prefix_caching)
+        self.blocks.on_free = runner.cache.release_blocks      # a representation's per-block state
         self.sched = BatchScheduler(self.blocks, max_batch_size, max_prefill_tokens)
         self.adaptive = adaptive and k > 0
         self.sync = sync

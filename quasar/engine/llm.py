@@ -72,20 +72,21 @@ def eos_ids(path: Path, tokenizer) -> set[int]:
 log = logging.getLogger("quasar")
 
 
-def kv_blocks_for(cfg: DeployConfig, per_token: int, backend, k: int) -> tuple[int, str]:
-    """The KV cache's block count from runtime.kv_cache_memory, and how it was chosen."""
+def kv_blocks_for(cfg: DeployConfig, per_block: int, bs: int, backend, k: int, fixed: int = 0) -> tuple[int, str]:
+    """The KV cache's block count from runtime.kv_cache_memory (blocks of `bs` tokens and
+    `per_block` bytes, after `fixed` bytes the representation needs beside its blocks), and how
+    it was chosen."""
     rt = cfg.runtime
-    bs, budget = rt.kv_block_size, rt.kv_cache_memory
-    per_block = per_token * bs
+    budget = rt.kv_cache_memory
     free = backend.free_memory()
     if budget == "auto":
         want = rt.max_batch_size * (-(-(cfg.max_seq_len + k + 1) // bs))
         cap = min(0.9 * free, backend.auto_kv_cap_gib * 2 ** 30)
-        blocks, how = min(want, int(cap // per_block)), "auto"
+        blocks, how = min(want, int(max(0, cap - fixed) // per_block)), "auto"
     elif budget <= 1.0:
-        blocks, how = int(budget * free // per_block), f"{budget:g} of {free / 2 ** 30:.1f} GiB free"
+        blocks, how = int(max(0, budget * free - fixed) // per_block), f"{budget:g} of {free / 2 ** 30:.1f} GiB free"
     else:
-        blocks, how = int(budget * 2 ** 30 // per_block), f"{budget:g} GiB"
+        blocks, how = int(max(0, budget * 2 ** 30 - fixed) // per_block), f"{budget:g} GiB"
     if blocks * bs < cfg.max_seq_len // 4 or blocks < 1:
         raise ConfigError(f"runtime.kv_cache_memory ({how}) gives {blocks} KV blocks of {bs} tokens "
                           f"({per_block / 2 ** 20:.2f} MiB each), too few for one sequence of max_seq_len "
@@ -102,6 +103,7 @@ class LLM:
         from quasar import threads
         self.threads = threads.apply(cfg.runtime.threads)
         self.backend = backends.get(self.device, cfg.runtime.kernels)
+        self.backend.check_kv(cfg.kv_cache.representation)
         self.dtype = resolve_dtype(cfg.dtype, self.backend)
         self.path = Path(model_path) if model_path else resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.path)
@@ -116,22 +118,26 @@ class LLM:
         self.sp = SamplingParams(s.temperature, s.top_p, s.top_k, s.seed)
         self.k = d.num_tokens if d.method != "none" else 0
         rt = cfg.runtime
-        per_token = kv.bytes_per_token(self.model.args, self.dtype)
+        layout = kv.Layout.from_config(cfg, self.k)
+        self.backend.check_kv(layout.representation)
+        bs = layout.block_size
+        per_block = layout.bytes_per_block(self.model.args, self.dtype)
+        fixed = layout.fixed_bytes(self.model.args, self.dtype)
         self.draft_llm = None
         if d.method == "draft_model":
-            self.draft_llm = self._load_draft(d.model)
-            per_token += kv.bytes_per_token(self.draft_llm.model.args, self.draft_llm.dtype)
+            self.draft_llm = self._load_draft(d.model, bs)
+            per_block += bs * kv.bytes_per_token(self.draft_llm.model.args, self.draft_llm.dtype)
         how = "given"
         if kv_blocks is None:
-            kv_blocks, how = kv_blocks_for(cfg, per_token, self.backend, self.k)
+            kv_blocks, how = kv_blocks_for(cfg, per_block, bs, self.backend, self.k, fixed)
         buckets = sorted({b for b in rt.cuda_graph_batch_sizes if b < rt.max_batch_size} | {rt.max_batch_size})
         modes = ("verify", "draft") if draft_scheme is not None else ("verify",)
         self.runner = ModelRunner(self.model, chunk_lengths=range(1, self.k + 2), modes=modes,
-                                  graphs=rt.cuda_graphs, kv_blocks=kv_blocks, block_size=rt.kv_block_size,
-                                  buckets=buckets)
+                                  graphs=rt.cuda_graphs, kv_blocks=kv_blocks, block_size=bs,
+                                  buckets=buckets, layout=layout)
         if self.draft_llm is not None:
             self.draft_llm.runner = ModelRunner(self.draft_llm.model, chunk_lengths=(1,), graphs=rt.cuda_graphs,
-                                                kv_blocks=kv_blocks, block_size=rt.kv_block_size, buckets=buckets)
+                                                kv_blocks=kv_blocks, block_size=bs, buckets=buckets)
         self.drafter = make_drafter(d, self.runner, self.sp, self.draft_llm.runner if self.draft_llm else None)
         cost = None
         if d.adaptive and self.k > 0:
@@ -141,19 +147,23 @@ class LLM:
                 dc = calibrate_runner(self.draft_llm.runner, 0, 1, self.backend.synchronize)
                 cost.draft_ratio = dc.time(1) / cost.time(1)
         self.engine = Engine(self.runner, self.drafter, self.k, max_batch_size=rt.max_batch_size,
-                             max_prefill_tokens=rt.max_prefill_tokens, prefix_caching=rt.prefix_caching,
+                             max_prefill_tokens=rt.max_prefill_tokens, prefix_caching=rt.prefix_caching and layout.prefix_caching,
                              adaptive=d.adaptive, sync=self.backend.synchronize, cost=cost)
-        self.kv_summary = (f"KV cache: {kv_blocks} blocks of {rt.kv_block_size} = {kv_blocks * rt.kv_block_size} "
-                           f"tokens, {kv_blocks * rt.kv_block_size * per_token / 2 ** 30:.2f} GiB ({how})")
+        extra = (f" + a full-precision pool of {layout.fp_blocks} blocks ({fixed / 2 ** 30:.2f} GiB)"
+                 if fixed else "")
+        self.kv_summary = (f"KV cache ({layout.representation}): {kv_blocks} blocks of {bs} = {kv_blocks * bs} "
+                           f"tokens, {kv_blocks * per_block / 2 ** 30:.2f} GiB{extra} ({how})")
         if how != "given":
             log.info(self.kv_summary)
 
-    def _load_draft(self, name: str) -> "LLM":
+    def _load_draft(self, name: str, block_size: int) -> "LLM":
         from quasar.config import override
-        dcfg = override(self.cfg, {"model": name, "drafter.method": "none"})
+        # the draft model's own cache is dense, addressed by the target's block tables
+        dcfg = override(self.cfg, {"model": name, "drafter.method": "none", "drafter.kv": "full",
+                                   "kv_cache.representation": "dense", "runtime.kv_block_size": block_size})
         dcfg.drafter.model = dcfg.drafter.scheme = None
         dcfg.verifier.quant = quant.default()        # the draft model runs unquantized
-        draft = LLM(dcfg, kv_blocks=1 + -(-self.cfg.max_seq_len // self.cfg.runtime.kv_block_size))
+        draft = LLM(dcfg, kv_blocks=1 + -(-self.cfg.max_seq_len // block_size))
         if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ConfigError(f"drafter.model {name!r} has a different tokenizer (vocabulary) than the "
                               f"target {self.cfg.model!r}; a draft model must share the target's tokenizer")

@@ -21,7 +21,8 @@ MODES = ("prefill", "decode", "draft", "verify")
 class ModelRunner:
     def __init__(self, model, batch: int = 1, chunk_lengths: Sequence[int] = (),
                  modes: Sequence[str] = ("verify",), graphs: Optional[bool] = None,
-                 kv_blocks: Optional[int] = None, block_size: int = 16, buckets: Sequence[int] = ()):
+                 kv_blocks: Optional[int] = None, block_size: int = 16, buckets: Sequence[int] = (),
+                 layout: Optional["kv.Layout"] = None):
         """chunk_lengths / modes: the steps to capture (decode and verify chunk lengths; "draft"
         too for QSpec). graphs: None = capture where the backend can, True = must, False = never.
         kv_blocks: a paged cache of that many blocks of `block_size` (the batched runtime, `run`),
@@ -29,13 +30,17 @@ class ModelRunner:
         sequences of max_seq_len (the single-sequence scheduler, `forward` / `step`). buckets: the
         batch sizes whose uniform steps (chunk_lengths x modes) the paged runner captures.
         Modes of the paged runner: prefill / decode / verify run the verifier's scheme, draft the
-        draft scheme (QSpec); a captured graph of mode "verify" serves decode steps too."""
+        draft scheme (QSpec); a captured graph of mode "verify" serves decode steps too. layout: the
+        paged cache's representation (quasar.kv.Layout; None = dense blocks of block_size)."""
         self.model = model
         self.backend = model.backend
         self.captured = None
         self.paged = kv_blocks is not None
         if self.paged:
-            self.cache = kv.allocate_paged(model.args, kv_blocks + 1, block_size, model.dtype, model.device)
+            if layout is not None:
+                self.backend.check_kv(layout.representation)
+                block_size = layout.block_size
+            self.cache = kv.allocate_paged(model.args, kv_blocks + 1, block_size, model.dtype, model.device, layout)
             self.num_blocks, self.block_size = kv_blocks, block_size
             self.scratch_slot = kv_blocks * block_size
             self.max_blocks = -(-model.max_seq_len // block_size)    # a block table's width
@@ -74,7 +79,8 @@ class ModelRunner:
         scheme, draft the draft scheme (QSpec). Returns fp32 logits [N or len(rows), vocab]."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if self.captured is not None and rows is None:
+        graph_ok = self.cache.before_step(ctx, mode)
+        if self.captured is not None and rows is None and graph_ok:
             out = self.captured(input_ids, ctx, "draft" if mode == "draft" else "verify")
             if out is not None:
                 return out

@@ -42,5 +42,5 @@ class KVCache:
         qkv = qkv.view(*step.positions.shape, -1)
         return backend.rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, step.positions, self, layer)
 
-    def attend(self, backend, layer, q, step: DenseStep):
+    def attend(self, backend, layer, q, step: DenseStep, draft: bool = False):
         return backend.attention(q, self, layer, step.positions, step.kv_len, step.mask)

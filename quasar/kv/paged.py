@@ -22,6 +22,7 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.dtype = dtype
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -35,5 +36,15 @@ class PagedKVCache:
         """qkv [N, W] -> q [N, H, D], the step's k/v written to ctx.slot_mapping."""
         return backend.paged_rope_kv_write(qkv, q_norm, k_norm, eps, cos, sin, ctx, self, layer)
 
-    def attend(self, backend, layer, q, ctx):
+    def attend(self, backend, layer, q, ctx, draft: bool = False):
         return backend.paged_attention(q, self, layer, ctx)
+
+    # the runtime's hooks (representations that keep host-side state use them)
+    prefix_caching = True
+
+    def before_step(self, ctx, mode: str) -> bool:
+        """Called before each step's forward; True: the step may replay a captured graph."""
+        return True
+
+    def release_blocks(self, blocks) -> None:
+        """Blocks the block manager freed."""

@@ -46,7 +46,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(h, draft)
         q = cache.prologue(self.backend, self.layer_idx, qkv, self.q_norm, self.k_norm, a.rms_norm_eps,
                            cos, sin, step)
-        o = cache.attend(self.backend, self.layer_idx, q, step)
+        o = cache.attend(self.backend, self.layer_idx, q, step, draft)
         return self.o_proj(o.reshape(qkv.shape[0], a.num_heads * a.head_dim), draft)
 
 
