@@ -163,6 +163,46 @@ def test_batched_speculation_equals_each_sequence_alone(be, tiny_root, quant):
     e.check()
 
 
+def test_quantspec_equals_its_verifier_autoregressive(be, tiny_root):
+    """QuantSpec on this backend's hierarchical-KV ops (issue 19): drafts by the same model on the
+    4-bit upper plane with W4A16 weights, verified on both planes, batched with chunked prefill,
+    equal to the verifier's own greedy decode of each sequence alone on the same cache (blocks of
+    8, R = 8: the buffer flushes many times). On npu the representation has no documented
+    torch_npu mapping: the backend refuses it, naming the alternative."""
+    from pathlib import Path
+
+    from quasar import kv
+    from quasar.config import VerifierConfig
+    from quasar.engine.engine import Engine
+    from quasar.engine.sequence import Sequence, StopConditions
+    from quasar.errors import UnsupportedError
+    from quasar.model.loader import build_model
+    from quasar.spec_decode.drafter import Drafter
+    from quasar.spec_decode.quantized_self import QuantizedSelfDrafter
+    from quasar.spec_decode.sampling import SamplingParams
+    lay = kv.Layout("hierarchical-int4", 8, 8, 8, "upper", 64)
+    if be.name == "npu":
+        with pytest.raises(UnsupportedError, match="representation: dense"):
+            be.check_kv(lay.representation)
+        return
+    m = build_model(Path(make_tiny(tiny_root, "qwen3", seed=5)), be, torch.float32, 128, VerifierConfig(),
+                    draft_scheme="w4a16")
+    prompts = [golden.prompt(seed, n) for seed, n in ((0, 20), (1, 9))]
+
+    def run(drafter_fn, k, batch, ps):
+        r = ModelRunner(m, kv_blocks=64, block_size=8, layout=lay)
+        e = Engine(r, drafter_fn(r), k, max_batch_size=batch, max_prefill_tokens=16, prefix_caching=False)
+        seqs = [Sequence(p, stop=StopConditions(14)) for p in ps]
+        e.run(seqs)
+        e.check()
+        return seqs
+
+    want = [run(lambda r: Drafter(), 0, 1, [p])[0].output_ids for p in prompts]
+    seqs = run(lambda r: QuantizedSelfDrafter(r, SamplingParams()), 4, 2, prompts)
+    assert [s.output_ids for s in seqs] == want
+    assert sum(s.stats.accepted for s in seqs) > 0
+
+
 # ------------------------------------------------------------------ 3. GEMM error bounds vs float64
 
 # scheme -> (weight, activation qtype or None, bound on the quantization error vs unquantized)

@@ -10,6 +10,7 @@ that launch them:
                   per channel, sym/asym) and w4a4 (int4 x int4 -> int32); both read one layout
   rope.py         the attention prologue: q/k RMSNorm, RoPE and the KV-cache write in one launch
   attention.py    flash-decoding attention over the static cache for decode / verify chunks
+  hier_attention.py  the same over QuantSpec's hierarchical INT4/INT8 KV cache (planes + pool)
   tuning.py       launch configurations (heuristic + a table the benchmark fills)
   _common.py      small @triton.jit helpers shared by the kernels
 
@@ -29,7 +30,7 @@ import os
 import sys
 import types
 
-MODULES = ("_common", "tuning", "norm_quant", "rope", "gemm_int8", "gemm_int4", "attention")
+MODULES = ("_common", "tuning", "norm_quant", "rope", "gemm_int8", "gemm_int4", "attention", "hier_attention")
 _COPIES: dict[bool, types.ModuleType] = {}
 
 

@@ -143,7 +143,8 @@ class HierarchicalKVCache:
         self._dirty: set[int] = set()
         self.step_quantize: Optional[torch.Tensor] = None     # blocks the current step's prologue quantizes
         self.fp_peak = 0
-        self._take(num_blocks - 1)       # the runner's scratch block (the last) keeps a pool slot
+        self.scratch = num_blocks - 1
+        self._take(self.scratch)         # the runner's scratch block (the last) keeps a pool slot
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
@@ -199,6 +200,7 @@ class HierarchicalKVCache:
         G, R = self.block_size, self.residual
         pos, slots, tables, qs = ctx.host_positions, ctx.host_slots, ctx.host_tables, ctx.query_start
         written = {s // G for s in slots}
+        written.discard(self.scratch)            # padding's writes: never read, never quantized
         for blk in written:
             self._take(blk)
         in_step: list[int] = []
