@@ -282,25 +282,27 @@ def hier_kv_write(cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapp
         cache._quantize(cache.step_quantize, layer)
 
 
-def _hier_gather(cache, layer: int, table: torch.Tensor, n: int, nq: int, upper_only: bool, dtype):
+def _hier_gather(cache, layer: int, table: torch.Tensor, n: int, nq: int, upper_only: bool, dtype, memo=None):
     """A sequence's first n tokens as contiguous K, V [1, Hkv, n, D]: blocks [0, nq) from the
     quantized planes (the upper plane only, or both), the rest from their full-precision copies.
-    Past the table's width, block 0 is read (callers mask it)."""
+    Past the table's width, block 0 is read (callers mask it). memo: a dict that keeps each
+    table's dequantized blocks and pool copies across the calls of one attention."""
     G = cache.block_size
     nb = -(-n // G)
     ids = table[:nb]
     if ids.shape[0] < nb:
         ids = torch.cat([ids, ids.new_zeros(nb - ids.shape[0])])
-    parts_k, parts_v = [], []
-    if nq:
-        k, v = cache.dequantize_blocks(layer, ids[:nq], upper_only)
-        parts_k.append(k.to(dtype))
-        parts_v.append(v.to(dtype))
-    if nb > nq:
-        fp = cache.fp_index[ids[nq:]].clamp(min=0)
-        parts_k.append(cache.k_fp[layer][fp].to(dtype))
-        parts_v.append(cache.v_fp[layer][fp].to(dtype))
-    k, v = torch.cat(parts_k), torch.cat(parts_v)                         # [nb, Hkv, G, D]
+    key = (id(table), upper_only)
+    have = memo.get(key) if memo is not None else None
+    if have is None or have[0] < nb:
+        kq, vq = cache.dequantize_blocks(layer, ids, upper_only)           # [nb, Hkv, G, D]
+        fp = cache.fp_index[ids].clamp(min=0)
+        have = (nb, kq.to(dtype), vq.to(dtype), cache.k_fp[layer][fp].to(dtype), cache.v_fp[layer][fp].to(dtype))
+        if memo is not None:
+            memo[key] = have
+    _, kq, vq, kf, vf = have
+    k = torch.cat([kq[:nq], kf[nq:nb]])
+    v = torch.cat([vq[:nq], vf[nq:nb]])
     h, d = k.shape[1], k.shape[-1]
     return (k.permute(1, 0, 2, 3).reshape(h, -1, d)[None, :, :n],
             v.permute(1, 0, 2, 3).reshape(h, -1, d)[None, :, :n])
@@ -332,10 +334,21 @@ def hier_attention(q: torch.Tensor, cache, layer: int, ctx, upper_only: bool) ->
                 tile = rows[t:t + T]
                 by_key.setdefault(key, []).append((b, tile + [tile[-1]] * (T - len(tile))))
     out = torch.empty_like(q)
+    tables = [ctx.block_tables[b] for b in range(len(qs) - 1)]
+    longest = {}
+    for (n, _), tiles in by_key.items():
+        for b, _ in tiles:
+            longest[b] = max(longest.get(b, 0), n)
+    memo: dict = {}
+    for b, n in longest.items():             # each sequence's blocks dequantized once per call
+        _hier_gather(cache, layer, tables[b], n, 0, upper_only, q.dtype, memo)
     for (n, nq), tiles in by_key.items():
-        kv = [_hier_gather(cache, layer, ctx.block_tables[b], n, nq, upper_only, q.dtype) for b, _ in tiles]
-        k = torch.cat([x[0] for x in kv])
-        v = torch.cat([x[1] for x in kv])
+        seqs = sorted({b for b, _ in tiles})
+        tiles.sort(key=lambda x: x[0])
+        kv = {b: _hier_gather(cache, layer, tables[b], n, nq, upper_only, q.dtype, memo) for b in seqs}
+        # one gather per sequence, repeated over its tiles without copies
+        k = torch.cat([kv[b][0].expand(sum(1 for x, _ in tiles if x == b), -1, -1, -1) for b in seqs])
+        v = torch.cat([kv[b][1].expand(sum(1 for x, _ in tiles if x == b), -1, -1, -1) for b in seqs])
         idx = torch.tensor([r for _, rows in tiles for r in rows], device=dev)
         qt = q.index_select(0, idx).view(len(tiles), T, heads, d).transpose(1, 2)
         p = ctx.positions.index_select(0, idx).view(len(tiles), T)

@@ -8,8 +8,11 @@ tokens. Each variant then
   the reference's, and the mean length of the common prefix).
 
 Variants: RTN schemes (`--schemes`), compressed-tensors checkpoints (`--checkpoint NAME=DIR`),
-and structurally pruned verifiers that drop layers (`--prune N` drops N evenly spaced middle
-layers; `--prune-layers 3,5,7` drops exactly those). This reproduces the Quasar paper's finding:
+structurally pruned verifiers that drop layers (`--prune N` drops N evenly spaced middle
+layers; `--prune-layers 3,5,7` drops exactly those), and KV-cache representations of the
+unquantized model (`--kv hierarchical-int4,hierarchical-int4-upper`: QuantSpec's cache read by
+its verifier on both planes, or by its draft on the upper plane, with `--kv-group-size` and
+`--kv-residual`; run on the paged runtime, so position p reads exactly what it reads in decoding). This reproduces the Quasar paper's finding:
 quantized verifiers keep the distribution, layer-skipped ones do not.
 
     python -m quasar.fidelity --model smollm2-135m-instruct --per-category 4 --out fidelity.json
@@ -50,6 +53,45 @@ class Variant:
     path: Path
     verifier: VerifierConfig
     skip_layers: tuple = ()
+    kv: object = None             # a quasar.kv.Layout (paged runtime) or None (the dense cache)
+    kv_view: str = "full"         # "upper": the draft's view of a hierarchical cache
+
+
+KV_VARIANTS = {"hierarchical-int4": "full", "hierarchical-int4-upper": "upper"}
+
+
+class PagedTeacher:
+    """A model on the paged runtime with a KV representation, driven like a dense ModelRunner by
+    this tool: teacher-forced logits of a whole sequence in one prefill step (each position reads
+    the cache as it would in decoding), and its own greedy decode (the engine, alone)."""
+
+    def __init__(self, model, layout, view: str, max_seq_len: int):
+        from quasar.engine.model_runner import ModelRunner as MR
+        blocks = -(-max_seq_len // layout.block_size) + 1
+        self.model, self.layout, self.view = model, layout, view
+        self.runner = MR(model, kv_blocks=blocks, block_size=layout.block_size, layout=layout, graphs=False)
+        self.device = model.device
+
+    def logits(self, seq: list[int], start: int) -> torch.Tensor:
+        from quasar.engine.context import StepContext
+        bs = self.layout.block_size
+        table = list(range(-(-len(seq) // bs)))
+        ctx = StepContext.build([table], [(0, len(seq))], bs, self.device)
+        ids = torch.tensor(seq, device=self.device)
+        out = self.runner.run(ids, ctx, "prefill")
+        if self.view == "upper":        # the draft's read of the cache the verifier wrote (same weights)
+            out = self.runner.run(ids, ctx, "draft")
+        self.runner.cache.release_blocks(table)
+        return out[start:]
+
+    def greedy(self, prompt: list[int], n: int, eos: set[int]) -> list[int]:
+        from quasar.engine.engine import Engine
+        from quasar.engine.sequence import Sequence, StopConditions
+        from quasar.spec_decode.drafter import Drafter
+        e = Engine(self.runner, Drafter(), 0, max_batch_size=1, prefix_caching=False)
+        s = Sequence(prompt, stop=StopConditions(n, frozenset(eos)))
+        e.run([s])
+        return s.output_ids
 
 
 def pruned_layers(num_layers: int, n: int) -> tuple[int, ...]:
@@ -99,6 +141,12 @@ def check_variants(spec: dict, args, model_name: str) -> None:
         p = Path(d).expanduser()
         if not (p.is_dir() and (p / "config.json").is_file()):
             raise ConfigError(f"--checkpoint {name}={d}: not a Hugging Face model directory (no config.json)")
+    for k in spec.get("kv", ()):
+        if k not in KV_VARIANTS:
+            raise ConfigError(f"--kv: unknown KV variant {k!r}; valid: {', '.join(KV_VARIANTS)}")
+    if spec.get("kv") and args.head_dim % min(spec.get("kv_group_size", 128), args.head_dim):
+        raise ConfigError(f"--kv-group-size {spec['kv_group_size']} does not divide head_dim {args.head_dim} "
+                          "(values are grouped over channels); use a divisor of it or a value >= it")
     n = args.num_layers
     if spec.get("prune") is not None:
         pruned_layers(n, spec["prune"])
@@ -192,6 +240,14 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
         layers = tuple(variants_spec["prune_layers"])
         variants.append(Variant(f"pruned: drop layers {','.join(map(str, layers))}", path,
                                 VerifierConfig(quant=unq), layers))
+    from quasar import kv as kvmod
+    for k in variants_spec.get("kv", ()):
+        g, r = variants_spec.get("kv_group_size", 128), variants_spec.get("kv_residual", 128)
+        view = KV_VARIANTS[k]
+        lay = kvmod.Layout("hierarchical-int4", g, r, g, view, -(-max_seq_len // g) + 2)
+        what = "draft view: upper plane" if view == "upper" else "verifier view: both planes"
+        variants.append(Variant(f"KV hierarchical-int4 G{g} R{r} ({what})", path, VerifierConfig(quant=unq),
+                                kv=lay, kv_view=view))
     # reference continuations and logits
     seqs, ref_logits = [], []
     for p in tqdm(ids, desc="reference", disable=not progress):
@@ -203,15 +259,18 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
     for v in variants:
         model = build_model(v.path, be, dt, max_seq_len, v.verifier)
         drop_layers(model, v.skip_layers)
-        m = ModelRunner(model, graphs=False)
+        m = ModelRunner(model, graphs=False) if v.kv is None else PagedTeacher(model, v.kv, v.kv_view, max_seq_len)
         kl = top1 = n = same = prefix = total = 0.0
         for (p, cont), rl in tqdm(list(zip(seqs, ref_logits)), desc=v.name, disable=not progress):
-            lg = teacher_forced_logits(m, p + cont[:-1], len(p) - 1).float().cpu()
+            if v.kv is None:
+                lg = teacher_forced_logits(m, p + cont[:-1], len(p) - 1).float().cpu()
+            else:
+                lg = m.logits(p + cont[:-1], len(p) - 1).float().cpu()
             a, b = compare(rl, lg)
             kl, top1, n = kl + a, top1 + b, n + rl.shape[0]
-            if not own_greedy:
+            if not own_greedy or v.kv_view == "upper":      # the draft view is not a decoder of its own
                 continue
-            own = greedy(m, p, n_tokens, eos)
+            own = greedy(m, p, n_tokens, eos) if v.kv is None else m.greedy(p, n_tokens, eos)
             L = min(len(own), len(cont))
             eq = [own[i] == cont[i] for i in range(L)]
             same += sum(eq)
@@ -219,7 +278,7 @@ def run(model_name: str, prompts: list[str], variants_spec: dict, device: str = 
             prefix += next((i for i, e in enumerate(eq) if not e), L)
         rows.append({"variant": v.name, "scheme": model.scheme, "kl": kl / n, "top1": top1 / n,
                      "greedy_agreement": same / total if total else None,
-                     "greedy_prefix": prefix / len(seqs) if own_greedy else None,
+                     "greedy_prefix": prefix / len(seqs) if own_greedy and total else None,
                      "positions": int(n), "prompts": len(seqs)})
         del m, model
         if on_row is not None:
@@ -254,6 +313,11 @@ def main(argv=None) -> int:
                     help="a compressed-tensors checkpoint to compare (repeatable)")
     ap.add_argument("--prune", type=int, default=None, help="drop N evenly spaced middle layers")
     ap.add_argument("--prune-layers", default=None, help="drop exactly these layers (comma-separated)")
+    ap.add_argument("--kv", default="", help="KV-cache variants of the unquantized model (comma-separated): "
+                    + ", ".join(KV_VARIANTS))
+    ap.add_argument("--kv-group-size", type=positive_int, default=128, help="hierarchical KV: key group (block) size")
+    ap.add_argument("--kv-residual", type=int, default=128, help="hierarchical KV: recent tokens at full precision")
+    ap.add_argument("--max-seq-len", type=positive_int, default=2048, help="the cache length (prompt + tokens)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-chat", action="store_true")
@@ -290,13 +354,14 @@ def _main(a) -> int:
     spec = {"schemes": [s for s in a.schemes.split(",") if s], "group_size": a.group_size,
             "checkpoints": ckpts, "prune": a.prune if a.prune is not None else
             (None if a.prune_layers else max(1, _layers(a.model) // 4)),
-            "prune_layers": [int(x) for x in a.prune_layers.split(",")] if a.prune_layers else None}
+            "prune_layers": [int(x) for x in a.prune_layers.split(",")] if a.prune_layers else None,
+            "kv": [k for k in a.kv.split(",") if k], "kv_group_size": a.kv_group_size, "kv_residual": a.kv_residual}
 
     def save(rows):
         if out is not None:
             out.write_text(json.dumps(rows, indent=2))
     rows = run(a.model, [r["prompt"] for r in recs], spec, a.device, a.dtype, a.tokens, not a.no_chat,
-               on_row=save)
+               max_seq_len=a.max_seq_len, on_row=save)
     print(markdown(rows, f"Fidelity vs the unquantized model: {a.model}, {len(recs)} prompts x {a.tokens} tokens"))
     if out is not None:
         save(rows)

@@ -1,6 +1,7 @@
 """QuantSpec's hierarchical KV cache (issue 19): the attention reference against a float64
 computation from the definitions, and the CUDA backend's Triton kernel against the reference, on
-the CPU under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
+the CPU under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), and
+compiled on a GPU when one is visible.
 
 Caches are filled through the cache's own bookkeeping (before_step + hier_kv_write: prefill chunks,
 then a uniform step), from a BlockManager with a shuffled free list; lengths are ragged, so rows of
@@ -15,10 +16,10 @@ import random
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    pytest.skip("CPU twin: on a GPU machine the compiled kernels are tested instead; Triton's interpreter "
-                "and its compiled kernels cannot share one process", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"   # before anything imports triton
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"   # before anything imports triton: the CPU twin
+DEV = "cuda" if HAS_CUDA else "cpu"         # on a GPU: the compiled kernel, caches on the GPU
 
 from quasar.engine.block_manager import BlockManager
 from quasar.engine.context import StepContext
@@ -26,7 +27,7 @@ from quasar.kv.hierarchical import HierarchicalKVCache, quantize, dequantize, de
 from quasar.ops import reference as R
 from quasar.ops.triton import kernels
 
-KN = kernels(interpret=True)
+KN = kernels(interpret=not HAS_CUDA)
 LAYERS, LAYER = 2, 1
 
 
@@ -48,7 +49,7 @@ def _case(seed, heads, kv_heads, d, lens, t, G, Rtok, dtype, mode="verify", vg=0
     bm._free.clear()
     bm._free.update((i, None) for i in order)
     tables = [bm.allocate([b + 1] * n, n).blocks for b, n in enumerate(lens)]
-    cache = HierarchicalKVCache(LAYERS, nb + 1, G, kv_heads, d, dtype, "cpu", Rtok, fp_blocks=nb + 1,
+    cache = HierarchicalKVCache(LAYERS, nb + 1, G, kv_heads, d, dtype, DEV, Rtok, fp_blocks=nb + 1,
                                 value_group=vg)
     for x in (cache.k_hi, cache.k_lo, cache.v_hi, cache.v_lo):
         x.fill_(255)
@@ -58,10 +59,10 @@ def _case(seed, heads, kv_heads, d, lens, t, G, Rtok, dtype, mode="verify", vg=0
            for n in lens]
 
     def write(starts_counts, mode):
-        ctx = StepContext.build(tables, starts_counts, G, "cpu")
+        ctx = StepContext.build(tables, starts_counts, G, DEV)
         cache.before_step(ctx, mode)
-        ks = torch.cat([raw[b][0][a:a + c] for b, (a, c) in enumerate(starts_counts)])
-        vs = torch.cat([raw[b][1][a:a + c] for b, (a, c) in enumerate(starts_counts)])
+        ks = torch.cat([raw[b][0][a:a + c] for b, (a, c) in enumerate(starts_counts)]).to(DEV)
+        vs = torch.cat([raw[b][1][a:a + c] for b, (a, c) in enumerate(starts_counts)]).to(DEV)
         for layer in range(LAYERS):
             R.hier_kv_write(cache, layer, ks, vs, ctx.slot_mapping)
         return ctx
@@ -72,7 +73,7 @@ def _case(seed, heads, kv_heads, d, lens, t, G, Rtok, dtype, mode="verify", vg=0
         write(sc, "prefill")
         done = [a + c for a, c in sc]
     ctx = write([(n - t, t) for n in lens], mode)
-    q = torch.randn(len(lens) * t, heads, d, generator=g).to(dtype)
+    q = torch.randn(len(lens) * t, heads, d, generator=g).to(dtype).to(DEV)
     return cache, ctx, q, raw
 
 
@@ -108,11 +109,11 @@ def test_reference_equals_float64_definition(upper, heads, kv_heads, G, Rtok, t,
     d = 16
     lens = [9, 37, 64, 71]
     cache, ctx, q, raw = _case(1, heads, kv_heads, d, lens, t, G, Rtok, torch.float32, vg=vg)
-    got = R.hier_attention(q, cache, LAYER, ctx, upper)
-    want = _float64_expected(q, ctx, raw, G, Rtok, upper, vg or d, d)
-    assert rel(got, want) < 2e-6
+    got = R.hier_attention(q, cache, LAYER, ctx, upper).cpu()
+    want = _float64_expected(q.cpu(), ctx, raw, G, Rtok, upper, vg or d, d)
+    assert rel(got, want) < (2e-6 if DEV == "cpu" else 1e-4)     # TF32 matmuls on a GPU
     # and the two views differ: the lower plane is read (or not)
-    other = R.hier_attention(q, cache, LAYER, ctx, not upper)
+    other = R.hier_attention(q, cache, LAYER, ctx, not upper).cpu()
     assert rel(other, got) > 1e-4
 
 
@@ -163,7 +164,7 @@ def _as_fp32(cache):
 def test_kernel_refuses_ragged_steps():
     from quasar.errors import UnsupportedError
     cache, ctx, q, _ = _case(4, 4, 2, 16, [20, 30], 2, 8, 8, torch.float32)
-    ragged = StepContext.build(ctx.host_tables, [(17, 3), (28, 2)], 8, "cpu")
+    ragged = StepContext.build(ctx.host_tables, [(17, 3), (28, 2)], 8, DEV)
     assert not KN.hier_attention.supports(q[:5], cache, ragged)
     with pytest.raises(UnsupportedError, match="uniform steps"):
         KN.hier_attention.hier_attention(q[:5], cache, LAYER, ragged, False)

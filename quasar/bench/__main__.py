@@ -5,6 +5,7 @@
     python -m quasar.bench speed --mode e2e|step|ops|project [--smoke] --out DIR
     python -m quasar.bench.ops --out ops.json      (the GEMM / attention kernel sweeps; CUDA)
     python -m quasar.bench serve --url http://127.0.0.1:8000 --request-rate 1,4,inf --num-prompts 100
+    python -m quasar.bench longctx --config configs/quantspec-smollm2.yaml --contexts 1024,8192 --out lc.json
 
 Prompts: the Spec-Bench question set shipped in benchmarks/data/specbench/question.jsonl unless
 --prompts-file names another. --out: a FILE.json for acceptance (and bench.ops, fidelity), a
@@ -46,7 +47,17 @@ def main(argv=None) -> int:
     a3 = sub.add_parser("serve", help="serving benchmark against an OpenAI-compatible server")
     from quasar.bench import serve as serve_bench
     serve_bench.add_args(a3)
+    a4 = sub.add_parser("longctx", help="tau and acceptance at long contexts (multi-document prompts)")
+    from quasar.bench import longctx
+    longctx.add_args(a4)
+    a5 = sub.add_parser("quantspec", help="QuantSpec's draft / verify steps at long contexts vs bf16 AR (real shapes)")
+    from quasar.bench import quantspec
+    quantspec.add_args(a5)
     a = ap.parse_args(argv)
+    if a.cmd == "quantspec":
+        return cli_call(quantspec.main, a)
+    if a.cmd == "longctx":
+        return cli_call(longctx.main, a)
     if a.cmd == "acceptance":
         return cli_call(_acceptance, a)
     if a.cmd == "serve":

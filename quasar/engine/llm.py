@@ -149,10 +149,10 @@ class LLM:
         self.engine = Engine(self.runner, self.drafter, self.k, max_batch_size=rt.max_batch_size,
                              max_prefill_tokens=rt.max_prefill_tokens, prefix_caching=rt.prefix_caching and layout.prefix_caching,
                              adaptive=d.adaptive, sync=self.backend.synchronize, cost=cost)
-        extra = (f" + a full-precision pool of {layout.fp_blocks} blocks ({fixed / 2 ** 30:.2f} GiB)"
-                 if fixed else "")
+        pool = getattr(self.runner.cache, "fp_blocks", 0)
+        extra = f", of which a full-precision pool of {pool} blocks" if pool else ""
         self.kv_summary = (f"KV cache ({layout.representation}): {kv_blocks} blocks of {bs} = {kv_blocks * bs} "
-                           f"tokens, {kv_blocks * per_block / 2 ** 30:.2f} GiB{extra} ({how})")
+                           f"tokens, {self.runner.cache.nbytes() / 2 ** 30:.2f} GiB{extra} ({how})")
         if how != "given":
             log.info(self.kv_summary)
 

@@ -164,6 +164,10 @@ class HierarchicalKVCache:
         per_seq = -(-(residual + k + 1) // group) + 2
         return max_batch * per_seq + 2 * -(-max_prefill // group) + 2
 
+    @property
+    def fp_blocks(self) -> int:
+        return self.k_fp.shape[1]
+
     def nbytes(self) -> int:
         ts = (self.k_hi, self.k_lo, self.v_hi, self.v_lo, self.k_scale, self.k_min, self.v_scale,
               self.v_min, self.k_fp, self.v_fp)
