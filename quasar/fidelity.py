@@ -148,7 +148,7 @@ def check_variants(spec: dict, args, model_name: str) -> None:
         raise ConfigError(f"--kv-group-size {spec['kv_group_size']} does not divide head_dim {args.head_dim} "
                           "(values are grouped over channels); use a divisor of it or a value >= it")
     n = args.num_layers
-    if spec.get("prune") is not None:
+    if spec.get("prune"):                 # 0: no pruned variant
         pruned_layers(n, spec["prune"])
     bad_layers = [i for i in spec.get("prune_layers") or () if not 0 <= i < n]
     if bad_layers:
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
                          "-1 (per channel) or a multiple of 8")
     ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
                     help="a compressed-tensors checkpoint to compare (repeatable)")
-    ap.add_argument("--prune", type=int, default=None, help="drop N evenly spaced middle layers")
+    ap.add_argument("--prune", type=int, default=None, help="drop N evenly spaced middle layers (0: no pruned variant)")
     ap.add_argument("--prune-layers", default=None, help="drop exactly these layers (comma-separated)")
     ap.add_argument("--kv", default="", help="KV-cache variants of the unquantized model (comma-separated): "
                     + ", ".join(KV_VARIANTS))
