@@ -17,7 +17,8 @@ bf16 AR uses tau (tokens per verify step) measured on a real model:
 The cache is filled with random codes, scales and full-precision values directly (a real prefill
 of 128k tokens would only add minutes): the step's reads are what is timed.
 
-    python -m quasar.bench quantspec --contexts 4096,16384,32768,65536,131072 --out DIR
+    python -m quasar.bench quantspec --config configs/quantspec-qwen3-8b.yaml \
+        --config configs/quasar-quantspec-qwen3-8b.yaml --contexts 4096,16384,32768,65536,131072 --out DIR
 """
 from __future__ import annotations
 
@@ -139,8 +140,28 @@ class Step:
         return lambda: r.backend.hier_attention(q, r.cache, 0, ctx, upper)
 
 
-def run(shape: str, contexts: list[int], k: int, G: int, R: int, verifiers: list[str], device: str,
-        taus: dict, iters: int, progress: bool = True) -> dict:
+def run(shape: str, contexts: list[int], configs: list[Path], device: str, taus: dict, iters: int,
+        progress: bool = True) -> dict:
+    """Each config (a QuantSpec deployment: drafter.scheme, drafter.num_tokens, kv_cache, verifier.quant)
+    at the shape's real size with random weights; the bf16 AR baseline with the unquantized scheme."""
+    from quasar import config as qcfg, quant
+    cfgs = [qcfg.load(p) for p in configs]
+    c0 = cfgs[0]
+    k, G, R = c0.drafter.num_tokens, c0.kv_cache.group_size, c0.kv_cache.residual_tokens
+    for p, c in zip(configs, cfgs):
+        if (c.drafter.num_tokens, c.kv_cache.group_size, c.kv_cache.residual_tokens) != (k, G, R) \
+                or c.kv_cache.representation == "dense" or c.drafter.method != "quantized_self":
+            from quasar.errors import ConfigError
+            raise ConfigError(f"{p}: every config must be a QuantSpec deployment (quantized_self on a "
+                              "hierarchical KV cache) with the same num_tokens, group_size and residual_tokens")
+    unq = quant.default()
+    verifiers = [(p.stem, c.verifier.quant or unq, c.drafter.scheme) for p, c in zip(configs, cfgs)]
+    if not any(v == unq for _, v, _ in verifiers):
+        verifiers.insert(0, ("bf16 AR baseline", unq, verifiers[0][2]))
+    return _run(shape, contexts, k, G, R, verifiers, device, taus, iters, progress)
+
+
+def _run(shape, contexts, k, G, R, verifiers, device, taus, iters, progress):
     from tqdm.auto import tqdm
 
     from quasar import backends, kv
@@ -155,13 +176,15 @@ def run(shape: str, contexts: list[int], k: int, G: int, R: int, verifiers: list
     top = max(contexts) + k + 2
     hier = kv.Layout("hierarchical-int4", G, R, G, "upper", -(-(R + k + 1) // G) + 4)
     dense = kv.Layout("dense", 128)
-    for vq in verifiers:
-        model = build_random_model(hf, be, dtype, top, VerifierConfig(quant=vq, group_size=128), draft_scheme="w4a16")
+    from quasar import quant
+    unq = quant.default()
+    for label, vq, draft in verifiers:
+        model = build_random_model(hf, be, dtype, top, VerifierConfig(quant=vq, group_size=128), draft_scheme=draft)
         args = model.args
         w_verify = weight_bytes(model)
         w_draft = draft_weight_bytes(model)
-        for ctx in tqdm(contexts, desc=f"{shape} {vq or 'bf16'}", disable=not progress):
-            row = {"shape": shape, "verifier": vq or "bf16", "context": ctx, "k": k}
+        for ctx in tqdm(contexts, desc=f"{shape} {label}", disable=not progress):
+            row = {"shape": shape, "config": label, "verifier": vq, "draft": draft, "context": ctx, "k": k}
             st = Step(model, hier, ctx, k + 1)
             row["draft_ms"] = _time(st.fn(1, "draft"), be, iters) * 1e3
             row["verify_ms"] = _time(st.fn(k + 1, "verify"), be, iters) * 1e3
@@ -172,7 +195,7 @@ def run(shape: str, contexts: list[int], k: int, G: int, R: int, verifiers: list
             row["attn_upper_floor_us"] = step_kv_bytes(args, ctx, "hier", "upper", G, R) / args.num_layers / bw * 1e6
             row["attn_both_floor_us"] = step_kv_bytes(args, ctx, "hier", "both", G, R) / args.num_layers / bw * 1e6
             del st
-            if vq is None:       # bf16 AR on the dense cache (the baseline), with the same weights
+            if vq == unq:        # bf16 AR on the dense cache (the baseline), with the same weights
                 sd = Step(model, dense, ctx, k + 1)
                 row["ar_ms"] = _time(sd.fn(1, "decode"), be, iters) * 1e3
                 row["ar_floor_ms"] = (w_verify + step_kv_bytes(args, ctx, "dense", "", G, R)) / bw * 1e3
@@ -223,7 +246,7 @@ def markdown(res: dict) -> str:
     lines = [f"{res['device']}, {res['shape']} shape (random weights), batch 1, k = {res['k']}, G = {res['group_size']}, "
              f"R = {res['residual_tokens']}; copy bandwidth {res['copy_bandwidth_GBs']:.0f} GB/s (same run). "
              "Each time with its byte floor and the ratio.", "",
-             "| verifier | ctx | bf16 AR ms (floor) | draft ms (floor) | verify ms (floor) | attn dense / upper / both µs (ratio to floor) | "
+             "| config (verifier) | ctx | bf16 AR ms (floor) | draft ms (floor) | verify ms (floor) | attn dense / upper / both µs (ratio to floor) | "
              + " | ".join(f"speedup τ={t:.2f} ({n})" for n, t in res["taus"].items()) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(res["taus"])]
     for r in res["rows"]:
@@ -232,7 +255,7 @@ def markdown(res: dict) -> str:
             if f"attn_{key}_us" in r:
                 att.append(f"{r[f'attn_{key}_us']:.0f} ({r[f'attn_{key}_us'] / r[f'attn_{key}_floor_us']:.2f}x)")
         sp = " | ".join(f"{r.get(f'speedup_{n}', float('nan')):.2f}x" for n in res["taus"])
-        lines.append(f"| {r['verifier']} | {r['context']} | {r['ar_ms']:.2f} ({r['ar_floor_ms']:.2f}) | "
+        lines.append(f"| {r['config']} ({r['verifier']}) | {r['context']} | {r['ar_ms']:.2f} ({r['ar_floor_ms']:.2f}) | "
                      f"{r['draft_ms']:.2f} ({r['draft_floor_ms']:.2f}) | {r['verify_ms']:.2f} ({r['verify_floor_ms']:.2f}) | "
                      f"{' / '.join(att)} | {sp} |")
     kb = res["kv_bytes_per_token"]
@@ -243,11 +266,10 @@ def markdown(res: dict) -> str:
 def add_args(ap) -> None:
     from quasar.run import positive_int
     ap.add_argument("--shape", default="qwen3-8b")
+    ap.add_argument("--config", type=Path, action="append", default=None,
+                    help="QuantSpec deployments to time (default: configs/quantspec-qwen3-8b.yaml and "
+                         "configs/quasar-quantspec-qwen3-8b.yaml): their schemes, k and cache at the shape")
     ap.add_argument("--contexts", default="4096,16384,32768,65536,131072")
-    ap.add_argument("--k", type=positive_int, default=6, help="tokens drafted per step (QuantSpec: 6)")
-    ap.add_argument("--group-size", type=positive_int, default=128)
-    ap.add_argument("--residual", type=int, default=128)
-    ap.add_argument("--verifiers", default="bf16,w8a8-int8", help="verifier schemes (bf16 = unquantized)")
     ap.add_argument("--tau", action="append", default=[], metavar="NAME=TAU",
                     help="a measured tau to project the speed-up with (repeatable)")
     ap.add_argument("--iters", type=positive_int, default=30)
@@ -268,10 +290,8 @@ def main(a) -> int:
             taus[name] = float(val)
         except ValueError:
             raise ConfigError(f"--tau takes NAME=TAU, got {t!r}") from None
-    vs = [None if v in ("bf16", "unquantized") else v for v in a.verifiers.split(",") if v]
-    if None not in vs:
-        vs.insert(0, None)           # the bf16 AR baseline runs with the bf16 model
-    res = run(a.shape, contexts, a.k, a.group_size, a.residual, vs, a.device, taus, a.iters)
+    configs = a.config or [Path("configs/quantspec-qwen3-8b.yaml"), Path("configs/quasar-quantspec-qwen3-8b.yaml")]
+    res = run(a.shape, contexts, configs, a.device, taus, a.iters)
     md = markdown(res)
     print(md)
     if a.out is not None:
