@@ -72,3 +72,52 @@ def test_step_cases_filter(tmp_path):
     assert cases == {"decode unquantized (T=1)", "verify w4a16 g-auto", "QSpec verify w4a16 per-channel hadamard (k=3)"}, cases
     r = subprocess.run(base + ["--cases", "w9a9"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode != 0 and "matches no step case" in r.stderr and "verify w8a8-int8" in r.stderr
+
+
+def test_quantspec_step_benchmark_smoke(tmp_path):
+    """python -m quasar.bench quantspec on the tiny shape (CPU): every step and attention of every
+    config and context, each with its byte floor, and the projection from a given tau."""
+    from pathlib import Path
+    root = Path(__file__).parent.parent
+    out = tmp_path / "qs"
+    r = subprocess.run([sys.executable, "-m", "quasar.bench", "quantspec", "--shape", "tiny", "--contexts", "300,700",
+                        "--device", "cpu", "--iters", "2", "--tau", "paper=5.2", "--out", str(out),
+                        "--config", str(root / "configs/quantspec-smollm2.yaml"),
+                        "--config", str(root / "configs/quasar-quantspec-smollm2.yaml")],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads((out / "quantspec.json").read_text())
+    rows = d["rows"]
+    assert {(x["config"], x["context"]) for x in rows} == {(c, n) for c in ("quantspec-smollm2", "quasar-quantspec-smollm2")
+                                                          for n in (300, 700)}
+    for x in rows:
+        assert x["draft_ms"] > 0 and x["verify_ms"] > 0 and x["ar_ms"] > 0 and x["speedup_paper"] > 0
+        assert x["draft_floor_ms"] < x["verify_floor_ms"] <= x["ar_floor_ms"] * 1.01
+    kb = d["kv_bytes_per_token"]
+    assert kb["hierarchical upper"] < kb["hierarchical both"] < kb["dense"]
+    assert "speedup" in (out / "quantspec.md").read_text()
+
+
+def test_longctx_benchmark_builds_prompts_of_the_asked_length(smollm2_dir):
+    """The long-context prompts are real articles cut to the context length (within a few tokens
+    of re-encoding), ending with the instruction, in the chat template."""
+    from pathlib import Path
+
+    from quasar.bench.longctx import INSTRUCTION, articles, long_prompt
+    from quasar.engine.llm import load_tokenizer
+    from quasar.fetch import resolve_model
+
+    class L:
+        tokenizer = load_tokenizer(resolve_model("smollm2-135m-instruct"))
+        has_chat_template = True
+
+        def encode_chat(self, messages):
+            t = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(t, add_special_tokens=False)["input_ids"]
+    docs = articles(Path(__file__).parent.parent / "benchmarks/data/specbench/question.jsonl")
+    assert len(docs) == 80
+    for n in (1024, 4096):
+        ids = long_prompt(L(), docs, n, 0)
+        assert abs(len(ids) - n) <= 8, len(ids)
+        text = L.tokenizer.decode(ids)
+        assert "Article 2:" in text and INSTRUCTION.strip() in text
