@@ -167,7 +167,7 @@ def test_quantspec_equals_its_verifier_autoregressive(be, tiny_root):
     """QuantSpec on this backend's hierarchical-KV ops (issue 19): drafts by the same model on the
     4-bit upper plane with W4A16 weights, verified on both planes, batched with chunked prefill,
     equal to the verifier's own greedy decode of each sequence alone on the same cache (blocks of
-    8, R = 8: the buffer flushes many times). On npu the representation has no documented
+    16, R = 0: the buffer flushes every block, and a verify chunk reads blocks it completes itself). On npu the representation has no documented
     torch_npu mapping: the backend refuses it, naming the alternative."""
     from pathlib import Path
 
@@ -180,7 +180,7 @@ def test_quantspec_equals_its_verifier_autoregressive(be, tiny_root):
     from quasar.spec_decode.drafter import Drafter
     from quasar.spec_decode.quantized_self import QuantizedSelfDrafter
     from quasar.spec_decode.sampling import SamplingParams
-    lay = kv.Layout("hierarchical-int4", 8, 8, 8, "upper", 64)
+    lay = kv.Layout("hierarchical-int4", 16, 0, 16, "upper", 64)
     if be.name == "npu":
         with pytest.raises(UnsupportedError, match="representation: dense"):
             be.check_kv(lay.representation)
@@ -190,7 +190,7 @@ def test_quantspec_equals_its_verifier_autoregressive(be, tiny_root):
     prompts = [golden.prompt(seed, n) for seed, n in ((0, 20), (1, 9))]
 
     def run(drafter_fn, k, batch, ps):
-        r = ModelRunner(m, kv_blocks=64, block_size=8, layout=lay)
+        r = ModelRunner(m, kv_blocks=64, block_size=16, layout=lay)
         e = Engine(r, drafter_fn(r), k, max_batch_size=batch, max_prefill_tokens=16, prefix_caching=False)
         seqs = [Sequence(p, stop=StopConditions(14)) for p in ps]
         e.run(seqs)

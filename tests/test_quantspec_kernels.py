@@ -138,7 +138,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("upper", [False, True], ids=["verify-view", "draft-view"])
 @pytest.mark.parametrize("heads,kv_heads,G,Rtok,t,vg,splits", [
-    (8, 2, 8, 8, 4, 0, 1), (4, 4, 16, 4, 1, 8, 3), (8, 2, 16, 20, 7, 16, 2), (8, 2, 16, 16, 1, 0, 1)])
+    (8, 2, 16, 16, 4, 0, 1), (4, 4, 16, 4, 1, 16, 3), (8, 2, 32, 20, 7, 16, 2), (8, 2, 16, 16, 1, 0, 1)])
 def test_triton_kernel_matches_reference(dtype, upper, heads, kv_heads, G, Rtok, t, vg, splits):
     d = 32
     lens = [9, 40, 64, 83]
@@ -161,10 +161,21 @@ def _as_fp32(cache):
     return c
 
 
+def test_kernel_refuses_layouts_it_cannot_read_and_the_backend_falls_back_to_the_reference():
+    """Blocks of 8 tokens (a tile is a power-of-two slice of one block, >= 16) or value groups of a
+    quarter head: the kernel says why; the CUDA backend's op then runs the reference."""
+    from quasar.errors import UnsupportedError
+    for G, vg in ((8, 0), (16, 8)):
+        cache, ctx, q, _ = _case(5, 4, 2, 32, [20, 40], 2, G, 8, torch.float32, vg=vg)
+        assert not KN.hier_attention.supports(q, cache, ctx)
+        with pytest.raises(UnsupportedError, match="cannot read this cache"):
+            KN.hier_attention.hier_attention(q, cache, LAYER, ctx, False)
+
+
 def test_kernel_refuses_ragged_steps():
     from quasar.errors import UnsupportedError
-    cache, ctx, q, _ = _case(4, 4, 2, 16, [20, 30], 2, 8, 8, torch.float32)
-    ragged = StepContext.build(ctx.host_tables, [(17, 3), (28, 2)], 8, DEV)
+    cache, ctx, q, _ = _case(4, 4, 2, 16, [20, 30], 2, 16, 8, torch.float32)
+    ragged = StepContext.build(ctx.host_tables, [(17, 3), (28, 2)], 16, DEV)
     assert not KN.hier_attention.supports(q[:5], cache, ragged)
     with pytest.raises(UnsupportedError, match="uniform steps"):
         KN.hier_attention.hier_attention(q[:5], cache, LAYER, ragged, False)

@@ -28,41 +28,24 @@ from .attention import MAX_ROWS, MAX_T, _attn_combine_kernel, default_splits
 
 
 @triton.jit
-def _plane_tile(hi_ptr, lo_ptr, sc_ptr, mn_ptr, base, sbase, d2, D2, ok, sc_lo_off, sc_hi_off,
-                UPPER: tl.constexpr):
-    """Dequantized [BS, BD2] halves (channels d2 and d2 + D/2) of the rows at byte offsets `base`
-    (plus d2); scale / min at `sbase` + sc_*_off (their channel or channel-group offsets)."""
+def _codes(hi_ptr, lo_ptr, base, d2, D2, ok, UPPER: tl.constexpr):
+    """Integer codes of the [BS, BD2] halves (channels d2, d2 + D/2) at byte offsets base + d2:
+    u (UPPER) or 16 u + l - 8 (both planes), as int32 (converted at the dot: exact in bf16)."""
     m2 = ok[:, None] & (d2 < D2)[None, :]
     byte = tl.load(hi_ptr + base[:, None] + d2[None, :], mask=m2, other=0).to(tl.int32)
-    s_lo = tl.load(sc_ptr + sbase[:, None] + sc_lo_off, mask=m2, other=0.0).to(tl.float32)
-    s_hi = tl.load(sc_ptr + sbase[:, None] + sc_hi_off, mask=m2, other=0.0).to(tl.float32)
-    n_lo = tl.load(mn_ptr + sbase[:, None] + sc_lo_off, mask=m2, other=0.0).to(tl.float32)
-    n_hi = tl.load(mn_ptr + sbase[:, None] + sc_hi_off, mask=m2, other=0.0).to(tl.float32)
-    u_lo = (byte & 15).to(tl.float32)
-    u_hi = (byte >> 4).to(tl.float32)
     if UPPER:
-        x_lo = u_lo * s_lo + n_lo
-        x_hi = u_hi * s_hi + n_hi
+        c_lo = byte & 15
+        c_hi = byte >> 4
     else:
         low = tl.load(lo_ptr + base[:, None] + d2[None, :], mask=m2, other=0).to(tl.int32)
-        l_lo = (low & 15).to(tl.float32) - 8.0
-        l_hi = (low >> 4).to(tl.float32) - 8.0
-        x_lo = u_lo * s_lo + l_lo * (s_lo / 16.0) + n_lo
-        x_hi = u_hi * s_hi + l_hi * (s_hi / 16.0) + n_hi
-    return x_lo, x_hi
-
-
-@triton.jit
-def _fp_tile(fp_ptr, base, d2, D2, ok):
-    m2 = ok[:, None] & (d2 < D2)[None, :]
-    x_lo = tl.load(fp_ptr + base[:, None] + d2[None, :], mask=m2, other=0.0).to(tl.float32)
-    x_hi = tl.load(fp_ptr + base[:, None] + D2 + d2[None, :], mask=m2, other=0.0).to(tl.float32)
-    return x_lo, x_hi
+        c_lo = (byte & 15) * 16 + (low & 15) - 8
+        c_hi = (byte >> 4) * 16 + (low >> 4) - 8
+    return c_lo, c_hi
 
 
 @triton.jit
 def _dot(a, b_t, F32DOT: tl.constexpr):
-    """a [M, K] @ b_t^T ([N, K])."""
+    """a [M, K] @ b_t^T ([N, K]), in a's dtype (b exact in it: codes or the pool's values)."""
     if F32DOT:
         return tl.dot(a.to(tl.float32), tl.trans(b_t.to(tl.float32)), input_precision="ieee")
     return tl.dot(a, tl.trans(b_t.to(a.dtype)))
@@ -76,6 +59,79 @@ def _pv(p, v, like, F32DOT: tl.constexpr):
     return tl.dot(p.to(like.dtype), v.to(like.dtype))
 
 
+@triton.jit
+def _tile(q_lo, q_hi, pos, nq, r_ok, m_i, l_i, acc_lo, acc_hi, s0, end, b, hk, d2, d_ok, D2, qk_scale,
+          khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_ptr, vsc_ptr, vmn_ptr, kfp_ptr, vfp_ptr, fpi_ptr,
+          bt_ptr, sbt, spl_b, spl_h, spl_s, sks_b, sks_h, svs_b, svs_h, svs_s, sfp_b, sfp_h, sfp_s,
+          BR: tl.constexpr, BS: tl.constexpr, BD2: tl.constexpr, PBS: tl.constexpr, VG_HI: tl.constexpr,
+          UPPER: tl.constexpr, F32DOT: tl.constexpr, ANY_Q, ANY_F: tl.constexpr):
+    """One tile of BS slots inside one block: scores, visibility, online softmax, O += P V. Rows
+    with m < nq read the planes, the others the pool. ANY_F (constexpr) False: every row reads
+    the planes (no pool loads, no branch); True: the pool is read, the planes where ANY_Q."""
+    FACTOR: tl.constexpr = 1.0 if UPPER else 0.0625
+    m = s0 // PBS
+    off = s0 % PBS + tl.arange(0, BS)
+    s = s0 + tl.arange(0, BS)
+    s_ok = s < end
+    blk = tl.load(bt_ptr + b * sbt + m)
+    use_q = m < nq                                         # [BR]
+    pl = blk * spl_b + hk * spl_h + off * spl_s
+    sq = tl.zeros([BR, BS], tl.float32)
+    if ANY_Q:
+        ks = ksc_ptr + blk * sks_b + hk * sks_h + d2
+        km = kmn_ptr + blk * sks_b + hk * sks_h + d2
+        s_lo = tl.load(ks, mask=d_ok, other=0.0).to(tl.float32) * FACTOR
+        s_hi = tl.load(ks + D2, mask=d_ok, other=0.0).to(tl.float32) * FACTOR
+        n_lo = tl.load(km, mask=d_ok, other=0.0).to(tl.float32)
+        n_hi = tl.load(km + D2, mask=d_ok, other=0.0).to(tl.float32)
+        c_lo, c_hi = _codes(khi_ptr, klo_ptr, pl, d2, D2, s_ok, UPPER)
+        qf_lo = q_lo.to(tl.float32)
+        qf_hi = q_hi.to(tl.float32)
+        bias = tl.sum(qf_lo * n_lo[None, :], axis=1) + tl.sum(qf_hi * n_hi[None, :], axis=1)
+        sq = _dot((qf_lo * s_lo[None, :]).to(q_lo.dtype), c_lo, F32DOT) \
+            + _dot((qf_hi * s_hi[None, :]).to(q_hi.dtype), c_hi, F32DOT) + bias[:, None]
+    if ANY_F:
+        fpi = tl.maximum(tl.load(fpi_ptr + blk), 0)
+        fb = fpi * sfp_b + hk * sfp_h + off * sfp_s
+        f2 = s_ok[:, None] & d_ok[None, :]
+        kf_lo = tl.load(kfp_ptr + fb[:, None] + d2[None, :], mask=f2, other=0.0)
+        kf_hi = tl.load(kfp_ptr + fb[:, None] + D2 + d2[None, :], mask=f2, other=0.0)
+        sf = _dot(q_lo, kf_lo, F32DOT) + _dot(q_hi, kf_hi, F32DOT)
+        scores = tl.where(use_q[:, None], sq, sf) * qk_scale
+    else:
+        scores = sq * qk_scale
+    allow = (s[None, :] <= pos[:, None]) & s_ok[None, :] & r_ok[:, None]
+    scores = tl.where(allow, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc_lo = acc_lo * alpha[:, None]
+    acc_hi = acc_hi * alpha[:, None]
+    if ANY_Q:
+        pq = tl.where(use_q[:, None], p, 0.0)
+        vb = vsc_ptr + blk * svs_b + hk * svs_h + off * svs_s
+        vn = vmn_ptr + blk * svs_b + hk * svs_h + off * svs_s
+        vs_lo = tl.load(vb, mask=s_ok, other=0.0).to(tl.float32) * FACTOR
+        vs_hi = tl.load(vb + VG_HI, mask=s_ok, other=0.0).to(tl.float32) * FACTOR
+        vm_lo = tl.load(vn, mask=s_ok, other=0.0).to(tl.float32)
+        vm_hi = tl.load(vn + VG_HI, mask=s_ok, other=0.0).to(tl.float32)
+        cv_lo, cv_hi = _codes(vhi_ptr, vlo_ptr, pl, d2, D2, s_ok, UPPER)
+        acc_lo += _pv(pq * vs_lo[None, :], cv_lo, q_lo, F32DOT) + tl.sum(pq * vm_lo[None, :], axis=1)[:, None]
+        acc_hi += _pv(pq * vs_hi[None, :], cv_hi, q_lo, F32DOT) + tl.sum(pq * vm_hi[None, :], axis=1)[:, None]
+    if ANY_F:
+        pf = tl.where(use_q[:, None], 0.0, p)
+        fpi2 = tl.maximum(tl.load(fpi_ptr + blk), 0)
+        fb2 = fpi2 * sfp_b + hk * sfp_h + off * sfp_s
+        f3 = s_ok[:, None] & d_ok[None, :]
+        vf_lo = tl.load(vfp_ptr + fb2[:, None] + d2[None, :], mask=f3, other=0.0)
+        vf_hi = tl.load(vfp_ptr + fb2[:, None] + D2 + d2[None, :], mask=f3, other=0.0)
+        acc_lo += _pv(pf, vf_lo, q_lo, F32DOT)
+        acc_hi += _pv(pf, vf_hi, q_lo, F32DOT)
+    return m_new, l_i, acc_lo, acc_hi
+
+
 @triton.jit(do_not_specialize=["T", "KV_LEN", "R"])
 def _hier_attn_kernel(q_ptr, khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_ptr, vsc_ptr, vmn_ptr,
                       kfp_ptr, vfp_ptr, fpi_ptr, pos_ptr, bt_ptr, o_ptr, wacc_ptr, wml_ptr,
@@ -83,8 +139,13 @@ def _hier_attn_kernel(q_ptr, khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_pt
                       sq_b, sq_t, sq_h, sp_b, sp_t, so_b, so_t, so_h, sbt,
                       spl_b, spl_h, spl_s, sks_b, sks_h, svs_b, svs_h, svs_s, sfp_b, sfp_h, sfp_s,
                       G: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BD2: tl.constexpr,
-                      PBS: tl.constexpr, VG: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                      PBS: tl.constexpr, VG_HI: tl.constexpr, NUM_SPLITS: tl.constexpr,
                       UPPER: tl.constexpr, F32DOT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+    """A tile is BS slots inside one block (BS divides the block size PBS), so its key scales /
+    minima are one [D] vector and its value scales one per token: they are folded into the
+    queries and the probabilities, and the codes go to the tensor cores as they are.
+        keys:   q . k = sum_c (q_c s_c f) code_c + sum_c q_c min_c      (f = 1 upper, 1/16 both)
+        values: P V   = (P * s_v f) @ code + (P @ min_v)                 (per token, per half)"""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -101,7 +162,7 @@ def _hier_attn_kernel(q_ptr, khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_pt
     chunk = tl.cdiv(tl.cdiv(vis, NUM_SPLITS), BS) * BS
     start = split * chunk
     end = tl.minimum(start + chunk, vis)
-    # blocks each row reads quantized; rows past T read nothing
+    # blocks each row reads quantized (rows past T: none)
     nq = tl.where(r_ok, tl.maximum(pos - R, -1) // PBS, 0)
     nq = tl.maximum(nq, 0)
     nq_min = tl.min(tl.where(r_ok, nq, 2147483647), axis=0)
@@ -110,62 +171,31 @@ def _hier_attn_kernel(q_ptr, khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_pt
     qbase = q_ptr + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d2[None, :]
     q_lo = tl.load(qbase, mask=qm, other=0.0)
     q_hi = tl.load(qbase + D2, mask=qm, other=0.0)
+    if F32DOT:
+        q_lo = q_lo.to(tl.float32)
+        q_hi = q_hi.to(tl.float32)
     m_i = tl.full([BR], float("-inf"), tl.float32)
     l_i = tl.zeros([BR], tl.float32)
     acc_lo = tl.zeros([BR, BD2], tl.float32)
     acc_hi = tl.zeros([BR, BD2], tl.float32)
-    for s0 in range(start, end, BS):
-        s = s0 + tl.arange(0, BS)
-        s_ok = s < end
-        mblk = s // PBS                                        # logical block of each slot
-        off = s % PBS
-        blk = tl.load(bt_ptr + b * sbt + mblk, mask=s_ok, other=0)
-        t_lo = s0 // PBS
-        t_hi = (s0 + BS - 1) // PBS
-        any_q = t_lo < nq_max
-        any_f = t_hi >= nq_min
-        sq = tl.zeros([BR, BS], tl.float32)
-        sf = tl.zeros([BR, BS], tl.float32)
-        v_lo = tl.zeros([BS, BD2], tl.float32)
-        v_hi = tl.zeros([BS, BD2], tl.float32)
-        vf_lo = tl.zeros([BS, BD2], tl.float32)
-        vf_hi = tl.zeros([BS, BD2], tl.float32)
-        if any_q:
-            qok = s_ok & (mblk < nq_max)
-            pl = blk * spl_b + hk * spl_h + off * spl_s
-            k_lo, k_hi = _plane_tile(khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, pl, blk * sks_b + hk * sks_h, d2, D2, qok,
-                                     d2[None, :], D2 + d2[None, :], UPPER)
-            sq = _dot(q_lo, k_lo, F32DOT) + _dot(q_hi, k_hi, F32DOT)
-            vsb = blk * svs_b + hk * svs_h + off * svs_s
-            v_lo, v_hi = _plane_tile(vhi_ptr, vlo_ptr, vsc_ptr, vmn_ptr, pl, vsb, d2, D2, qok,
-                                     d2[None, :] // VG, (D2 + d2[None, :]) // VG, UPPER)
-        if any_f:
-            fok = s_ok & (mblk >= nq_min)
-            fpi = tl.maximum(tl.load(fpi_ptr + blk, mask=fok, other=0), 0)
-            fb = fpi * sfp_b + hk * sfp_h + off * sfp_s
-            kf_lo, kf_hi = _fp_tile(kfp_ptr, fb, d2, D2, fok)
-            sf = _dot(q_lo, kf_lo, F32DOT) + _dot(q_hi, kf_hi, F32DOT)
-            vf_lo, vf_hi = _fp_tile(vfp_ptr, fb, d2, D2, fok)
-        use_q = mblk[None, :] < nq[:, None]                     # [BR, BS]
-        scores = tl.where(use_q, sq, sf) * qk_scale
-        allow = (s[None, :] <= pos[:, None]) & s_ok[None, :] & r_ok[:, None]
-        scores = tl.where(allow, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc_lo = acc_lo * alpha[:, None]
-        acc_hi = acc_hi * alpha[:, None]
-        if any_q:
-            pq = tl.where(use_q, p, 0.0)
-            acc_lo += _pv(pq, v_lo, q_lo, F32DOT)
-            acc_hi += _pv(pq, v_hi, q_lo, F32DOT)
-        if any_f:
-            pf = tl.where(use_q, 0.0, p)
-            acc_lo += _pv(pf, vf_lo, q_lo, F32DOT)
-            acc_hi += _pv(pf, vf_hi, q_lo, F32DOT)
-        m_i = m_new
+    # 1. tiles every row reads quantized (the bulk at long contexts): no branch in the loop, so
+    #    the compiler can pipeline its loads
+    q_end = tl.minimum(end, tl.maximum(start, nq_min * PBS))
+    for s0 in range(start, q_end, BS):
+        m_i, l_i, acc_lo, acc_hi = _tile(
+            q_lo, q_hi, pos, nq, r_ok, m_i, l_i, acc_lo, acc_hi, s0, end, b, hk, d2, d_ok, D2, qk_scale,
+            khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_ptr, vsc_ptr, vmn_ptr, kfp_ptr, vfp_ptr, fpi_ptr,
+            bt_ptr, sbt, spl_b, spl_h, spl_s, sks_b, sks_h, svs_b, svs_h, svs_s, sfp_b, sfp_h, sfp_s,
+            BR, BS, BD2, PBS, VG_HI, UPPER, F32DOT, True, False)
+    # 2. the rest: tiles some row reads at full precision (the recent tokens, and the block at
+    #    the boundary of the rows' quantized prefixes)
+    for s0 in range(q_end, end, BS):
+        m = s0 // PBS
+        m_i, l_i, acc_lo, acc_hi = _tile(
+            q_lo, q_hi, pos, nq, r_ok, m_i, l_i, acc_lo, acc_hi, s0, end, b, hk, d2, d_ok, D2, qk_scale,
+            khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_ptr, vsc_ptr, vmn_ptr, kfp_ptr, vfp_ptr, fpi_ptr,
+            bt_ptr, sbt, spl_b, spl_h, spl_s, sks_b, sks_h, svs_b, svs_h, svs_s, sfp_b, sfp_h, sfp_s,
+            BR, BS, BD2, PBS, VG_HI, UPPER, F32DOT, m < nq_max, True)
     if NUM_SPLITS == 1:
         inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
         ODT: tl.constexpr = o_ptr.dtype.element_ty
@@ -189,7 +219,18 @@ def supports(q: torch.Tensor, cache, ctx) -> bool:
     hkv = cache.num_kv_heads
     t = int(getattr(ctx, "chunk", 0) or 0)
     return (getattr(cache, "representation", "") == "hierarchical-int4" and 0 < t <= MAX_T and h % hkv == 0
-            and t * (h // hkv) <= MAX_ROWS and n == ctx.num_seqs * t)
+            and t * (h // hkv) <= MAX_ROWS and n == ctx.num_seqs * t and layout_ok(cache) is None)
+
+
+def layout_ok(cache) -> Optional[str]:
+    """Why the kernel cannot read this cache's layout (None if it can): a tile is a power-of-two
+    slice of one block (block size >= 16), and each half of a head is inside one value group."""
+    pbs, d, vg = cache.block_size, cache.head_dim, cache.value_group
+    if pbs < 16 or pbs & (pbs - 1):
+        return f"the block (key group) size must be a power of two >= 16, got {pbs}"
+    if vg not in (d // 2, d):
+        return f"value groups must be half a head or a whole head (head_dim {d}), got {vg} channels"
+    return None
 
 
 def hier_attention(q: torch.Tensor, cache, layer: int, ctx, upper_only: bool,
@@ -207,6 +248,9 @@ def hier_attention(q: torch.Tensor, cache, layer: int, ctx, upper_only: bool,
     if t <= 0 or n != bsz * t or t > MAX_T or t * g > MAX_ROWS:
         raise UnsupportedError(f"the Triton hierarchical attention kernel takes uniform steps of <= {MAX_T} "
                                f"tokens (<= {MAX_ROWS} rows per kv head); got {bsz} sequences, {n} tokens")
+    why = layout_ok(cache)
+    if why:
+        raise UnsupportedError(f"the Triton hierarchical attention kernel cannot read this cache: {why}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     if out is None:
@@ -224,7 +268,7 @@ def hier_attention(q: torch.Tensor, cache, layer: int, ctx, upper_only: bool,
     d2 = dh // 2
     br = max(16, triton.next_power_of_2(t * g))
     bd2 = max(16, triton.next_power_of_2(d2))
-    bs = block_s or max(16, min(64, pbs) if INTERPRETED else min(128, max(pbs, 64)))
+    bs = block_s or min(pbs, 32 if INTERPRETED or br > 16 else 64)
     ns = num_splits or default_splits(bsz * hkv, kv_len, q.device)
     f32dot = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
     qk_scale = dh ** -0.5 * 1.4426950408889634
@@ -238,7 +282,7 @@ def hier_attention(q: torch.Tensor, cache, layer: int, ctx, upper_only: bool,
     kfp, vfp = cache.k_fp[layer], cache.v_fp[layer]
     qs = (t * q.stride(0), q.stride(0), q.stride(1))
     os_ = (t * out.stride(0), out.stride(0), out.stride(1))
-    nw = num_warps or (1 if INTERPRETED else 4)
+    nw = num_warps or (1 if INTERPRETED else (8 if br > 16 else 4))
     nst = num_stages or (1 if INTERPRETED else 2)
     _hier_attn_kernel[(bsz * hkv, ns)](
         q, khi, klo, ksc, kmn, vhi, vlo, vsc, vmn, kfp, vfp, cache.fp_index, pos, bt, out, wacc, wml,
@@ -246,7 +290,7 @@ def hier_attention(q: torch.Tensor, cache, layer: int, ctx, upper_only: bool,
         qs[0], qs[1], qs[2], t, 1, os_[0], os_[1], os_[2], bt.stride(0),
         khi.stride(0), khi.stride(1), khi.stride(2), ksc.stride(0), ksc.stride(1),
         vsc.stride(0), vsc.stride(1), vsc.stride(2), kfp.stride(0), kfp.stride(1), kfp.stride(2),
-        G=g, BR=br, BS=bs, BD2=bd2, PBS=int(pbs), VG=int(cache.value_group), NUM_SPLITS=ns,
+        G=g, BR=br, BS=bs, BD2=bd2, PBS=int(pbs), VG_HI=d2 // int(cache.value_group), NUM_SPLITS=ns,
         UPPER=bool(upper_only), F32DOT=bool(f32dot), INTERP=INTERPRETED, num_warps=nw, num_stages=nst,
         **pdl_kw(q.device, opts))
     if ns > 1:

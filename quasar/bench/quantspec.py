@@ -130,14 +130,23 @@ class Step:
         return graph.replay
 
     def attention_fn(self, upper: bool):
-        """One layer's attention of a T = 1 step (no graph; launch time included)."""
+        """One layer's attention of a T = 1 step (a CUDA graph replay on a GPU: kernel time)."""
         r = self.runner
         a = r.model.args
         ctx = self.ctx_for(1)
         q = torch.randn(1, a.num_heads, a.head_dim, device=r.device, dtype=r.model.dtype)
         if r.cache.representation == "paged":
-            return lambda: r.backend.paged_attention(q, r.cache, 0, ctx)
-        return lambda: r.backend.hier_attention(q, r.cache, 0, ctx, upper)
+            fn = lambda: r.backend.paged_attention(q, r.cache, 0, ctx)      # noqa: E731
+        else:
+            fn = lambda: r.backend.hier_attention(q, r.cache, 0, ctx, upper)  # noqa: E731
+        if r.device.type != "cuda":
+            return fn
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
 
 
 def run(shape: str, contexts: list[int], configs: list[Path], device: str, taus: dict, iters: int,
