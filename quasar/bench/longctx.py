@@ -50,7 +50,7 @@ def long_prompt(llm, docs: list[str], context: int, start: int) -> list[int]:
 
 
 def run(configs: list[Path], contexts: list[int], n_prompts: int, max_new: int, overrides: dict,
-        prompts_file: Path, out: Path | None = None, progress: bool = True) -> list[dict]:
+        prompts_file: Path, out: Path | None = None, progress: bool = True, label: str = "") -> list[dict]:
     from tqdm.auto import tqdm
 
     from quasar import config as qcfg
@@ -63,7 +63,7 @@ def run(configs: list[Path], contexts: list[int], n_prompts: int, max_new: int, 
                                               **overrides})
         llm = LLM(cfg)
         for ctx in contexts:
-            agg = {"config": path.stem, "context": ctx, "prompts": 0, "steps": 0, "emitted": 0, "drafted": 0,
+            agg = {"config": path.stem + (f" ({label})" if label else ""), "context": ctx, "prompts": 0, "steps": 0, "emitted": 0, "drafted": 0,
                    "accepted": 0, "decode_s": 0.0, "k": cfg.drafter.num_tokens}
             for j in tqdm(range(n_prompts), desc=f"{path.stem} ctx {ctx}", disable=not progress):
                 ids = long_prompt(llm, docs, ctx, 7 * j)
@@ -106,6 +106,9 @@ def add_args(ap) -> None:
     ap.add_argument("--prompts-file", type=Path, default=None,
                     help=f"JSONL, Spec-Bench format, whose summarization articles make the documents "
                          f"(default: the shipped {DEFAULT_PROMPTS_REL})")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a dotted config override applied to every config, e.g. drafter.scheme=unquantized "
+                         "(repeatable; YAML values; the label of each row names it)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=positive_int, default=None)
@@ -122,9 +125,18 @@ def main(a) -> int:
     if not contexts or min(contexts) < 64:
         raise ConfigError(f"--contexts must be token counts >= 64, got {a.contexts!r}")
     out = check_out_file(a.out)
+    import yaml
     overrides = {k: v for k, v in {"device": a.device, "model": a.model, "runtime.threads": a.threads}.items()
                  if v is not None}
-    rows = run(a.config, contexts, a.prompts, a.max_new_tokens, overrides, a.prompts_file or default_prompts_file(), out)
+    sets = {}
+    for item in a.set:
+        key, eq, val = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        sets[key] = yaml.safe_load(val)
+    rows = run(a.config, contexts, a.prompts, a.max_new_tokens, {**overrides, **sets},
+               a.prompts_file or default_prompts_file(), out,
+               label=" ".join(f"{k}={v}" for k, v in sets.items()))
     print(markdown(rows))
     if out is not None:
         print(f"wrote {out}")
