@@ -30,7 +30,7 @@ from .attention import MAX_ROWS, MAX_T, _attn_combine_kernel, default_splits
 @triton.jit
 def _codes(hi_ptr, lo_ptr, base, d2, D2, ok, UPPER: tl.constexpr):
     """Integer codes of the [BS, BD2] halves (channels d2, d2 + D/2) at byte offsets base + d2:
-    u (UPPER) or 16 u + l - 8 (both planes), as int32 (converted at the dot: exact in bf16)."""
+    u (UPPER) or 16 u + l - 8 (both planes), as float32 (exact)."""
     m2 = ok[:, None] & (d2 < D2)[None, :]
     byte = tl.load(hi_ptr + base[:, None] + d2[None, :], mask=m2, other=0).to(tl.int32)
     if UPPER:
@@ -40,7 +40,7 @@ def _codes(hi_ptr, lo_ptr, base, d2, D2, ok, UPPER: tl.constexpr):
         low = tl.load(lo_ptr + base[:, None] + d2[None, :], mask=m2, other=0).to(tl.int32)
         c_lo = (byte & 15) * 16 + (low & 15) - 8
         c_hi = (byte >> 4) * 16 + (low >> 4) - 8
-    return c_lo, c_hi
+    return c_lo.to(tl.float32), c_hi.to(tl.float32)
 
 
 @triton.jit
@@ -57,79 +57,6 @@ def _pv(p, v, like, F32DOT: tl.constexpr):
     if F32DOT:
         return tl.dot(p, v.to(tl.float32), input_precision="ieee")
     return tl.dot(p.to(like.dtype), v.to(like.dtype))
-
-
-@triton.jit
-def _tile(q_lo, q_hi, pos, nq, r_ok, m_i, l_i, acc_lo, acc_hi, s0, end, b, hk, d2, d_ok, D2, qk_scale,
-          khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_ptr, vsc_ptr, vmn_ptr, kfp_ptr, vfp_ptr, fpi_ptr,
-          bt_ptr, sbt, spl_b, spl_h, spl_s, sks_b, sks_h, svs_b, svs_h, svs_s, sfp_b, sfp_h, sfp_s,
-          BR: tl.constexpr, BS: tl.constexpr, BD2: tl.constexpr, PBS: tl.constexpr, VG_HI: tl.constexpr,
-          UPPER: tl.constexpr, F32DOT: tl.constexpr, ANY_Q, ANY_F: tl.constexpr):
-    """One tile of BS slots inside one block: scores, visibility, online softmax, O += P V. Rows
-    with m < nq read the planes, the others the pool. ANY_F (constexpr) False: every row reads
-    the planes (no pool loads, no branch); True: the pool is read, the planes where ANY_Q."""
-    FACTOR: tl.constexpr = 1.0 if UPPER else 0.0625
-    m = s0 // PBS
-    off = s0 % PBS + tl.arange(0, BS)
-    s = s0 + tl.arange(0, BS)
-    s_ok = s < end
-    blk = tl.load(bt_ptr + b * sbt + m)
-    use_q = m < nq                                         # [BR]
-    pl = blk * spl_b + hk * spl_h + off * spl_s
-    sq = tl.zeros([BR, BS], tl.float32)
-    if ANY_Q:
-        ks = ksc_ptr + blk * sks_b + hk * sks_h + d2
-        km = kmn_ptr + blk * sks_b + hk * sks_h + d2
-        s_lo = tl.load(ks, mask=d_ok, other=0.0).to(tl.float32) * FACTOR
-        s_hi = tl.load(ks + D2, mask=d_ok, other=0.0).to(tl.float32) * FACTOR
-        n_lo = tl.load(km, mask=d_ok, other=0.0).to(tl.float32)
-        n_hi = tl.load(km + D2, mask=d_ok, other=0.0).to(tl.float32)
-        c_lo, c_hi = _codes(khi_ptr, klo_ptr, pl, d2, D2, s_ok, UPPER)
-        qf_lo = q_lo.to(tl.float32)
-        qf_hi = q_hi.to(tl.float32)
-        bias = tl.sum(qf_lo * n_lo[None, :], axis=1) + tl.sum(qf_hi * n_hi[None, :], axis=1)
-        sq = _dot((qf_lo * s_lo[None, :]).to(q_lo.dtype), c_lo, F32DOT) \
-            + _dot((qf_hi * s_hi[None, :]).to(q_hi.dtype), c_hi, F32DOT) + bias[:, None]
-    if ANY_F:
-        fpi = tl.maximum(tl.load(fpi_ptr + blk), 0)
-        fb = fpi * sfp_b + hk * sfp_h + off * sfp_s
-        f2 = s_ok[:, None] & d_ok[None, :]
-        kf_lo = tl.load(kfp_ptr + fb[:, None] + d2[None, :], mask=f2, other=0.0)
-        kf_hi = tl.load(kfp_ptr + fb[:, None] + D2 + d2[None, :], mask=f2, other=0.0)
-        sf = _dot(q_lo, kf_lo, F32DOT) + _dot(q_hi, kf_hi, F32DOT)
-        scores = tl.where(use_q[:, None], sq, sf) * qk_scale
-    else:
-        scores = sq * qk_scale
-    allow = (s[None, :] <= pos[:, None]) & s_ok[None, :] & r_ok[:, None]
-    scores = tl.where(allow, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(scores - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc_lo = acc_lo * alpha[:, None]
-    acc_hi = acc_hi * alpha[:, None]
-    if ANY_Q:
-        pq = tl.where(use_q[:, None], p, 0.0)
-        vb = vsc_ptr + blk * svs_b + hk * svs_h + off * svs_s
-        vn = vmn_ptr + blk * svs_b + hk * svs_h + off * svs_s
-        vs_lo = tl.load(vb, mask=s_ok, other=0.0).to(tl.float32) * FACTOR
-        vs_hi = tl.load(vb + VG_HI, mask=s_ok, other=0.0).to(tl.float32) * FACTOR
-        vm_lo = tl.load(vn, mask=s_ok, other=0.0).to(tl.float32)
-        vm_hi = tl.load(vn + VG_HI, mask=s_ok, other=0.0).to(tl.float32)
-        cv_lo, cv_hi = _codes(vhi_ptr, vlo_ptr, pl, d2, D2, s_ok, UPPER)
-        acc_lo += _pv(pq * vs_lo[None, :], cv_lo, q_lo, F32DOT) + tl.sum(pq * vm_lo[None, :], axis=1)[:, None]
-        acc_hi += _pv(pq * vs_hi[None, :], cv_hi, q_lo, F32DOT) + tl.sum(pq * vm_hi[None, :], axis=1)[:, None]
-    if ANY_F:
-        pf = tl.where(use_q[:, None], 0.0, p)
-        fpi2 = tl.maximum(tl.load(fpi_ptr + blk), 0)
-        fb2 = fpi2 * sfp_b + hk * sfp_h + off * sfp_s
-        f3 = s_ok[:, None] & d_ok[None, :]
-        vf_lo = tl.load(vfp_ptr + fb2[:, None] + d2[None, :], mask=f3, other=0.0)
-        vf_hi = tl.load(vfp_ptr + fb2[:, None] + D2 + d2[None, :], mask=f3, other=0.0)
-        acc_lo += _pv(pf, vf_lo, q_lo, F32DOT)
-        acc_hi += _pv(pf, vf_hi, q_lo, F32DOT)
-    return m_new, l_i, acc_lo, acc_hi
 
 
 @triton.jit(do_not_specialize=["T", "KV_LEN", "R"])
@@ -174,28 +101,74 @@ def _hier_attn_kernel(q_ptr, khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_pt
     if F32DOT:
         q_lo = q_lo.to(tl.float32)
         q_hi = q_hi.to(tl.float32)
+    FACTOR: tl.constexpr = 1.0 if UPPER else 0.0625
     m_i = tl.full([BR], float("-inf"), tl.float32)
     l_i = tl.zeros([BR], tl.float32)
     acc_lo = tl.zeros([BR, BD2], tl.float32)
     acc_hi = tl.zeros([BR, BD2], tl.float32)
-    # 1. tiles every row reads quantized (the bulk at long contexts): no branch in the loop, so
-    #    the compiler can pipeline its loads
-    q_end = tl.minimum(end, tl.maximum(start, nq_min * PBS))
-    for s0 in range(start, q_end, BS):
-        m_i, l_i, acc_lo, acc_hi = _tile(
-            q_lo, q_hi, pos, nq, r_ok, m_i, l_i, acc_lo, acc_hi, s0, end, b, hk, d2, d_ok, D2, qk_scale,
-            khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_ptr, vsc_ptr, vmn_ptr, kfp_ptr, vfp_ptr, fpi_ptr,
-            bt_ptr, sbt, spl_b, spl_h, spl_s, sks_b, sks_h, svs_b, svs_h, svs_s, sfp_b, sfp_h, sfp_s,
-            BR, BS, BD2, PBS, VG_HI, UPPER, F32DOT, True, False)
-    # 2. the rest: tiles some row reads at full precision (the recent tokens, and the block at
-    #    the boundary of the rows' quantized prefixes)
-    for s0 in range(q_end, end, BS):
-        m = s0 // PBS
-        m_i, l_i, acc_lo, acc_hi = _tile(
-            q_lo, q_hi, pos, nq, r_ok, m_i, l_i, acc_lo, acc_hi, s0, end, b, hk, d2, d_ok, D2, qk_scale,
-            khi_ptr, klo_ptr, ksc_ptr, kmn_ptr, vhi_ptr, vlo_ptr, vsc_ptr, vmn_ptr, kfp_ptr, vfp_ptr, fpi_ptr,
-            bt_ptr, sbt, spl_b, spl_h, spl_s, sks_b, sks_h, svs_b, svs_h, svs_s, sfp_b, sfp_h, sfp_s,
-            BR, BS, BD2, PBS, VG_HI, UPPER, F32DOT, m < nq_max, True)
+    for s0 in range(start, end, BS):
+        m = s0 // PBS                                          # the tile's block (logical)
+        off = s0 % PBS + tl.arange(0, BS)
+        s = s0 + tl.arange(0, BS)
+        s_ok = s < end
+        blk = tl.load(bt_ptr + b * sbt + m)
+        any_q = m < nq_max
+        any_f = m >= nq_min
+        use_q = m < nq                                         # [BR]
+        pl = blk * spl_b + hk * spl_h + off * spl_s
+        sq = tl.zeros([BR, BS], tl.float32)
+        sf = tl.zeros([BR, BS], tl.float32)
+        if any_q:
+            ks = ksc_ptr + blk * sks_b + hk * sks_h + d2
+            km = kmn_ptr + blk * sks_b + hk * sks_h + d2
+            s_lo = tl.load(ks, mask=d_ok, other=0.0).to(tl.float32) * FACTOR
+            s_hi = tl.load(ks + D2, mask=d_ok, other=0.0).to(tl.float32) * FACTOR
+            n_lo = tl.load(km, mask=d_ok, other=0.0).to(tl.float32)
+            n_hi = tl.load(km + D2, mask=d_ok, other=0.0).to(tl.float32)
+            c_lo, c_hi = _codes(khi_ptr, klo_ptr, pl, d2, D2, s_ok, UPPER)
+            qf_lo = q_lo.to(tl.float32)
+            qf_hi = q_hi.to(tl.float32)
+            bias = tl.sum(qf_lo * n_lo[None, :], axis=1) + tl.sum(qf_hi * n_hi[None, :], axis=1)
+            sq = _dot((qf_lo * s_lo[None, :]).to(q_lo.dtype), c_lo, F32DOT) \
+                + _dot((qf_hi * s_hi[None, :]).to(q_hi.dtype), c_hi, F32DOT) + bias[:, None]
+        if any_f:
+            fpi = tl.maximum(tl.load(fpi_ptr + blk), 0)
+            fb = fpi * sfp_b + hk * sfp_h + off * sfp_s
+            f2 = s_ok[:, None] & d_ok[None, :]
+            kf_lo = tl.load(kfp_ptr + fb[:, None] + d2[None, :], mask=f2, other=0.0)
+            kf_hi = tl.load(kfp_ptr + fb[:, None] + D2 + d2[None, :], mask=f2, other=0.0)
+            sf = _dot(q_lo, kf_lo, F32DOT) + _dot(q_hi, kf_hi, F32DOT)
+        scores = tl.where(use_q[:, None], sq, sf) * qk_scale
+        allow = (s[None, :] <= pos[:, None]) & s_ok[None, :] & r_ok[:, None]
+        scores = tl.where(allow, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+        if any_q:
+            pq = tl.where(use_q[:, None], p, 0.0)
+            vb = vsc_ptr + blk * svs_b + hk * svs_h + off * svs_s
+            vn = vmn_ptr + blk * svs_b + hk * svs_h + off * svs_s
+            vs_lo = tl.load(vb, mask=s_ok, other=0.0).to(tl.float32) * FACTOR
+            vs_hi = tl.load(vb + VG_HI, mask=s_ok, other=0.0).to(tl.float32) * FACTOR
+            vm_lo = tl.load(vn, mask=s_ok, other=0.0).to(tl.float32)
+            vm_hi = tl.load(vn + VG_HI, mask=s_ok, other=0.0).to(tl.float32)
+            cv_lo, cv_hi = _codes(vhi_ptr, vlo_ptr, pl, d2, D2, s_ok, UPPER)
+            acc_lo += _pv(pq * vs_lo[None, :], cv_lo, q_lo, F32DOT) + tl.sum(pq * vm_lo[None, :], axis=1)[:, None]
+            acc_hi += _pv(pq * vs_hi[None, :], cv_hi, q_lo, F32DOT) + tl.sum(pq * vm_hi[None, :], axis=1)[:, None]
+        if any_f:
+            pf = tl.where(use_q[:, None], 0.0, p)
+            fpi2 = tl.maximum(tl.load(fpi_ptr + blk), 0)
+            fb2 = fpi2 * sfp_b + hk * sfp_h + off * sfp_s
+            f3 = s_ok[:, None] & d_ok[None, :]
+            vf_lo = tl.load(vfp_ptr + fb2[:, None] + d2[None, :], mask=f3, other=0.0)
+            vf_hi = tl.load(vfp_ptr + fb2[:, None] + D2 + d2[None, :], mask=f3, other=0.0)
+            acc_lo += _pv(pf, vf_lo, q_lo, F32DOT)
+            acc_hi += _pv(pf, vf_hi, q_lo, F32DOT)
+        m_i = m_new
     if NUM_SPLITS == 1:
         inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
         ODT: tl.constexpr = o_ptr.dtype.element_ty
@@ -268,7 +241,7 @@ def hier_attention(q: torch.Tensor, cache, layer: int, ctx, upper_only: bool,
     d2 = dh // 2
     br = max(16, triton.next_power_of_2(t * g))
     bd2 = max(16, triton.next_power_of_2(d2))
-    bs = block_s or min(pbs, 32 if INTERPRETED or br > 16 else 64)
+    bs = block_s or min(pbs, 32 if INTERPRETED else 64)
     ns = num_splits or default_splits(bsz * hkv, kv_len, q.device)
     f32dot = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
     qk_scale = dh ** -0.5 * 1.4426950408889634
@@ -282,7 +255,7 @@ def hier_attention(q: torch.Tensor, cache, layer: int, ctx, upper_only: bool,
     kfp, vfp = cache.k_fp[layer], cache.v_fp[layer]
     qs = (t * q.stride(0), q.stride(0), q.stride(1))
     os_ = (t * out.stride(0), out.stride(0), out.stride(1))
-    nw = num_warps or (1 if INTERPRETED else (8 if br > 16 else 4))
+    nw = num_warps or (1 if INTERPRETED else 4)
     nst = num_stages or (1 if INTERPRETED else 2)
     _hier_attn_kernel[(bsz * hkv, ns)](
         q, khi, klo, ksc, kmn, vhi, vlo, vsc, vmn, kfp, vfp, cache.fp_index, pos, bt, out, wacc, wml,
