@@ -119,7 +119,6 @@ class LLM:
         self.k = d.num_tokens if d.method != "none" else 0
         rt = cfg.runtime
         layout = kv.Layout.from_config(cfg, self.k)
-        self.backend.check_kv(layout.representation)
         bs = layout.block_size
         per_block = layout.bytes_per_block(self.model.args, self.dtype)
         fixed = layout.fixed_bytes(self.model.args, self.dtype)
@@ -147,7 +146,7 @@ class LLM:
                 dc = calibrate_runner(self.draft_llm.runner, 0, 1, self.backend.synchronize)
                 cost.draft_ratio = dc.time(1) / cost.time(1)
         self.engine = Engine(self.runner, self.drafter, self.k, max_batch_size=rt.max_batch_size,
-                             max_prefill_tokens=rt.max_prefill_tokens, prefix_caching=rt.prefix_caching and layout.prefix_caching,
+                             max_prefill_tokens=rt.max_prefill_tokens, prefix_caching=rt.prefix_caching,
                              adaptive=d.adaptive, sync=self.backend.synchronize, cost=cost)
         pool = getattr(self.runner.cache, "fp_blocks", 0)
         extra = f", of which a full-precision pool of {pool} blocks" if pool else ""
@@ -155,6 +154,9 @@ class LLM:
                            f"tokens, {self.runner.cache.nbytes() / 2 ** 30:.2f} GiB{extra} ({how})")
         if how != "given":
             log.info(self.kv_summary)
+        if rt.prefix_caching and not layout.prefix_caching:
+            log.info(f"prefix caching is off with kv_cache.representation {layout.representation} (a shared "
+                     "prompt block may no longer have the full-precision copy a new request's queries read)")
 
     def _load_draft(self, name: str, block_size: int) -> "LLM":
         from quasar.config import override
