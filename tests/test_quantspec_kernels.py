@@ -134,12 +134,15 @@ def test_full_precision_buffer_holds_R_to_R_plus_G_recent_tokens():
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+CASES = [(8, 2, 16, 16, 4, 0, 1), (4, 4, 16, 4, 1, 16, 3), (8, 2, 32, 20, 7, 16, 2), (8, 2, 16, 16, 1, 0, 1)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("upper", [False, True], ids=["verify-view", "draft-view"])
-@pytest.mark.parametrize("heads,kv_heads,G,Rtok,t,vg,splits", [
-    (8, 2, 16, 16, 4, 0, 1), (4, 4, 16, 4, 1, 16, 3), (8, 2, 32, 20, 7, 16, 2), (8, 2, 16, 16, 1, 0, 1)])
-def test_triton_kernel_matches_reference(dtype, upper, heads, kv_heads, G, Rtok, t, vg, splits):
+@pytest.mark.parametrize("dtype,case", [(torch.float32, c) for c in CASES] + [(torch.bfloat16, c) for c in CASES[1:3]],
+                         ids=[f"fp32-{i}" for i in range(4)] + ["bf16-1", "bf16-2"])
+def test_triton_kernel_matches_reference(dtype, case, upper):
+    heads, kv_heads, G, Rtok, t, vg, splits = case
     d = 32
     lens = [9, 40, 64, 83]
     cache, ctx, q, _ = _case(3, heads, kv_heads, d, lens, t, G, Rtok, dtype, vg=vg)
