@@ -311,6 +311,18 @@ def supports_paged(q: torch.Tensor, cache, ctx) -> bool:
             and t * (h // hkv) <= MAX_ROWS and n == ctx.num_seqs * t)
 
 
+def paged_meta(ctx, block_size: int):
+    """A uniform paged step's launch metadata: int64 contiguous block tables and flat positions,
+    and the launch's KV_LEN (the tables' width in slots)."""
+    bt = ctx.block_tables
+    if bt.dtype != torch.int64 or bt.stride(-1) != 1:
+        bt = bt.to(torch.int64).contiguous()
+    pos = ctx.positions.reshape(-1)
+    if pos.dtype != torch.int64 or pos.stride(-1) != 1:
+        pos = pos.to(torch.int64).contiguous()
+    return bt, pos, bt.shape[1] * block_size
+
+
 def paged_attention(q: torch.Tensor, cache, layer: int, ctx, num_splits: Optional[int] = None,
                     block_s: Optional[int] = None, out: Optional[torch.Tensor] = None,
                     num_warps: Optional[int] = None, num_stages: Optional[int] = None, opts=None) -> torch.Tensor:
@@ -344,13 +356,7 @@ def paged_attention(q: torch.Tensor, cache, layer: int, ctx, num_splits: Optiona
     if n == 0:
         return out
     pbs = cache.block_size
-    bt = ctx.block_tables
-    if bt.dtype != torch.int64 or bt.stride(-1) != 1:
-        bt = bt.to(torch.int64).contiguous()
-    pos = ctx.positions.reshape(-1)
-    if pos.dtype != torch.int64 or pos.stride(-1) != 1:
-        pos = pos.to(torch.int64).contiguous()
-    kv_len = bt.shape[1] * pbs
+    bt, pos, kv_len = paged_meta(ctx, pbs)
     # sequence b, token i is row b * t + i of q / positions / out
     return _launch(q, k, v, pos, (t, 1), None, (0, 0, 0), out, bsz, t, hkv, kv_len, bt, bt.stride(0), pbs,
                    (t * q.stride(0), q.stride(0), q.stride(1)),

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from quasar.errors import UnsupportedError
 from ._common import pdl_kw, pdl_prologue, INTERPRETED, to_dtype
-from .attention import MAX_ROWS, MAX_T, _attn_combine_kernel, default_splits
+from .attention import MAX_ROWS, MAX_T, _attn_combine_kernel, default_splits, paged_meta
 
 
 @triton.jit
@@ -231,13 +231,7 @@ def hier_attention(q: torch.Tensor, cache, layer: int, ctx, upper_only: bool,
     if n == 0:
         return out
     pbs = cache.block_size
-    bt = ctx.block_tables
-    if bt.dtype != torch.int64 or bt.stride(-1) != 1:
-        bt = bt.to(torch.int64).contiguous()
-    pos = ctx.positions.reshape(-1)
-    if pos.dtype != torch.int64 or pos.stride(-1) != 1:
-        pos = pos.to(torch.int64).contiguous()
-    kv_len = bt.shape[1] * pbs
+    bt, pos, kv_len = paged_meta(ctx, pbs)
     d2 = dh // 2
     br = max(16, triton.next_power_of_2(t * g))
     bd2 = max(16, triton.next_power_of_2(d2))

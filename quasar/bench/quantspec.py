@@ -23,8 +23,6 @@ of 128k tokens would only add minutes): the step's reads are what is timed.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -55,25 +53,8 @@ def step_kv_bytes(args, ctx: int, representation: str, view: str, G: int, R: int
 
 
 def _time(fn, backend, iters: int = 30) -> float:
-    """Median seconds of fn() (device events on an accelerator, wall time on the CPU)."""
-    for _ in range(3):
-        fn()
-    backend.synchronize()
-    ts = []
-    for _ in range(iters):
-        if backend.device.type != "cpu":
-            a = torch.Event(device=backend.device, enable_timing=True)
-            b = torch.Event(device=backend.device, enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    from quasar.bench.speed import time_device
+    return time_device(fn, backend, iters)
 
 
 class Step:

@@ -122,7 +122,16 @@ def copy_bandwidth(backend, nbytes: int = 1 << 30, iters: int = 10) -> float:
     n = nbytes // 2
     x = torch.randn(n, device=backend.device, dtype=torch.float32).to(torch.bfloat16)
     y = torch.empty_like(x)
-    y.copy_(x)
+    sec = time_device(lambda: y.copy_(x), backend, iters, warmup=1)
+    del x, y
+    return 2 * n * 2 / sec
+
+
+def time_device(fn, backend, iters: int, warmup: int = 3) -> float:
+    """Median seconds of fn(): device events on an accelerator (kernel time, no launch-and-sync
+    overhead), wall time on the CPU (which has no events)."""
+    for _ in range(warmup):
+        fn()
     _sync(backend)
     ts = []
     for _ in range(iters):
@@ -130,17 +139,16 @@ def copy_bandwidth(backend, nbytes: int = 1 << 30, iters: int = 10) -> float:
             a = torch.Event(device=backend.device, enable_timing=True)
             b = torch.Event(device=backend.device, enable_timing=True)
             a.record()
-            y.copy_(x)
+            fn()
             b.record()
             b.synchronize()
             ts.append(a.elapsed_time(b) / 1e3)
         else:
             t0 = time.perf_counter()
-            y.copy_(x)
+            fn()
             _sync(backend)
             ts.append(time.perf_counter() - t0)
-    del x, y
-    return 2 * n * 2 / statistics.median(ts)
+    return statistics.median(ts)
 
 
 SCALE_BYTES = 4      # fp32 scales and zero points: what the kernels read per group
