@@ -183,10 +183,39 @@ def _gather(cache_layer: torch.Tensor, table: torch.Tensor, n: int, bs: int) -> 
     return blocks.permute(1, 0, 2, 3).reshape(blocks.shape[1], -1, blocks.shape[-1])[None, :, :n]
 
 
+def tree_starts(ctx) -> Optional[torch.Tensor]:
+    """A tree step's s_b per token [N] (the storage index of its sequence's first token), else None."""
+    if ctx.tree_mask is None:
+        return None
+    qs = ctx.query_start
+    first = torch.tensor([qs[b] for b in range(len(qs) - 1) for _ in range(qs[b], qs[b + 1])],
+                         dtype=torch.int64, device=ctx.tree_positions.device)
+    return ctx.tree_positions.index_select(0, first)
+
+
+def visible(j: torch.Tensor, p: torch.Tensor, ctx, rows: Optional[torch.Tensor], starts: Optional[torch.Tensor],
+            shape: tuple) -> torch.Tensor:
+    """The paged attention's visibility of slots j to rows at (storage) positions p: j <= p, and
+    for a tree step (ctx.tree_mask) j < s_b or node j - s_b an ancestor-or-self (its mask bit).
+    rows: the rows' token indices (None = all, in order); shape: p's shape."""
+    allow = j <= p
+    if ctx.tree_mask is None:
+        return allow
+    m, st = ctx.tree_mask, starts
+    if rows is not None:
+        m, st = m.index_select(0, rows), st.index_select(0, rows)
+    m, st = m.view(shape), st.view(shape)
+    rel = j - st
+    bit = (m >> rel.clamp(0, 63)) & 1
+    return allow & ((rel < 0) | (bit == 1))
+
+
 def paged_attention(q: torch.Tensor, cache, layer: int, ctx) -> torch.Tensor:
     """q [N, H, D] (the step's tokens, flattened; ctx: quasar.engine.context.StepContext) -> o [N, H, D].
     Token i of sequence b attends to that sequence's slots at positions <= positions[i], found
-    through its block table.
+    through its block table. A tree step (ctx.tree_mask) reads storage indices: token i sees
+    slot j iff j <= tree_positions[i] and (j < s_b or bit j - s_b of tree_mask[i]), s_b the
+    storage index of b's first token (the tree's root): the context and the node's ancestors.
 
     Batch invariance: a row's result depends only on its q, its position p and its sequence's KV.
     Every SDPA call has one shape per KV length: rows are grouped by L = p + 1 rounded up to a
@@ -202,8 +231,10 @@ def paged_attention(q: torch.Tensor, cache, layer: int, ctx) -> torch.Tensor:
     kc, vc = cache.k[layer], cache.v[layer]
     kv_heads = kc.shape[1]
     dev = q.device
-    pos = ctx.positions.tolist()
+    apos = ctx.attn_positions
+    pos = apos.tolist()
     qs = ctx.query_start
+    starts = tree_starts(ctx)
     by_len: dict[int, list[tuple[int, list[int]]]] = {}          # L -> [(sequence, tile rows)]
     for b in range(len(qs) - 1):
         groups: dict[int, list[int]] = {}
@@ -219,8 +250,8 @@ def paged_attention(q: torch.Tensor, cache, layer: int, ctx) -> torch.Tensor:
         v = torch.cat([_gather(vc, ctx.block_tables[b], n, bs) for b, _ in tiles]).to(q.dtype)
         idx = torch.tensor([r for _, rows in tiles for r in rows], device=dev)
         qt = q.index_select(0, idx).view(len(tiles), R, heads, d).transpose(1, 2)      # [tiles, H, R, D]
-        p = ctx.positions.index_select(0, idx).view(len(tiles), R)
-        allow = torch.arange(n, device=dev)[None, None, :] <= p[:, :, None]            # [tiles, R, n]
+        p = apos.index_select(0, idx).view(len(tiles), R)
+        allow = visible(torch.arange(n, device=dev)[None, None, :], p[:, :, None], ctx, idx, starts, (len(tiles), R, 1))
         o = F.scaled_dot_product_attention(qt, k, v, attn_mask=allow[:, None], scale=d ** -0.5,
                                            enable_gqa=heads != kv_heads)
         out[idx] = o.transpose(1, 2).reshape(-1, heads, d)      # a padded row rewrites its own value
@@ -247,18 +278,21 @@ def batched_paged_attention(q: torch.Tensor, cache, layer: int, ctx) -> torch.Te
     width = -(-longest // bs)
     dev = q.device
     uniform = all(x == tmax for x in lens)
+    apos = ctx.attn_positions
     if uniform:
-        qp, pos = q.view(S, tmax, heads, d), ctx.positions.view(S, tmax)
+        idx = None
+        qp, pos = q.view(S, tmax, heads, d), apos.view(S, tmax)
     else:
         idx = torch.tensor([qs[b] + min(t, lens[b] - 1) for b in range(S) for t in range(tmax)], device=dev)
         qp = q.index_select(0, idx).view(S, tmax, heads, d)
-        pos = ctx.positions.index_select(0, idx).view(S, tmax)
+        pos = apos.index_select(0, idx).view(S, tmax)
     table = ctx.block_tables[:, :width]
     kc, vc = cache.k[layer], cache.v[layer]
     hkv = kc.shape[1]
     k = kc[table].permute(0, 2, 1, 3, 4).reshape(S, hkv, width * bs, d).to(q.dtype)
     v = vc[table].permute(0, 2, 1, 3, 4).reshape(S, hkv, width * bs, d).to(q.dtype)
-    allow = torch.arange(width * bs, device=dev)[None, None, :] <= pos[:, :, None]      # [S, tmax, L]
+    allow = visible(torch.arange(width * bs, device=dev)[None, None, :], pos[:, :, None], ctx,
+                    idx, tree_starts(ctx), (S, tmax, 1))                              # [S, tmax, L]
     o = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=allow[:, None], scale=d ** -0.5,
                                        enable_gqa=heads != hkv).transpose(1, 2)        # [S, tmax, H, D]
     if uniform:

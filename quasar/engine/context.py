@@ -9,6 +9,7 @@ put several tokens at one position.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -26,6 +27,18 @@ class StepContext:
     host_positions: list = None
     host_slots: list = None
     host_tables: list = None
+    # a tree step (quasar.spec_decode.tree): sequence b's chunk holds the nodes of a draft tree in
+    # storage order (a node after its parent). tree_positions [N] int64: each token's storage
+    # index (its slot's logical position: the chunk's first token at s_b, node m at s_b + m; the
+    # attention reads storage indices, RoPE reads `positions` = s_b + depth). tree_mask [N] int64:
+    # bit m set = the token may attend to node m of its own chunk. None: a chain (causal) step.
+    tree_positions: Optional[torch.Tensor] = None
+    tree_mask: Optional[torch.Tensor] = None
+
+    @property
+    def attn_positions(self) -> torch.Tensor:
+        """What the attention's visibility reads: storage indices (trees) or positions (chains)."""
+        return self.positions if self.tree_positions is None else self.tree_positions
 
     @property
     def num_seqs(self) -> int:
@@ -50,18 +63,31 @@ class StepContext:
 
     @staticmethod
     def make(positions: list[int], slots: list[int], query_start: list[int], tables: list[list[int]],
-             context_lens: list[int], chunk: int, device, width: int = 0) -> "StepContext":
+             context_lens: list[int], chunk: int, device, width: int = 0,
+             tree_positions: Optional[list[int]] = None, tree_mask: Optional[list[int]] = None) -> "StepContext":
+        """tree_positions / tree_mask (host lists, [N]): a tree step (see the fields)."""
         width = max(width, max((len(t) for t in tables), default=1), 1)
         # one host tensor for everything, one copy to the device (a step of 64 sequences would
         # otherwise make ~70 small tensors and 4 transfers)
         n, b = len(positions), len(tables)
-        flat = positions + slots + context_lens
+        tree = tree_mask is not None
+        flat = positions + slots + context_lens + (list(tree_positions) + _signed(tree_mask) if tree else [])
         for t in tables:
             flat += t
             flat += [0] * (width - len(t))
         host = torch.tensor(flat, dtype=torch.int64)
         dev = host.to(device)                    # no copy when `device` is the CPU
         pos, slot, lens = dev[:n], dev[n:2 * n], dev[2 * n:2 * n + b]
-        bt = dev[2 * n + b:].view(b, width)
+        o = 2 * n + b
+        tpos = tmask = None
+        if tree:
+            tpos, tmask = dev[o:o + n], dev[o + n:o + 2 * n]
+            o += 2 * n
+        bt = dev[o:].view(b, width)
         return StepContext(pos, slot, list(query_start), bt, lens, chunk, max(context_lens, default=0),
-                           positions, slots, tables)
+                           positions, slots, tables, tpos, tmask)
+
+
+def _signed(bits: list[int]) -> list[int]:
+    """64-bit masks as int64 values (bit 63 set = negative), so torch.tensor takes them."""
+    return [m - (1 << 64) if m >= 1 << 63 else m for m in bits]
