@@ -51,9 +51,11 @@ class Backend:
         """A captured-step runner (CUDA graphs) wrapping `model`, or None: steps run eagerly."""
         return None
 
-    def paged_graph_runner(self, runner, buckets, chunk_lengths, modes):
+    def paged_graph_runner(self, runner, buckets, chunk_lengths, modes, tree_lengths=()):
         """Captured uniform steps of a paged ModelRunner (CUDA graphs per batch bucket x chunk
-        length x mode), or None: steps run eagerly."""
+        length x mode, and per batch bucket x tree size x mode for draft-tree steps of
+        `tree_lengths` nodes), or None: steps run eagerly. A captured runner returns None for a
+        step it has no graph for (a tree step never replays a chain graph)."""
         return None
 
     # ------------------------------------------------------------------ capabilities

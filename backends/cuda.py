@@ -165,11 +165,11 @@ class CudaBackend(Backend):
             return super().free_memory()
         return torch.cuda.mem_get_info(self.device)[0]
 
-    def paged_graph_runner(self, runner, buckets, chunk_lengths, modes):
+    def paged_graph_runner(self, runner, buckets, chunk_lengths, modes, tree_lengths=()):
         if self.device.type != "cuda":
             return None
         from .cuda_graphs import PagedGraphRunner
-        return PagedGraphRunner(runner, buckets, chunk_lengths, modes)
+        return PagedGraphRunner(runner, buckets, chunk_lengths, modes, tree_lengths)
 
     def graph_runner(self, model, cache, chunk_lengths, modes):
         if self.device.type != "cuda":

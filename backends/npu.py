@@ -24,7 +24,7 @@ Kernels (argument conventions from the torch_npu API reference, Ascend/op-plugin
 | paged_kv_write | ``npu_scatter_nd_update_(cache.k[layer], idx[N, Hkv, 3], k)`` (same for v) | in place on our [blocks, Hkv, bs, D] layer, idx = (slot // bs, head, slot % bs) |
 | paged_rope_kv_write | composed: rms_norm, rope (the step as B = 1), paged_kv_write above | |
 | hier_rope_kv_write, hier_attention | not supported: UnsupportedError naming the alternative (kv_cache.representation: dense) | the KV antiquant modes are per channel over the sequence or per token, and not paged (see `kv_unsupported`) |
-| paged_attention | ``npu_fused_infer_attention_score(q_BNSD, cache.k[layer], cache.v[layer], block_table=int32, block_size=bs, actual_seq_lengths_kv, atten_mask, input_layout="BNSD")`` | page attention on the cache layer itself (no copy); one call per distinct chunk length |
+| paged_attention | ``npu_fused_infer_attention_score(q_BNSD, cache.k[layer], cache.v[layer], block_table=int32, block_size=bs, actual_seq_lengths_kv, atten_mask, input_layout="BNSD")`` | page attention on the cache layer itself (no copy); one call per distinct chunk length; tree steps (ctx.tree_mask) always pass an explicit bool mask built from storage indices and ancestor bits |
 
 Paged KV cache (docs/context/torch_npu-npu_fused_infer_attention_score.md, "page attention场景"):
 the cache layer [num_blocks, Hkv, block_size, D] IS the documented (blocknum, KV_N, blocksize, D)
@@ -37,7 +37,11 @@ unaligned head_dim with Q_S > 1, or a cache dtype unlike q's) the kernel refuses
 sequences' blocks into a contiguous BNSD copy and runs the dense kernel instead (logged once).
 Query rows are causal within a chunk through a [B, 1, T, W * bs] bool mask (True = masked: slot j
 is hidden from a row at position p when j > p), left out when actual_seq_lengths_kv alone says it
-(decode). The KV write uses ``npu_scatter_nd_update_`` (documented, float32 included):
+(decode). A tree step (ctx.tree_mask, quasar.spec_decode.tree) reads storage indices
+(ctx.attn_positions: actual_seq_lengths_kv = the largest + 1) and always passes the mask, built
+from the tree rule of the reference (ops/reference.py ``visible``): slot j is visible to a row at
+storage index p of sequence b iff j <= p and (j < s_b, the context, or bit j - s_b of the row's
+ancestor mask). The KV write uses ``npu_scatter_nd_update_`` (documented, float32 included):
 ``npu_scatter_pa_kv_cache`` documents only the (blocks, block_size, heads, D) and NZ layouts, not ours.
 A ragged step (ctx.chunk == 0: varlen prefill) makes one call per distinct chunk length (sequences of
 equal length batched together); the TND layout is not used (the docs exclude page attention from
@@ -526,17 +530,23 @@ class NpuBackend(Backend):
 
     def _paged_meta(self, ctx, bs: int) -> list:
         """The step's page-attention calls, one per distinct chunk length: built once per step
-        (cached on the identity and version of ctx's tensors, like the dense mask)."""
-        key = (weakref.ref(ctx), weakref.ref(ctx.positions), _version(ctx.positions),
-               weakref.ref(ctx.block_tables), _version(ctx.block_tables), tuple(ctx.query_start), bs)
+        (cached on the identity and version of ctx and its tensors, the tree fields included,
+        like the dense mask)."""
+        tensors = (ctx.positions, ctx.block_tables, ctx.tree_positions, ctx.tree_mask)
+        refs = (weakref.ref(ctx),) + tuple(None if x is None else weakref.ref(x) for x in tensors)
+        plain = (tuple(None if x is None else _version(x) for x in tensors), tuple(ctx.query_start), bs)
         pk = self._paged_key
-        if pk is not None and pk[0]() is ctx and pk[1]() is ctx.positions and pk[3]() is ctx.block_tables \
-                and (pk[2], pk[4], pk[5], pk[6]) == (key[2], key[4], key[5], key[6]):
+        if pk is not None and pk[1] == plain and all(
+                (r is None) == (o is None) and (r is None or r() is o)
+                for r, o in zip(pk[0], (ctx,) + tensors)):
             return self._paged_val
         qs = list(ctx.query_start)
         nseq = len(qs) - 1
-        pos = ctx.positions.reshape(-1).tolist()              # one host sync per step, not per layer
-        dev = ctx.positions.device
+        tree = ctx.tree_mask is not None
+        apos = ctx.attn_positions.reshape(-1)                 # storage indices (trees) or positions
+        pos = apos.tolist()                                    # one host sync per step, not per layer
+        dev = apos.device
+        starts = ref.tree_starts(ctx) if tree else None       # each token's s_b (its tree's root)
         by_t: dict[int, list[int]] = {}
         for b in range(nseq):
             if qs[b + 1] > qs[b]:
@@ -549,18 +559,22 @@ class NpuBackend(Backend):
                                                    dtype=torch.int64, device=dev)
             table = ctx.block_tables if every else ctx.block_tables.index_select(
                 0, torch.tensor(seqs, dtype=torch.int64, device=dev))
-            # actual_seq_lengths_kv: each sequence's last position + 1 (= ctx.context_lens for a
-            # well-formed step; the reference attends row i to positions <= positions[i] only)
+            # actual_seq_lengths_kv: each sequence's last (storage) position + 1 (= ctx.context_lens
+            # for a well-formed step; the reference attends row i to positions <= its own only)
             lens = [max(pos[qs[b]:qs[b + 1]]) + 1 for b in seqs]
-            causal = any(p + 1 < n for b, n in zip(seqs, lens) for p in pos[qs[b]:qs[b + 1]])
+            causal = tree or any(p + 1 < n for b, n in zip(seqs, lens) for p in pos[qs[b]:qs[b + 1]])
             masked = None
             if causal:                                         # [Bg, 1, T, W * bs], True = masked
-                p = (ctx.positions.reshape(-1) if rows is None else ctx.positions.reshape(-1)[rows])
-                p = p.view(len(seqs), t)
-                masked = (torch.arange(width * bs, device=dev)[None, None, :] > p[:, :, None]).unsqueeze(1).contiguous()
+                p = (apos if rows is None else apos.index_select(0, rows)).view(len(seqs), t)
+                slots = torch.arange(width * bs, device=dev)[None, None, :]
+                if tree:                                       # the reference's tree rule
+                    masked = ~ref.visible(slots, p[:, :, None], ctx, rows, starts, (len(seqs), t, 1))
+                else:
+                    masked = slots > p[:, :, None]
+                masked = masked.unsqueeze(1).contiguous()
             groups.append(_PagedCall(t, len(seqs), rows, table.to(torch.int64), table.to(torch.int32).contiguous(),
                                      lens, masked))
-        self._paged_key, self._paged_val = key, groups
+        self._paged_key, self._paged_val = (refs, plain), groups
         return groups
 
     @staticmethod
@@ -641,8 +655,9 @@ class _PagedCall:
     rows: Optional[torch.Tensor]          # their q rows [b * t] (None: the whole step, in order)
     table64: torch.Tensor                 # [b, W] block ids
     table32: torch.Tensor                 # the same, int32 (what block_table takes)
-    lens: list                            # actual_seq_lengths_kv: last position + 1 per sequence
+    lens: list                            # actual_seq_lengths_kv: last (storage) position + 1 per sequence
     masked: Optional[torch.Tensor]        # [b, 1, t, W * bs] bool, True = masked; None: lens suffice
+                                          # (never None for a tree step)
 
 
 def make_backend(options=None) -> NpuBackend:

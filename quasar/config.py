@@ -115,14 +115,24 @@ class NgramConfig:
 
 
 @dataclass
+class TreeConfig:
+    depth: int = _c(3, min=1, max=16, doc="tree drafts: the longest root path (tokens)")
+    topk: int = _c(4, min=1, max=16, doc="tree drafts: children expanded per node (draft_model / quantized_self), or matches merged (ngram)")
+    max_nodes: int = _c(16, min=2, max=64, doc="tree drafts: nodes verified per step, root included (<= 64)")
+
+
+@dataclass
 class DrafterConfig:
-    method: str = _c("none", check=drafter_choice, doc="none | ngram | quantized_self | draft_model (quasar.spec_decode.DRAFTERS)")
+    method: str = _c("none", check=drafter_choice, doc="none | ngram | quantized_self | draft_model | hierarchical (quasar.spec_decode.DRAFTERS)")
     num_tokens: int = _c(5, min=1, doc="k: tokens drafted per step")
     ngram: NgramConfig = _c(NgramConfig)
     scheme: Optional[str] = _c(None, check=scheme_choice, doc="quantized_self: scheme the draft runs (default w4a4)")
     model: Optional[str] = _c(None, doc="draft_model: path or name of the small draft model")
     adaptive: bool = _c(True, doc="choose the tokens drafted per step from the step cost model and each sequence's acceptance (false: always num_tokens)")
     kv: Literal["full", "upper"] = _c("full", doc="quantized_self on a hierarchical KV cache: the view its draft steps read (upper: the 4-bit upper plane, QuantSpec; full: both planes)")
+    tree: Optional[TreeConfig] = _c(None, doc="draft trees {depth, topk, max_nodes} for ngram / draft_model / quantized_self (SpecMQuant stage 1 for hierarchical); null = chains")
+    intermediate: str = _c("self", doc="hierarchical: the model that verifies the tree into a chain: 'self' (the target in drafter.scheme, default w4a16) or a draft model's path or name")
+    min_chain: int = _c(6, min=1, doc="hierarchical: chain length the intermediate builds before the target verifies it")
 
 
 def representation_choice(path: str, value):
@@ -344,6 +354,20 @@ def validate(cfg: DeployConfig) -> None:
         raise ConfigError(f"drafter.ngram.min ({d.ngram.min}) must be <= drafter.ngram.max ({d.ngram.max})")
     if d.method == "draft_model" and not d.model:
         raise ConfigError("drafter.method 'draft_model' needs drafter.model (a path or name of the draft model)")
+    if d.tree is not None:
+        if d.method == "none":
+            raise ConfigError("drafter.tree needs a drafter: set drafter.method to ngram, draft_model, "
+                              "quantized_self or hierarchical")
+        if cfg.kv_cache.representation != "dense":
+            raise ConfigError(f"drafter.tree (tree verification) needs kv_cache.representation dense; "
+                              f"{cfg.kv_cache.representation!r} does not move a tree's accepted path yet")
+        grown = 1 + d.tree.topk * (d.tree.depth - 1)
+        if d.method in ("draft_model", "quantized_self") and grown > 64:
+            raise ConfigError(f"drafter.tree: a model-drafted tree expands 1 + topk * (depth - 1) = {grown} "
+                              "nodes, more than the 64 a tree step takes; lower drafter.tree.topk or depth")
+    if d.method == "hierarchical" and d.tree is None:
+        raise ConfigError("drafter.method 'hierarchical' needs drafter.tree {depth, topk, max_nodes}: the "
+                          "stage-1 (n-gram) tree that the intermediate verifies into a chain")
     if d.kv == "upper" and (d.method != "quantized_self" or cfg.kv_cache.representation != "hierarchical-int4"):
         raise ConfigError("drafter.kv: upper (QuantSpec's draft on the 4-bit upper plane) needs drafter.method "
                           f"quantized_self and kv_cache.representation hierarchical-int4; got method {d.method!r} "

@@ -6,11 +6,14 @@ through block_table, tests/npu_emulation), so these tests check what the backend
 the cache layer itself in the (blocknum, KV_N, blocksize, D) layout, an int32 block table, the
 per-sequence KV lengths, the causal mask within a chunk (True = masked), and the scatter indices of
 the KV write. Random block tables (a shuffled free list), ragged lengths, GQA, chunk lengths 1, 4
-and 7, a varlen prefill step, and the fallbacks for block sizes the kernel refuses. With
+and 7, a varlen prefill step, and the fallbacks for block sizes the kernel refuses. Tree steps
+(draft trees of up to 64 nodes, tests/tree_util.py) against the float64 per-path definition and
+the reference: storage-index KV lengths and the explicit tree mask. With
 QUASAR_NPU_REAL=1 the same tests run on the real torch_npu (docs/ascend.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import sys
@@ -24,6 +27,7 @@ from quasar.engine.block_manager import BlockManager
 from quasar.engine.context import StepContext
 from quasar.kv.paged import PagedKVCache
 from quasar.ops import reference as R
+from tree_util import per_path_reference, tree_case
 
 REAL = use_real_torch_npu()
 ERRORS = (RuntimeError, ValueError, TypeError)
@@ -96,8 +100,12 @@ def _filled(npu, seed, lens, hkv, d, block_size, dtype):
 
 
 def _on(ctx: StepContext, device) -> StepContext:
-    return StepContext(ctx.positions.to(device), ctx.slot_mapping.to(device), list(ctx.query_start),
-                       ctx.block_tables.to(device), ctx.context_lens.to(device), ctx.chunk)
+    """ctx with its tensors on `device` (the tree fields too; host metadata kept)."""
+    mv = (lambda t: None if t is None else t.to(device))
+    return dataclasses.replace(ctx, positions=mv(ctx.positions), slot_mapping=mv(ctx.slot_mapping),
+                               query_start=list(ctx.query_start), block_tables=mv(ctx.block_tables),
+                               context_lens=mv(ctx.context_lens), tree_positions=mv(ctx.tree_positions),
+                               tree_mask=mv(ctx.tree_mask))
 
 
 @pytest.fixture
@@ -239,6 +247,125 @@ def test_unaligned_head_dim_verify_falls_back(npu):
 def test_float32_is_the_reference_exactly(npu):
     got, want, _ = _step_vs_reference(npu, torch.float32, [300, 12, 140], [7, 7, 7], 8, 2, 16, 128)
     assert torch.equal(got.cpu(), want)
+
+
+# ----------------------------------------------------------------------------------- tree steps
+
+def _tree_on_npu(npu, seed, h, hkv, d, ctx_lens, nodes, width, bs, dtype):
+    """tree_case's cache and step, with a copy of the cache on the npu."""
+    cache, ctx, q, parents = tree_case(seed, h, hkv, d, ctx_lens, nodes, width, bs, dtype=dtype)
+    dev = PagedKVCache(1, cache.k.shape[1], bs, hkv, d, dtype, npu.device)
+    dev.k.copy_(cache.k.to(npu.device)), dev.v.copy_(cache.v.to(npu.device))
+    return cache, dev, ctx, q, parents
+
+
+def _real_rows(nodes, width):
+    return torch.tensor([b * width + m for b, n in enumerate(nodes) for m in range(n)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("h,hkv", [(4, 4), (8, 2)])
+def test_tree_step_runs_page_attention_with_the_tree_mask(npu, fia_calls, dtype, h, hkv):
+    """A batched tree verify step (random trees of 9, 64, 1 and 33 nodes padded to 64 rows,
+    contexts inside one block and across three, GQA): one page-attention call whose KV lengths
+    are the last storage index + 1 and whose bool mask is the tree rule; every real row matches
+    the float64 per-path definition, every row (pads included) the reference."""
+    ctx_lens, nodes, width, bs, d = [5, 300, 129, 70], [9, 64, 1, 33], 64, 128, 64
+    cache, dev, ctx, q, parents = _tree_on_npu(npu, 11, h, hkv, d, ctx_lens, nodes, width, bs, dtype)
+    got = npu.paged_attention(q.to(npu.device), dev, 0, _on(ctx, npu.device))
+    assert got.shape == q.shape and got.dtype == dtype
+    rows = _real_rows(nodes, width)
+    want = per_path_reference(q, cache, 0, ctx, ctx_lens, parents, width)
+    ref = R.paged_attention(q, cache, 0, ctx)
+    if dtype == torch.float32:                 # the composed path is the reference itself
+        assert torch.equal(got.cpu(), ref)
+        assert torch.allclose(got.cpu()[rows].double(), want[rows], atol=1e-5)
+        return
+    assert rel(got[rows], want[rows]) <= TOL[dtype]
+    assert rel(got, ref) <= TOL[dtype]
+    assert len(fia_calls) == 1
+    c = fia_calls[0]
+    assert c["block_size"] == bs and c["block_table"].dtype == torch.int32
+    assert list(c["actual_seq_lengths_kv"]) == [cl + n for cl, n in zip(ctx_lens, nodes)]
+    m = c["atten_mask"]
+    assert m.dtype == torch.bool and tuple(m.shape) == (4, 1, width, ctx.block_tables.shape[1] * bs)
+    # sequence 1 (context 300, 64 nodes): node m sees the context and exactly its root path
+    par = parents[1]
+    for node in (0, 5, 63):
+        path, x = set(), node
+        while x >= 0:
+            path.add(x)
+            x = par[x]
+        seen = (~m[1, 0, node]).nonzero().view(-1).tolist()
+        assert seen == list(range(300)) + sorted(300 + x for x in path)
+
+
+def test_tree_pads_and_a_single_node_tree_decode(npu, fia_calls):
+    """Trees of one node (the root only: a decode step in tree form, Q_S = 1) still pass the
+    explicit mask, and match the reference."""
+    dtype, ctx_lens, nodes = torch.bfloat16, [40, 257, 3], [1, 1, 1]
+    cache, dev, ctx, q, parents = _tree_on_npu(npu, 12, 8, 2, 32, ctx_lens, nodes, 1, 128, dtype)
+    got = npu.paged_attention(q.to(npu.device), dev, 0, _on(ctx, npu.device))
+    want = per_path_reference(q, cache, 0, ctx, ctx_lens, parents, 1)
+    assert rel(got, want) <= TOL[dtype]
+    c = fia_calls[0]
+    assert c["block_table"] is not None and c["atten_mask"] is not None
+    assert list(c["actual_seq_lengths_kv"]) == [41, 258, 4]
+
+
+@pytest.mark.parametrize("bs,d", [(16, 32), (128, 24)])
+def test_tree_step_falls_back_to_a_gathered_copy(npu, fia_calls, caplog, bs, d):
+    """Block sizes (16: Q_S > 1 needs a multiple of 128) and head dims (24: not 16-aligned) the
+    page kernel refuses: the gathered copy and the dense kernel, with the same tree mask."""
+    dtype, ctx_lens, nodes, width = torch.bfloat16, [37, 64, 18], [20, 7, 13], 20
+    with caplog.at_level(logging.WARNING, logger="quasar"):
+        cache, dev, ctx, q, parents = _tree_on_npu(npu, 13, 8, 2, d, ctx_lens, nodes, width, bs, dtype)
+        got = npu.paged_attention(q.to(npu.device), dev, 0, _on(ctx, npu.device))
+    rows = _real_rows(nodes, width)
+    want = per_path_reference(q, cache, 0, ctx, ctx_lens, parents, width)
+    assert rel(got[rows], want[rows]) <= TOL[dtype]
+    assert rel(got, R.paged_attention(q, cache, 0, ctx)) <= TOL[dtype]
+    c = fia_calls[0]
+    assert c.get("block_table") is None and c["atten_mask"] is not None
+    assert ("block_size 16" if bs == 16 else "head_dim 24") in caplog.text
+
+
+def test_ragged_tree_step_batches_equal_node_counts(npu, fia_calls):
+    """Trees without padding rows (ctx.chunk == 0): one call per distinct node count, the
+    sequences of one count batched (their rows gathered), each with its own tree mask."""
+    dtype, ctx_lens, nodes, width, bs = torch.bfloat16, [50, 140, 9, 260], [9, 64, 9, 1], 64, 128
+    cache, dev, ctx, q, parents = _tree_on_npu(npu, 14, 8, 2, 32, ctx_lens, nodes, width, bs, dtype)
+    rows = _real_rows(nodes, width)
+    keep = rows.tolist()
+    qs = [0]
+    for n in nodes:
+        qs.append(qs[-1] + n)
+    tables = [ctx.block_tables[b, :-(-(c + n) // bs)].tolist() for b, (c, n) in enumerate(zip(ctx_lens, nodes))]
+    sub = StepContext.make([ctx.host_positions[i] for i in keep], [ctx.host_slots[i] for i in keep], qs, tables,
+                           [c + n for c, n in zip(ctx_lens, nodes)], 0, "cpu", ctx.block_tables.shape[1],
+                           ctx.tree_positions[rows].tolist(), [m & ((1 << 64) - 1) for m in ctx.tree_mask[rows].tolist()])
+    got = npu.paged_attention(q[rows].to(npu.device), dev, 0, _on(sub, npu.device))
+    want = per_path_reference(q, cache, 0, ctx, ctx_lens, parents, width)[rows]
+    assert rel(got, want) <= TOL[dtype]
+    assert rel(got, R.paged_attention(q[rows], cache, 0, sub)) <= TOL[dtype]
+    assert sorted(c["query_shape"][2] for c in fia_calls) == [1, 9, 64]
+    nine = next(c for c in fia_calls if c["query_shape"][2] == 9)
+    assert nine["query_shape"][0] == 2 and list(nine["actual_seq_lengths_kv"]) == [59, 18]
+
+
+def test_tree_metadata_follows_an_in_place_rewrite_of_the_tree_mask(npu):
+    """The per-step metadata is cached on the identity and version of ctx's tensors, the tree
+    fields included: rewriting tree_mask in place (a static buffer) rebuilds the mask."""
+    dtype, ctx_lens, nodes, width = torch.bfloat16, [30, 150], [17, 40], 40
+    cache, dev, ctx, q, parents = _tree_on_npu(npu, 15, 4, 2, 32, ctx_lens, nodes, width, 128, dtype)
+    dctx, qd = _on(ctx, npu.device), q.to(npu.device)
+    first = npu.paged_attention(qd, dev, 0, dctx).clone()
+    assert torch.equal(npu.paged_attention(qd, dev, 0, dctx).cpu(), first.cpu())      # cached: the same
+    dctx.tree_mask.fill_(1)                                  # every row: the context and the root only
+    got = npu.paged_attention(qd, dev, 0, dctx)
+    want = R.paged_attention(q, cache, 0, dataclasses.replace(ctx, tree_mask=torch.ones_like(ctx.tree_mask)))
+    assert rel(got, want) <= TOL[dtype]
+    assert rel(got, first) > 5e-2
 
 
 # ------------------------------------------------------------------------ paged_rope_kv_write

@@ -22,6 +22,16 @@ positions and o are [N = B * T, ...] (sequence b's rows are tokens b*T .. b*T + 
 s % PBS of block block_tables[b, s // PBS] (a gather per row, so the tile BS is independent of
 the page size). KV_LEN is the block table's width * PBS; the visible length still comes from the
 positions. Ragged steps (varlen prefill) are left to the reference (see the backend).
+
+Tree steps (HAS_TREE; quasar.spec_decode.tree, ctx.tree_mask): a uniform paged step whose chunk
+holds each sequence's draft tree (T <= MAX_TREE_T = 64 nodes). The positions passed are storage
+indices (ctx.attn_positions: node m of sequence b at s_b + m, s_b = its token 0's) and each row
+loads its int64 ancestor mask: slot s is visible iff s <= pos and (s < s_b or bit s - s_b of the
+mask), quasar.ops.reference.visible; only the blocks that reach s_b evaluate the mask. T * G may
+exceed MAX_ROWS: the rows are then tiled (TILED), RT = cdiv(T, TT) programs per (sequence, kv
+head), each owning TT = MAX_ROWS // G whole tokens (grid axis 0: (b * Hkv + hk) * RT + rt; the
+split records and the combine kernel follow it). A tile's visible length is its own rows' max
+position + 1. With one tile (RT = 1) the kernel is the untiled one.
 """
 from __future__ import annotations
 
@@ -36,12 +46,18 @@ from ._common import pdl_kw, pdl_prologue, INTERPRETED, early_loads, to_dtype
 
 MAX_ROWS = 128      # T * (H / Hkv) handled by one program
 MAX_T = 16
+MAX_TREE_T = 64     # a tree step's chunk (quasar.spec_decode.tree.MAX_NODES): its rows are tiled
 
 
 @triton.jit
 def _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr, sm_b, sm_t, sm_s, qk_scale,
-                HAS_MASK: tl.constexpr, F32DOT: tl.constexpr):
-    """One block of BS cache slots: scores, visibility, online softmax, O += P @ V."""
+                s0, tm, s_root, HAS_MASK: tl.constexpr, F32DOT: tl.constexpr, HAS_TREE: tl.constexpr,
+                BS: tl.constexpr):
+    """One block of BS cache slots s = s0 + [0, BS): scores, visibility, online softmax, O += P @ V.
+    HAS_TREE: the rows' ancestor bitmasks tm [BR] (int64) over the tree's nodes, which sit at
+    slots s_root + m; a slot below s_root is context (visible up to the position rule), slot
+    s_root + m is visible iff bit m of the row's mask is set. Only blocks that reach s_root pay
+    for the mask."""
     if F32DOT:
         scores = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision="ieee")
     else:
@@ -52,6 +68,11 @@ def _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr, s
         mk = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + s[None, :] * sm_s,
                      mask=r_ok[:, None] & s_ok[None, :], other=0)
         allow = allow & (mk != 0)
+    if HAS_TREE:
+        if s0 + BS > s_root:
+            rel = s - s_root
+            bit = (tm[:, None] >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)[None, :]) & 1
+            allow = allow & ((rel < 0)[None, :] | (bit != 0))
     scores = tl.where(allow, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -97,25 +118,42 @@ def _split_range(pos_ptr, b, t, r_ok, sp_b, sp_t, split, KV_LEN, NUM_SPLITS: tl.
     return pos, start, end
 
 
-@triton.jit(do_not_specialize=["T", "KV_LEN"])
-def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_ptr, bt_ptr,
-                 T, HKV, KV_LEN, D, qk_scale,
+@triton.jit(do_not_specialize=["T", "KV_LEN", "RT"])
+def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_ptr, bt_ptr, tm_ptr,
+                 T, HKV, KV_LEN, D, qk_scale, RT,
                  sq_b, sq_t, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sp_b, sp_t,
                  sm_b, sm_t, sm_s, so_b, so_t, so_h, sbt,
                  G: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                  NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, F32DOT: tl.constexpr,
                  EARLY_KV: tl.constexpr, PAGED: tl.constexpr, PBS: tl.constexpr,
+                 HAS_TREE: tl.constexpr, TILED: tl.constexpr, TT: tl.constexpr,
                  INTERP: tl.constexpr, PDL: tl.constexpr):
-    pid_bh = tl.program_id(0)
+    pid = tl.program_id(0)
     split = tl.program_id(1)
+    r = tl.arange(0, BR)
+    if TILED:
+        # RT tiles of TT whole tokens (TT * G <= BR rows) per (sequence, kv head): program
+        # pid = (b * HKV + hk) * RT + rt owns tokens rt * TT .. rt * TT + TT - 1
+        pid_bh = pid // RT
+        t = (pid % RT) * TT + r // G
+        r_ok = (r < TT * G) & (t < T)
+    else:
+        pid_bh = pid
+        t = r // G
+        r_ok = t < T
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    r = tl.arange(0, BR)
-    t = r // G
     h = hk * G + r % G
-    r_ok = t < T
     d = tl.arange(0, BD)
     d_ok = d < D
+    if HAS_TREE:
+        # the rows' ancestor masks (indexed like the positions) and the tree's root slot s_b: the
+        # (storage) position of the sequence's token 0
+        tm = tl.load(tm_ptr + b * sp_b + t * sp_t, mask=r_ok, other=0)
+        s_root = tl.load(pos_ptr + b * sp_b).to(tl.int32)
+    else:
+        tm = r_ok
+        s_root = 0
     if EARLY_KV:
         # Before waiting for the previous kernel: the positions (an input no kernel writes), this
         # split's range, and the first block of K/V at the slots the chunk does not write (slots
@@ -144,7 +182,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
         kt = tl.where(new[:, None], kn, kt)
         vt = tl.where(new[:, None], vn, vt)
         m_i, l_i, acc = _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr,
-                                    sm_b, sm_t, sm_s, qk_scale, HAS_MASK, F32DOT)
+                                    sm_b, sm_t, sm_s, qk_scale, start, tm, s_root, HAS_MASK, F32DOT,
+                                    HAS_TREE, BS)
         s_first = start + BS
     else:
         pos, start, end = _split_range(pos_ptr, b, t, r_ok, sp_b, sp_t, split, KV_LEN, NUM_SPLITS, BS)
@@ -155,14 +194,15 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
         kt, vt = _kv_tile(k_ptr, v_ptr, bt_ptr, b, hk, s, s_ok, d, d_ok, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                           sbt, PAGED, PBS)
         m_i, l_i, acc = _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr,
-                                    sm_b, sm_t, sm_s, qk_scale, HAS_MASK, F32DOT)
+                                    sm_b, sm_t, sm_s, qk_scale, s0, tm, s_root, HAS_MASK, F32DOT,
+                                    HAS_TREE, BS)
     if NUM_SPLITS == 1:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         ODT: tl.constexpr = o_ptr.dtype.element_ty
         tl.store(o_ptr + b * so_b + t[:, None] * so_t + h[:, None] * so_h + d[None, :],
                  to_dtype(o, ODT, INTERP), mask=r_ok[:, None] & d_ok[None, :])
     else:
-        rec = pid_bh * NUM_SPLITS + split
+        rec = pid * NUM_SPLITS + split
         tl.store(wml_ptr + (rec * 2) * BR + r, m_i)
         tl.store(wml_ptr + (rec * 2 + 1) * BR + r, l_i)
         if start < end:
@@ -172,17 +212,26 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
 @triton.jit
 def _attn_combine_kernel(wacc_ptr, wml_ptr, o_ptr, HKV, D, so_b, so_t, so_h,
                          G: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, NSP: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, NSP: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
+                         T=0, RT=1, TILED: tl.constexpr = False, TT: tl.constexpr = 1):
+    """Grid (programs of the attention kernel, rows per program): merges one row's split records.
+    TILED (row tiles, see _attn_kernel): program p = (b * HKV + hk) * RT + rt, row r of it is token
+    rt * TT + r // G (< T) of sequence b."""
     pdl_prologue(PDL)
-    pid_bh = tl.program_id(0)
+    pid = tl.program_id(0)
     r = tl.program_id(1)
+    if TILED:
+        pid_bh = pid // RT
+        t = (pid % RT) * TT + r // G
+    else:
+        pid_bh = pid
+        t = r // G
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    t = r // G
     h = hk * G + r % G
     sp = tl.arange(0, NSP)
     sp_ok = sp < NUM_SPLITS
-    rec = pid_bh * NUM_SPLITS + sp
+    rec = pid * NUM_SPLITS + sp
     m = tl.load(wml_ptr + (rec * 2) * BR + r, mask=sp_ok, other=float("-inf"))
     l = tl.load(wml_ptr + (rec * 2 + 1) * BR + r, mask=sp_ok, other=0.0)
     m_max = tl.max(m, axis=0)
@@ -191,6 +240,8 @@ def _attn_combine_kernel(wacc_ptr, wml_ptr, o_ptr, HKV, D, so_b, so_t, so_h,
     total = tl.sum(l * w, axis=0)
     d = tl.arange(0, BD)
     d_ok = d < D
+    if TILED:
+        d_ok = d_ok & (t < T)
     live = sp_ok & (l > 0.0)
     a = tl.load(wacc_ptr + rec[:, None] * BR * BD + r * BD + d[None, :], mask=live[:, None],
                 other=0.0)
@@ -200,9 +251,13 @@ def _attn_combine_kernel(wacc_ptr, wml_ptr, o_ptr, HKV, D, so_b, so_t, so_h,
     tl.store(o_ptr + b * so_b + t * so_t + h * so_h + d, to_dtype(o, ODT, INTERP), mask=d_ok)
 
 
-def _check_chunk(t: int, g: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """The limits the kernel's one-program-per-kv-head layout puts on a step (dense and paged)."""
-    if t > MAX_T or t * g > MAX_ROWS:
+def _check_chunk(t: int, g: int, k: torch.Tensor, v: torch.Tensor, tree: bool = False) -> None:
+    """The limits the kernel puts on a step (dense and paged): a chain of <= MAX_T tokens in one
+    program per kv head (<= MAX_ROWS rows), a tree of <= MAX_TREE_T tokens (rows tiled)."""
+    if tree:
+        if t > MAX_TREE_T:
+            raise UnsupportedError(f"the Triton attention kernel takes trees of <= {MAX_TREE_T} nodes; got T={t}")
+    elif t > MAX_T or t * g > MAX_ROWS:
         raise UnsupportedError(f"the Triton attention kernel takes chunks of <= {MAX_T} tokens "
                                f"(<= {MAX_ROWS} query rows per kv head); got T={t}, G={g}")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -231,40 +286,55 @@ def default_splits(batch_heads: int, kv_len: int, device) -> int:
     return int(max(1, min(want, triton.cdiv(kv_len, 64), 64)))
 
 
+def row_tiles(t: int, g: int) -> tuple[int, int]:
+    """(RT, TT): a chunk of t tokens with g query rows each per kv head is cut into RT programs of
+    TT whole tokens (TT * g <= MAX_ROWS rows; one token per program if g > MAX_ROWS)."""
+    if t * g <= MAX_ROWS:
+        return 1, t
+    tt = max(1, MAX_ROWS // g)
+    return triton.cdiv(t, tt), tt
+
+
 def _launch(q, k, v, positions, pos_strides, mk, sm, out, bsz, t, hkv, kv_len, bt, sbt, pbs, qs, os_,
-            num_splits, block_s, num_warps, num_stages, early, opts):
+            num_splits, block_s, num_warps, num_stages, early, opts, tree=None):
     """One launch of _attn_kernel (+ the combine kernel when split) over B = bsz sequences of t
     rows each. qs / os_: (sequence, token, head) strides of q / out; mk: the mask (uint8, strides
-    sm) or None; bt: the block tables (paged, pbs slots per block) or None (dense)."""
+    sm) or None; bt: the block tables (paged, pbs slots per block) or None (dense); tree: the
+    tokens' int64 ancestor masks (a tree step, indexed like `positions`, which then hold storage
+    indices) or None. Rows are tiled (RT programs per sequence and kv head) when t * G > MAX_ROWS."""
     h, dh = q.shape[-2], q.shape[-1]
     g = h // hkv
-    br = max(16, triton.next_power_of_2(t * g))
+    rt, tt = row_tiles(t, g)
+    br = max(16, triton.next_power_of_2(tt * g))
     bd = max(16, triton.next_power_of_2(dh))
     bs = block_s or (32 if INTERPRETED else 64)
-    ns = num_splits or default_splits(bsz * hkv, kv_len, q.device)
+    progs = bsz * hkv * rt
+    ns = num_splits or default_splits(progs, kv_len, q.device)
     f32dot = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
     qk_scale = dh ** -0.5 * 1.4426950408889634   # log2(e): the kernel uses exp2
     if ns > 1:
-        wacc = torch.empty(bsz * hkv * ns * br * bd, dtype=torch.float32, device=q.device)
-        wml = torch.empty(bsz * hkv * ns * 2 * br, dtype=torch.float32, device=q.device)
+        wacc = torch.empty(progs * ns * br * bd, dtype=torch.float32, device=q.device)
+        wml = torch.empty(progs * ns * 2 * br, dtype=torch.float32, device=q.device)
     else:
         wacc = wml = out
     nw = num_warps or (1 if INTERPRETED else 4)
     nst = num_stages or (1 if INTERPRETED else 2)
-    _attn_kernel[(bsz * hkv, ns)](
+    tiled = rt > 1
+    _attn_kernel[(progs, ns)](
         q, k, v, positions, positions if mk is None else mk, out, wacc, wml,
-        positions if bt is None else bt, t, hkv, kv_len, dh, qk_scale,
+        positions if bt is None else bt, positions if tree is None else tree, t, hkv, kv_len, dh, qk_scale, rt,
         qs[0], qs[1], qs[2], k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), pos_strides[0], pos_strides[1],
         sm[0], sm[1], sm[2], os_[0], os_[1], os_[2], sbt,
         G=g, BR=br, BS=bs, BD=bd, NUM_SPLITS=ns, HAS_MASK=mk is not None, F32DOT=bool(f32dot),
-        EARLY_KV=early, PAGED=bt is not None, PBS=int(pbs), INTERP=INTERPRETED, num_warps=nw,
-        num_stages=nst, **pdl_kw(q.device, opts))
+        EARLY_KV=early, PAGED=bt is not None, PBS=int(pbs), HAS_TREE=tree is not None, TILED=tiled,
+        TT=tt if tiled else 1, INTERP=INTERPRETED, num_warps=nw, num_stages=nst, **pdl_kw(q.device, opts))
     if ns > 1:
-        _attn_combine_kernel[(bsz * hkv, t * g)](
+        extra = dict(T=t, RT=rt, TILED=True, TT=tt) if tiled else {}
+        _attn_combine_kernel[(progs, tt * g)](
             wacc, wml, out, hkv, dh, os_[0], os_[1], os_[2],
             G=g, BR=br, BD=bd, NUM_SPLITS=ns, NSP=max(2, triton.next_power_of_2(ns)),
-            INTERP=INTERPRETED, num_warps=1 if INTERPRETED else 4, **pdl_kw(q.device, opts))
+            INTERP=INTERPRETED, num_warps=1 if INTERPRETED else 4, **extra, **pdl_kw(q.device, opts))
     return out
 
 
@@ -302,22 +372,27 @@ def attention(q: torch.Tensor, cache, layer: int, positions: torch.Tensor, kv_le
 
 def supports_paged(q: torch.Tensor, cache, ctx) -> bool:
     """Whether the Triton kernel takes this paged_attention call: every sequence has the same
-    chunk length T (ctx.chunk = T > 0, N = B * T), T <= MAX_T and T * (H / Hkv) <= MAX_ROWS
+    chunk length T (ctx.chunk = T > 0, N = B * T), and either a chain with T <= MAX_T and
+    T * (H / Hkv) <= MAX_ROWS or a tree (ctx.tree_mask) with T <= MAX_TREE_T (rows tiled)
     (else the reference: ragged / prefill chunks)."""
     n, h, _ = q.shape
     hkv = cache.k[0].shape[1]
     t = int(getattr(ctx, "chunk", 0) or 0)
-    return (getattr(cache, "representation", "dense") == "paged" and 0 < t <= MAX_T and h % hkv == 0
-            and t * (h // hkv) <= MAX_ROWS and n == ctx.num_seqs * t)
+    if getattr(cache, "representation", "dense") != "paged" or t <= 0 or h % hkv or n != ctx.num_seqs * t:
+        return False
+    if getattr(ctx, "tree_mask", None) is not None:
+        return t <= MAX_TREE_T
+    return t <= MAX_T and t * (h // hkv) <= MAX_ROWS
 
 
 def paged_meta(ctx, block_size: int):
-    """A uniform paged step's launch metadata: int64 contiguous block tables and flat positions,
-    and the launch's KV_LEN (the tables' width in slots)."""
+    """A uniform paged step's launch metadata: int64 contiguous block tables and flat positions
+    (what the attention's visibility reads: ctx.attn_positions, the storage indices of a tree
+    step), and the launch's KV_LEN (the tables' width in slots)."""
     bt = ctx.block_tables
     if bt.dtype != torch.int64 or bt.stride(-1) != 1:
         bt = bt.to(torch.int64).contiguous()
-    pos = ctx.positions.reshape(-1)
+    pos = getattr(ctx, "attn_positions", ctx.positions).reshape(-1)
     if pos.dtype != torch.int64 or pos.stride(-1) != 1:
         pos = pos.to(torch.int64).contiguous()
     return bt, pos, bt.shape[1] * block_size
@@ -333,7 +408,12 @@ def paged_attention(q: torch.Tensor, cache, layer: int, ctx, num_splits: Optiona
     visible length is read from the positions). Early K/V loads (EARLY_KV) are off here: they
     assume that the kernel before writes no slot below the chunk's lowest position, which the
     dense cache's positions guarantee but a slot mapping need not (slots are separate from
-    positions)."""
+    positions).
+
+    A tree step (ctx.tree_mask, T <= MAX_TREE_T): positions are ctx.tree_positions (storage
+    indices) and token i of sequence b sees slot j iff j <= tree_positions[i] and (j < s_b or bit
+    j - s_b of tree_mask[i]), s_b the storage index of b's first token (reference.visible). Its
+    T * (H / Hkv) rows per kv head are cut into tiles of <= MAX_ROWS rows (row_tiles)."""
     if getattr(cache, "representation", "dense") != "paged":
         raise UnsupportedError("paged_attention reads a paged KV cache (dense: attention)")
     n, h, dh = q.shape
@@ -348,7 +428,8 @@ def paged_attention(q: torch.Tensor, cache, layer: int, ctx, num_splits: Optiona
     if t <= 0 or n != bsz * t:
         raise UnsupportedError(f"the Triton paged attention kernel takes steps whose {bsz} sequences all "
                                f"have one chunk length (ctx.chunk = {t}, {n} tokens)")
-    _check_chunk(t, g, k, v)
+    tmask = getattr(ctx, "tree_mask", None)
+    _check_chunk(t, g, k, v, tree=tmask is not None)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if out is None:
@@ -357,8 +438,12 @@ def paged_attention(q: torch.Tensor, cache, layer: int, ctx, num_splits: Optiona
         return out
     pbs = cache.block_size
     bt, pos, kv_len = paged_meta(ctx, pbs)
-    # sequence b, token i is row b * t + i of q / positions / out
+    if tmask is not None:
+        tmask = tmask.reshape(-1)
+        if tmask.dtype != torch.int64 or tmask.stride(-1) != 1:
+            tmask = tmask.to(torch.int64).contiguous()
+    # sequence b, token i is row b * t + i of q / positions / out (and of the tree masks)
     return _launch(q, k, v, pos, (t, 1), None, (0, 0, 0), out, bsz, t, hkv, kv_len, bt, bt.stride(0), pbs,
                    (t * q.stride(0), q.stride(0), q.stride(1)),
                    (t * out.stride(0), out.stride(0), out.stride(1)),
-                   num_splits, block_s, num_warps, num_stages, False, opts)
+                   num_splits, block_s, num_warps, num_stages, False, opts, tree=tmask)

@@ -184,6 +184,11 @@ class BlockManager:
         bs = self.block_size
         return [table.blocks[p // bs] * bs + p % bs for p in range(start, end)]
 
+    def slots_at(self, table: BlockTable, positions: list[int]) -> list[int]:
+        """Cache slots of the given positions of the sequence."""
+        bs = self.block_size
+        return [table.blocks[p // bs] * bs + p % bs for p in positions]
+
     def check(self) -> None:
         """Invariants (tests): every block is free xor referenced; the hash index points at blocks
         holding that hash."""

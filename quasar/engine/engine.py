@@ -191,7 +191,7 @@ class Engine:
             return finished
         K = self.choose_k(seqs)
         ks = [min(K, self._room(s)) for s in seqs]
-        kept, failed = self.sched.reserve(seqs, [len(s) + k for s, k in zip(seqs, ks)])
+        kept, failed = self.sched.reserve(seqs, [len(s) + self.drafter.storage(k) for s, k in zip(seqs, ks)])
         finished += failed
         if len(kept) < len(seqs):
             ks = [k for s, k in zip(seqs, ks) if s in kept]
@@ -203,11 +203,52 @@ class Engine:
         self.cached = [len(s) - 1 for s in seqs]
         self.last = torch.tensor([s.last_token for s in seqs], dtype=torch.int64, device=dev)
         draft = self.drafter.propose_batch(seqs, ks, self)
-        counts = draft.counts
-        T = 1 + max(counts, default=0)
         if self.sync is not None and self.drafter.on_device:
             self.sync()
         t1 = time.perf_counter()
+        verify = self._verify_chain if draft.parents is None else self._verify_tree
+        accepted, tries, T = verify(seqs, draft)            # the step's one host sync is in here
+        t2 = time.perf_counter()
+        B = len(seqs)
+        if self.cost is not None:
+            self.cost.observe(B * T, t2 - t1)
+        self.k_hist[K] = self.k_hist.get(K, 0) + 1
+        for s, c, d, k, new, tried in zip(seqs, self.cached, draft.counts, ks, accepted, tries):
+            na = len(new) - 1
+            st = s.stats
+            st.steps += 1
+            st.drafted += d
+            st.accepted += na
+            st.k_sum += k
+            st.draft_s += t1 - t0
+            st.verify_s += t2 - t1
+            st.decode_s += t2 - t0
+            if len(st.pos_tries) < tried:
+                st.pos_tries += [0] * (tried - len(st.pos_tries))
+                st.pos_accepts += [0] * (tried - len(st.pos_accepts))
+            for i in range(tried):
+                st.pos_tries[i] += 1
+                st.pos_accepts[i] += int(i < na)
+            s.observe(tried, na)
+            got = s.append(new)
+            st.decode_tokens += len(got)
+            if s.on_tokens and got:
+                s.on_tokens(got)
+            s.num_computed = c + 1 + na                # last + the accepted drafts now hold KV
+            self.drafter.commit_seq(s, c + 1 + na)
+            if not s.is_finished and len(s) - 1 >= self.max_seq_len:
+                s.finish("max_seq_len")
+            if s.is_finished:
+                self._done(s, finished)
+        self.peak_blocks = max(self.peak_blocks, self.blocks.num_used)
+        return finished
+
+    def _verify_chain(self, seqs: list[Sequence], draft) -> tuple[list[list[int]], list[int], int]:
+        """Verify chain drafts: one causal chunk of T = 1 + max d_b tokens per sequence. Returns
+        each sequence's new tokens (accepted drafts + the verifier's next), its drafted depth, T."""
+        dev = self.device
+        counts = draft.counts
+        T = 1 + max(counts, default=0)
         B = len(seqs)
         ids = torch.zeros(B, T, dtype=torch.int64, device=dev)
         ids[:, 0] = self.last
@@ -231,40 +272,58 @@ class Engine:
         else:
             n = torch.zeros(B, dtype=torch.int64, device=dev)
         host = torch.cat([n[:, None], target], 1).tolist()     # the step's one host sync
-        t2 = time.perf_counter()
-        if self.cost is not None:
-            self.cost.observe(B * T, t2 - t1)
-        self.k_hist[K] = self.k_hist.get(K, 0) + 1
-        for s, c, d, k, row in zip(seqs, self.cached, counts, ks, host):
-            na = row[0]
-            new = row[1:2 + na]
-            st = s.stats
-            st.steps += 1
-            st.drafted += d
-            st.accepted += na
-            st.k_sum += k
-            st.draft_s += t1 - t0
-            st.verify_s += t2 - t1
-            st.decode_s += t2 - t0
-            if len(st.pos_tries) < d:
-                st.pos_tries += [0] * (d - len(st.pos_tries))
-                st.pos_accepts += [0] * (d - len(st.pos_accepts))
-            for i in range(d):
-                st.pos_tries[i] += 1
-                st.pos_accepts[i] += int(i < na)
-            s.observe(d, na)
-            got = s.append(new)
-            st.decode_tokens += len(got)
-            if s.on_tokens and got:
-                s.on_tokens(got)
-            s.num_computed = c + 1 + na                # last + the accepted drafts now hold KV
-            self.drafter.commit_seq(s, c + 1 + na)
-            if not s.is_finished and len(s) - 1 >= self.max_seq_len:
-                s.finish("max_seq_len")
-            if s.is_finished:
-                self._done(s, finished)
-        self.peak_blocks = max(self.peak_blocks, self.blocks.num_used)
-        return finished
+        return [row[1:2 + row[0]] for row in host], list(counts), T
+
+    def tree_width(self, n: int) -> int:
+        """The verify chunk of a tree step whose largest tree has n nodes: the smallest of the
+        runner's captured tree sizes that holds it (n itself when none does)."""
+        return min((w for w in getattr(self.runner, "tree_lengths", ()) if w >= n), default=n)
+
+    def _verify_tree(self, seqs: list[Sequence], draft) -> tuple[list[list[int]], list[int], int]:
+        """Verify tree drafts (quasar.spec_decode.tree): node m of sequence b at storage c_b + m and
+        position c_b + depth, attending to its ancestors through the step's tree mask; the
+        accepted path is read on the host after the step's one sync, and its K/V moved to the
+        positions AR decoding would have written (one cache move for the whole step)."""
+        from quasar.spec_decode import tree
+        dev = self.device
+        B = len(seqs)
+        T = self.tree_width(1 + max(draft.counts, default=0))
+        ids = torch.zeros(B, T, dtype=torch.int64, device=dev)
+        ids[:, 0] = self.last
+        w = min(draft.tokens.shape[1], T - 1)
+        if w > 0:
+            ids[:, 1:1 + w] = draft.tokens[:, :w]
+        pos, slots, qs, lens, tpos, tmask = [], [], [0], [], [], []
+        scratch = self.runner.scratch_slot
+        for s, c, par in zip(seqs, self.cached, draft.parents):
+            n = len(par)
+            r = tree.rows(c, par, T)
+            pos += r.positions
+            tpos += r.storage
+            tmask += r.mask
+            slots += self.blocks.slots(s.table, c, c + n) + [scratch] * (T - n)
+            qs.append(qs[-1] + T)
+            lens.append(c + n)
+        ctx = StepContext.make(pos, slots, qs, [s.table.blocks for s in seqs], lens, T, dev,
+                               self.runner.max_blocks, tpos, tmask)
+        logits = self.runner.run(ids.view(-1), ctx, "verify" if T > 1 else "decode")
+        rows_seqs = [s for s in seqs for _ in range(T)]
+        target = self.pick(logits, rows_seqs, [p + 1 for p in pos]).view(B, T)
+        host = torch.cat([target, ids], 1).tolist()           # the step's one host sync
+        out, tries, src, dst = [], [], [], []
+        for s, c, par, row in zip(seqs, self.cached, draft.parents, host):
+            tg, tok = row[:T], row[T:]
+            path = tree.accepted_path(tok[:len(par)], par, tg)
+            out.append([tok[a] for a in path[1:]] + [tg[path[-1]]])
+            tries.append(max(tree.depths(par)))
+            moved = [(a, i) for i, a in enumerate(path) if a != i]
+            if moved:
+                src += self.blocks.slots_at(s.table, [c + a for a, _ in moved])
+                dst += self.blocks.slots_at(s.table, [c + i for _, i in moved])
+        if src:
+            self.runner.cache.move_slots(torch.tensor(src, dtype=torch.int64, device=dev),
+                                         torch.tensor(dst, dtype=torch.int64, device=dev))
+        return out, tries, T
 
     def choose_k(self, seqs: list[Sequence]) -> int:
         if not self.adaptive or self.cost is None:

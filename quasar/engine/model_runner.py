@@ -22,7 +22,7 @@ class ModelRunner:
     def __init__(self, model, batch: int = 1, chunk_lengths: Sequence[int] = (),
                  modes: Sequence[str] = ("verify",), graphs: Optional[bool] = None,
                  kv_blocks: Optional[int] = None, block_size: int = 16, buckets: Sequence[int] = (),
-                 layout: Optional["kv.Layout"] = None):
+                 layout: Optional["kv.Layout"] = None, tree_lengths: Sequence[int] = ()):
         """chunk_lengths / modes: the steps to capture (decode and verify chunk lengths; "draft"
         too for QSpec). graphs: None = capture where the backend can, True = must, False = never.
         kv_blocks: a paged cache of that many blocks of `block_size` (the batched runtime, `run`),
@@ -31,7 +31,16 @@ class ModelRunner:
         batch sizes whose uniform steps (chunk_lengths x modes) the paged runner captures.
         Modes of the paged runner: prefill / decode / verify run the verifier's scheme, draft the
         draft scheme (QSpec); a captured graph of mode "verify" serves decode steps too. layout: the
-        paged cache's representation (quasar.kv.Layout; None = dense blocks of block_size)."""
+        paged cache's representation (quasar.kv.Layout; None = dense blocks of block_size).
+        tree_lengths: the draft-tree sizes (nodes per sequence, root included, <= tree.MAX_NODES)
+        whose tree verify steps the paged runner captures too (x buckets x modes); a tree step of
+        another size runs eagerly, never from a chain graph. Paged runners only."""
+        from quasar.spec_decode.tree import MAX_NODES
+        self.tree_lengths = tuple(sorted({int(t) for t in tree_lengths}))
+        if any(not 1 <= t <= MAX_NODES for t in self.tree_lengths):
+            raise ConfigError(f"tree_lengths must lie in [1, {MAX_NODES}] (nodes per tree), got {list(tree_lengths)}")
+        if self.tree_lengths and kv_blocks is None:
+            raise ConfigError("tree_lengths needs the paged KV cache (kv_blocks): draft trees run on the batched runtime")
         self.model = model
         self.backend = model.backend
         self.captured = None
@@ -44,8 +53,9 @@ class ModelRunner:
             self.num_blocks, self.block_size = kv_blocks, block_size
             self.scratch_slot = kv_blocks * block_size
             self.max_blocks = -(-model.max_seq_len // block_size)    # a block table's width
-            if graphs is not False and chunk_lengths and buckets:
-                self.captured = self.backend.paged_graph_runner(self, buckets, list(chunk_lengths), tuple(modes))
+            if graphs is not False and (chunk_lengths or self.tree_lengths) and buckets:
+                self.captured = self.backend.paged_graph_runner(self, buckets, list(chunk_lengths), tuple(modes),
+                                                                self.tree_lengths)
             if graphs and self.captured is None:
                 raise ConfigError(f"runtime.cuda_graphs is true but the {self.backend.name} backend on "
                                   f"{self.model.device} has no graph capture; set it to null or false")

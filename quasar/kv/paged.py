@@ -39,6 +39,15 @@ class PagedKVCache:
     def attend(self, backend, layer, q, ctx, draft: bool = False):
         return backend.paged_attention(q, self, layer, ctx)
 
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every layer's K/V at slots src[i] -> slots dst[i] (a tree's accepted path, compacted to
+        the positions AR decoding writes): one gather and one scatter over all layers. Every source
+        is read before any destination is written, so a destination may be another move's source."""
+        bs = self.block_size
+        sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
+        self.k[:, db, :, do] = self.k[:, sb, :, so]
+        self.v[:, db, :, do] = self.v[:, sb, :, so]
+
     # the runtime's hooks (representations that keep host-side state use them)
     prefix_caching = True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .drafter import Draft, Drafter
+from .tree_grow import grow, grown_slots
 from .sampling import SamplingParams, probs, sample
 
 
@@ -13,13 +14,18 @@ class DraftModelDrafter(Drafter):
 
     @classmethod
     def from_config(cls, cfg, runner, sampling, draft_runner=None):
-        return cls(draft_runner, sampling)
+        return cls(draft_runner, sampling, tree=cfg.tree)
 
-    def __init__(self, runner, sp: SamplingParams, generator: torch.Generator | None = None):
-        """runner: the draft model's ModelRunner (its own KV cache)."""
+    def __init__(self, runner, sp: SamplingParams, generator: torch.Generator | None = None, tree=None):
+        """runner: the draft model's ModelRunner (its own KV cache). tree:
+        quasar.config.TreeConfig: grow EAGLE-2 trees (quasar.spec_decode.tree_grow); None: chains."""
         self.runner, self.sp = runner, sp
         self.generator = generator
         self.cached = 0
+        self.tree = tree
+
+    def storage(self, k):
+        return k if self.tree is None or k == 0 else max(k, grown_slots(self.tree))
 
     def begin(self, prompt):
         self.cached = 0
@@ -71,6 +77,11 @@ class DraftModelDrafter(Drafter):
         starts = [s.drafter_state for s in seqs]
         ctx, ids, rows = engine.catch_up_ctx(seqs, starts)
         logits = m.run(ids, ctx, mode="prefill", rows=rows)
+        if self.tree is not None:
+            draft = grow(engine, seqs, ks, m, "verify", logits, self.tree)
+            for s, c in zip(seqs, engine.cached):
+                s.drafter_state = ("written", c + 1)       # the root's K/V; the tree's are not a chain
+            return draft
         cur = engine.pick(logits, seqs, [c + 1 for c in engine.cached])
         toks = [cur]
         for j in range(1, k_max):

@@ -18,6 +18,9 @@ class BatchDraft:
     """A batched runtime's drafts: row b holds sequence b's counts[b] tokens (padded to K)."""
     tokens: torch.Tensor                   # [B, K] int64 on the model's device (K may be 0)
     counts: list[int]
+    # tree drafts (quasar.spec_decode.tree): parents[b] has counts[b] + 1 entries, node 0 the root
+    # (the sequence's last token, parent -1) and node m the token tokens[b, m - 1]; None = chains
+    parents: Optional[list[list[int]]] = None
 
 
 @dataclass
@@ -58,6 +61,10 @@ class Drafter:
     def propose_batch(self, seqs, ks: list[int], engine) -> BatchDraft:
         """Up to ks[b] tokens for each running sequence b."""
         return BatchDraft(torch.zeros(len(seqs), 0, dtype=torch.int64, device=engine.device), [0] * len(seqs))
+
+    def storage(self, k: int) -> int:
+        """Cache slots past a sequence's last token that drafting k tokens (nodes) may write."""
+        return k
 
     def commit_seq(self, seq, cached: int) -> None:
         """After a step: the verifier's cache holds `cached` valid positions of `seq`."""

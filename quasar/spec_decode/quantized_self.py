@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .drafter import Draft, Drafter
+from .tree_grow import grow, grown_slots
 from .sampling import SamplingParams, probs, sample
 
 
@@ -14,14 +15,19 @@ class QuantizedSelfDrafter(Drafter):
 
     @classmethod
     def from_config(cls, cfg, runner, sampling, draft_runner=None):
-        return cls(runner, sampling)
+        return cls(runner, sampling, tree=cfg.tree)
 
-    def __init__(self, runner, sp: SamplingParams, generator: torch.Generator | None = None):
-        """runner: the verifier's ModelRunner (quasar.engine.ModelRunner)."""
+    def __init__(self, runner, sp: SamplingParams, generator: torch.Generator | None = None, tree=None):
+        """runner: the verifier's ModelRunner (quasar.engine.ModelRunner). tree:
+        quasar.config.TreeConfig: grow EAGLE-2 trees (quasar.spec_decode.tree_grow); None: chains."""
         if getattr(runner.model, "draft_scheme", None) is None:
             raise ValueError("the model was loaded without a draft scheme")
         self.runner, self.sp = runner, sp
         self.generator = generator
+        self.tree = tree
+
+    def storage(self, k):
+        return k if self.tree is None or k == 0 else max(k, grown_slots(self.tree))
 
     def propose(self, ctx, last, k):
         m = self.runner
@@ -49,6 +55,10 @@ class QuantizedSelfDrafter(Drafter):
         from .drafter import BatchDraft
         k_max = max(ks, default=0)
         cur = engine.last
+        if self.tree is not None and k_max > 0:
+            ctx = engine.token_ctx(seqs, list(engine.cached), [True] * len(seqs))
+            root = self.runner.run(cur, ctx, mode="draft")
+            return grow(engine, seqs, ks, self.runner, "draft", root, self.tree)
         toks = []
         for j in range(k_max):
             # token j of sequence b sits at position cached_b + j; a sequence drafting fewer than

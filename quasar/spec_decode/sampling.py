@@ -117,3 +117,20 @@ def pick(logits: torch.Tensor, params: list, seeds: torch.Tensor, positions: tor
             g = gumbel(seeds.index_select(0, idx), positions.index_select(0, idx), logits.shape[-1])
             out[idx] = (x + g).argmax(-1)
     return out
+
+
+def pick_topk(logits: torch.Tensor, params: list, seeds: torch.Tensor, positions: torch.Tensor,
+              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best tokens of each row of logits[R, V] under the row's own pick (argmax for greedy
+    rows; for sampled rows Gumbel-top-k with the noise pick() uses, so the first is pick()'s token)
+    and the drafter's log-probabilities of those tokens (how tree drafters rank nodes): two [R, k]."""
+    lp = torch.log_softmax(logits.float(), -1)
+    key = logits.float().clone()
+    sampled = [r for r, sp in enumerate(params) if not sp.greedy]
+    for r in sampled:
+        sp = params[r]
+        x = warp(logits[r:r + 1].float(), sp)
+        lp[r] = torch.log_softmax(x, -1)[0]
+        key[r] = (x + gumbel(seeds[r:r + 1], positions[r:r + 1], logits.shape[-1]))[0]
+    top = key.topk(k, -1).indices
+    return top, lp.gather(1, top)
