@@ -21,7 +21,7 @@ from quasar.config import DeployConfig
 from quasar.errors import CheckpointError, ConfigError, ContextLengthError
 from quasar.fetch import resolve_model
 from quasar.model.loader import build_model
-from quasar.spec_decode import make_drafter
+from quasar.spec_decode import DRAFTERS, make_drafter
 from quasar.spec_decode.sampling import SamplingParams
 from quasar.spec_decode.scheduler import Stats
 from .cost_model import calibrate_runner
@@ -94,6 +94,11 @@ def kv_blocks_for(cfg: DeployConfig, per_block: int, bs: int, backend, k: int, f
     return blocks, how
 
 
+def tree_widths(max_nodes: int) -> tuple[int, ...]:
+    """The verify chunk sizes of tree steps (a tree is padded to the smallest that holds it)."""
+    return tuple(sorted({w for w in (8, 16, 32) if w < max_nodes} | {max_nodes}))
+
+
 class LLM:
     def __init__(self, cfg: DeployConfig, model_path: Optional[Path] = None, kv_blocks: Optional[int] = None):
         """kv_blocks: the paged cache's block count (a draft model takes its target's); None =
@@ -108,38 +113,45 @@ class LLM:
         self.path = Path(model_path) if model_path else resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.path)
         d = cfg.drafter
-        draft_scheme = (d.scheme or quant.DEFAULT_DRAFT) if d.method == "quantized_self" else None
-        if d.scheme and d.method != "quantized_self":
-            raise ConfigError(f"drafter.scheme applies to drafter.method 'quantized_self', not {d.method!r}")
+        kind = DRAFTERS[d.method]
+        draft_scheme = kind.draft_scheme(d)
+        if d.scheme and draft_scheme is None:
+            raise ConfigError(f"drafter.scheme applies to drafter.method 'quantized_self' (or 'hierarchical' "
+                              f"with intermediate: self), not {d.method!r}")
         self.model = build_model(self.path, self.backend, self.dtype, cfg.max_seq_len, cfg.verifier,
                                  draft_scheme=draft_scheme)
         self.eos = eos_ids(self.path, self.tokenizer)
         s = cfg.sampling
         self.sp = SamplingParams(s.temperature, s.top_p, s.top_k, s.seed)
-        self.k = d.num_tokens if d.method != "none" else 0
+        self.k = kind.step_tokens(d)
+        tree = d.tree is not None
         rt = cfg.runtime
         layout = kv.Layout.from_config(cfg, self.k)
         bs = layout.block_size
         per_block = layout.bytes_per_block(self.model.args, self.dtype)
         fixed = layout.fixed_bytes(self.model.args, self.dtype)
         self.draft_llm = None
-        if d.method == "draft_model":
-            self.draft_llm = self._load_draft(d.model, bs)
+        if kind.draft_model(d):
+            self.draft_llm = self._load_draft(kind.draft_model(d), bs)
             per_block += bs * kv.bytes_per_token(self.draft_llm.model.args, self.draft_llm.dtype)
         how = "given"
         if kv_blocks is None:
             kv_blocks, how = kv_blocks_for(cfg, per_block, bs, self.backend, self.k, fixed)
         buckets = sorted({b for b in rt.cuda_graph_batch_sizes if b < rt.max_batch_size} | {rt.max_batch_size})
         modes = ("verify", "draft") if draft_scheme is not None else ("verify",)
-        self.runner = ModelRunner(self.model, chunk_lengths=range(1, self.k + 2), modes=modes,
+        # trees: the verify (and tree-growing draft) steps are padded to a few captured tree sizes
+        widths = tree_widths(d.tree.max_nodes) if tree else ()
+        chains = 2 if kind.drafts_trees(d) else self.k + 2      # chain steps 1 .. k + 1 (trees: decode)
+        self.runner = ModelRunner(self.model, chunk_lengths=range(1, chains), modes=modes,
                                   graphs=rt.cuda_graphs, kv_blocks=kv_blocks, block_size=bs,
-                                  buckets=buckets, layout=layout)
+                                  buckets=buckets, layout=layout, tree_lengths=widths)
         if self.draft_llm is not None:
             self.draft_llm.runner = ModelRunner(self.draft_llm.model, chunk_lengths=(1,), graphs=rt.cuda_graphs,
                                                 kv_blocks=kv_blocks, block_size=bs, buckets=buckets)
         self.drafter = make_drafter(d, self.runner, self.sp, self.draft_llm.runner if self.draft_llm else None)
         cost = None
-        if d.adaptive and self.k > 0:
+        adaptive = d.adaptive and not tree      # trees: a fixed shape (the cost model prices chains)
+        if adaptive and self.k > 0:
             cost = calibrate_runner(self.runner, self.k, rt.max_batch_size, self.backend.synchronize,
                                     device_drafter=self.drafter.on_device)
             if self.draft_llm is not None:      # a separate draft model: its own step cost ratio
@@ -147,7 +159,7 @@ class LLM:
                 cost.draft_ratio = dc.time(1) / cost.time(1)
         self.engine = Engine(self.runner, self.drafter, self.k, max_batch_size=rt.max_batch_size,
                              max_prefill_tokens=rt.max_prefill_tokens, prefix_caching=rt.prefix_caching,
-                             adaptive=d.adaptive, sync=self.backend.synchronize, cost=cost)
+                             adaptive=adaptive, sync=self.backend.synchronize, cost=cost)
         pool = getattr(self.runner.cache, "fp_blocks", 0)
         extra = f", of which a full-precision pool of {pool} blocks" if pool else ""
         self.kv_summary = (f"KV cache ({layout.representation}): {kv_blocks} blocks of {bs} = {kv_blocks * bs} "

@@ -76,6 +76,7 @@ register(W4A16)
 register(W4A4)
 
 DEFAULT_DRAFT = W4A4.name      # quantized_self (QSpec) drafts in this scheme unless drafter.scheme says
+DEFAULT_INTERMEDIATE = W4A16.name   # hierarchical's `self` intermediate (SpecMQuant's is a W4A16 model)
 
 __all__ = ["SCHEMES", "QuantLinear", "Scheme", "Kernel", "ReferenceKernel", "register", "get",
            "canonical", "names", "table"]

@@ -2,6 +2,7 @@
 registered here by `drafter.method` name: a new drafter is its own module plus one line below."""
 from .draft_model import DraftModelDrafter
 from .drafter import Draft, Drafter
+from .hierarchical import HierarchicalDrafter
 from .ngram import NgramDrafter
 from .quantized_self import QuantizedSelfDrafter
 
@@ -10,6 +11,7 @@ DRAFTERS: dict[str, type[Drafter]] = {
     NgramDrafter.name: NgramDrafter,
     QuantizedSelfDrafter.name: QuantizedSelfDrafter,
     DraftModelDrafter.name: DraftModelDrafter,
+    HierarchicalDrafter.name: HierarchicalDrafter,
 }
 
 

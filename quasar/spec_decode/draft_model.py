@@ -13,6 +13,10 @@ class DraftModelDrafter(Drafter):
     name = "draft_model"
 
     @classmethod
+    def draft_model(cls, cfg):
+        return cfg.model
+
+    @classmethod
     def from_config(cls, cfg, runner, sampling, draft_runner=None):
         return cls(draft_runner, sampling, tree=cfg.tree)
 

@@ -33,6 +33,29 @@ class Drafter:
     name = "none"
 
     @classmethod
+    def step_tokens(cls, cfg) -> int:
+        """The most tokens (tree nodes) a step drafts per sequence under this config (the engine's
+        k): drafter.num_tokens for chains, max_nodes - 1 for trees, 0 for plain decoding."""
+        if cls.name == "none":
+            return 0
+        return cfg.num_tokens if cfg.tree is None else cfg.tree.max_nodes - 1
+
+    @classmethod
+    def drafts_trees(cls, cfg) -> bool:
+        """Whether the target verifies trees (BatchDraft.parents) under this config."""
+        return cfg.tree is not None
+
+    @classmethod
+    def draft_scheme(cls, cfg) -> Optional[str]:
+        """The scheme the target's linears must also be prepared in for this drafter (None: none)."""
+        return None
+
+    @classmethod
+    def draft_model(cls, cfg) -> Optional[str]:
+        """The separate model this drafter runs (path or name; None: none)."""
+        return None
+
+    @classmethod
     def from_config(cls, cfg, runner, sampling, draft_runner=None) -> "Drafter":
         """cfg: quasar.config.DrafterConfig; runner: the verifier's ModelRunner; draft_runner: a
         separate draft model's ModelRunner (draft_model only)."""

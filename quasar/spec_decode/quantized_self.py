@@ -14,6 +14,11 @@ class QuantizedSelfDrafter(Drafter):
     name = "quantized_self"
 
     @classmethod
+    def draft_scheme(cls, cfg):
+        from quasar import quant
+        return cfg.scheme or quant.DEFAULT_DRAFT
+
+    @classmethod
     def from_config(cls, cfg, runner, sampling, draft_runner=None):
         return cls(runner, sampling, tree=cfg.tree)
 
