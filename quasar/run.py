@@ -222,6 +222,11 @@ def main(argv=None) -> int:
     return cli_call(_run, a)
 
 
+def _tree(d) -> str:
+    t = d.tree
+    return f" (tree depth {t.depth}, top-{t.topk}, <= {t.max_nodes} nodes)"
+
+
 def _run(a) -> int:
     cfg = build_config(a)
     if a.prompt:
@@ -235,7 +240,7 @@ def _run(a) -> int:
     llm = LLM(cfg)
     print(f"quasar: {cfg.model} on {llm.device} ({str(llm.dtype).replace('torch.', '')}), "
           f"verifier {llm.model.scheme}, drafter {cfg.drafter.method}"
-          + (f" k={cfg.drafter.num_tokens}" if cfg.drafter.method != "none" else ""), file=log)
+          + (f" k={llm.k}" if llm.k else "") + (_tree(cfg.drafter) if cfg.drafter.tree else ""), file=log)
     totals = {"new_tokens": 0, "decode_tokens": 0, "steps": 0, "decode_s": 0.0, "prefill_s": 0.0}
     ids = [llm.encode(rec["prompt"]) for rec in prompts]
     bad = [f"{rec.get('where') or f'--prompt {i + 1}'}: {why}" for i, (rec, x) in enumerate(zip(prompts, ids))

@@ -5,6 +5,7 @@ each mode produces complete, well-formed results and plots."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_speed_benchmark_smoke_runs_every_mode(tmp_path):
@@ -121,3 +122,27 @@ def test_longctx_benchmark_builds_prompts_of_the_asked_length(smollm2_dir):
         assert abs(len(ids) - n) <= 8, len(ids)
         text = L.tokenizer.decode(ids)
         assert "Article 2:" in text and INSTRUCTION.strip() in text
+
+
+def test_specmquant_step_benchmark_smoke(tmp_path):
+    """python -m quasar.bench specmquant on the tiny shape (CPU): chain, tree and the hierarchical
+    stages per config, their floors and the projection, as JSON and markdown."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "sm"
+    r = subprocess.run([sys.executable, "-m", "quasar.bench", "specmquant", "--shape", "tiny", "--context", "40",
+                        "--trees", "8,16", "--iters", "1", "--device", "cpu", "--out", str(out),
+                        "--tau", "chain=2", "--tau", "tree=2.5", "--tau", "hierarchical=3",
+                        "--config", str(root / "configs/ar-bf16-smollm2.yaml"),
+                        "--config", str(root / "configs/specmquant-smollm2.yaml")],
+                       capture_output=True, text=True, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads((out / "specmquant.json").read_text())
+    rows = {x["config"]: x for x in d["rows"]}
+    assert set(rows) == {"ar-bf16-smollm2", "specmquant-smollm2"}
+    for x in rows.values():
+        assert all(x[key] > 0 for key in ("decode_ms", "chain_ms", "tree8_ms", "tree16_ms", "floor_ms"))
+    h = rows["specmquant-smollm2"]
+    assert h["intermediate"] and h["inter_tree_ms"] > 0 and h["hier_chain_ms"] > 0
+    proj = {p["config"]: p for p in d["projection"]["rows"]}
+    assert proj["specmquant-smollm2"]["hierarchical"] > 0
+    assert "Projected speed-up" in (out / "specmquant.md").read_text()

@@ -203,6 +203,47 @@ def test_quantspec_equals_its_verifier_autoregressive(be, tiny_root):
     assert sum(s.stats.accepted for s in seqs) > 0
 
 
+def test_tree_drafts_and_hierarchical_verification_equal_autoregressive(be, tiny_root):
+    """Tree drafts on this backend's tree-mask attention (issue 20): an EAGLE-2 tree grown by the
+    target itself (its paths are accepted deep, on whichever branch holds them, so the tree mask,
+    the node positions and the compaction of the accepted path all matter), and SpecMQuant's
+    hierarchy (an n-gram trie verified by the W4A16 copy into a chain), batched with chunked
+    prefill: greedy output equal to each sequence's own AR decode."""
+    from pathlib import Path
+
+    from quasar.config import TreeConfig, VerifierConfig
+    from quasar.engine.engine import Engine
+    from quasar.engine.sequence import Sequence, StopConditions
+    from quasar.model.loader import build_model
+    from quasar.spec_decode.draft_model import DraftModelDrafter
+    from quasar.spec_decode.hierarchical import HierarchicalDrafter
+    from quasar.spec_decode.sampling import SamplingParams
+    path = Path(make_tiny(tiny_root, "qwen3", seed=5))
+    m = build_model(path, be, torch.float32, 128, VerifierConfig(), draft_scheme="w4a16")
+    prompts = [golden.prompt(seed, n) for seed, n in ((0, 20), (1, 9))]
+    want = [golden.greedy(m, p, k=0)[0][:10] for p in prompts]
+    tc = TreeConfig(depth=3, topk=2, max_nodes=8)
+
+    def run(drafter, k):
+        e = Engine(ModelRunner(m, kv_blocks=64, block_size=16), drafter, k, max_batch_size=2,
+                   max_prefill_tokens=16, adaptive=False)
+        seqs = [Sequence(p, stop=StopConditions(10)) for p in prompts]
+        e.run(seqs)
+        e.check()
+        assert [s.output_ids for s in seqs] == want
+        return sum(s.stats.accepted for s in seqs)
+
+    draft = ModelRunner(build_model(path, be, torch.float32, 128, VerifierConfig()), kv_blocks=64, block_size=16)
+    assert run(DraftModelDrafter(draft, SamplingParams(), tree=tc), tc.max_nodes - 1) > 8
+    r = ModelRunner(m, kv_blocks=64, block_size=16)
+    e = Engine(r, HierarchicalDrafter(r, "draft", tc, 4), 4 + tc.depth, max_batch_size=2,
+               max_prefill_tokens=16, adaptive=False)
+    seqs = [Sequence(p, stop=StopConditions(10)) for p in prompts]
+    e.run(seqs)
+    assert [s.output_ids for s in seqs] == want
+    assert sum(s.stats.drafted for s in seqs) > 0
+
+
 # ------------------------------------------------------------------ 3. GEMM error bounds vs float64
 
 # scheme -> (weight, activation qtype or None, bound on the quantization error vs unquantized)

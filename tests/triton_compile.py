@@ -144,6 +144,28 @@ def compile_all(arch: int = 90, verbose: bool = False, part: str = "all") -> lis
             attn.attention(q, cache, 0, pos, 8192, opts=o)          # long: split + combine
             attn.attention(q, cache, 0, pos - 3900, 100 + t, torch.ones(1, t, 100 + t, dtype=torch.bool), opts=o)
         note(f"attention {dt}")
+    for dt in ((torch.bfloat16,) if part in ("all", "rest") else ()):
+        # the paged cache: a chain (verify, T = 6) and draft trees (HAS_TREE): 6 nodes (one program
+        # per kv head) and 64 nodes x G 4 (rows tiled), each with one split and with the combine
+        from quasar.engine.context import StepContext
+        from quasar.kv.paged import PagedKVCache
+        from quasar.spec_decode import tree as T
+        pc = PagedKVCache(1, 40, 16, 2, 64, dt, "cpu")
+        tab = list(range(1, 40))
+        slot = lambda p: tab[p // 16] * 16 + p % 16          # noqa: E731
+        s0 = 300
+        for t, tree in ((6, False), (6, True), (64, True)):
+            if tree:
+                r = T.rows(s0, [-1] + [m // 2 for m in range(1, t)], t)
+                ctx = StepContext.make(r.positions, [slot(p) for p in r.storage], [0, t], [tab], [s0 + t], t, "cpu",
+                                       0, r.storage, r.mask)
+            else:
+                ctx = StepContext.build([tab], [(s0, t)], 16, "cpu")
+            q = torch.randn(t, 8, 64, dtype=dt)
+            assert attn.supports_paged(q, pc, ctx)
+            for ns in (1, 4):
+                attn.paged_attention(q, pc, 0, ctx, num_splits=ns, opts=o)
+        note(f"paged attention (chain, trees) {dt}")
     names = sorted({c[0] for c in compiled})
     # the GEMMs' L2 prefetch before the PDL wait is PTX the interpreter never runs: it must be emitted
     pf = sorted({name for name, k in compiled if "prefetch.global.L2" in k.asm.get("ptx", "")})

@@ -6,6 +6,8 @@
     python -m quasar.bench.ops --out ops.json      (the GEMM / attention kernel sweeps; CUDA)
     python -m quasar.bench serve --url http://127.0.0.1:8000 --request-rate 1,4,inf --num-prompts 100
     python -m quasar.bench longctx --config configs/quantspec-smollm2.yaml --contexts 1024,8192 --out lc.json
+    python -m quasar.bench quantspec --contexts 32768,131072 --out DIR          (QuantSpec steps; real shapes)
+    python -m quasar.bench specmquant --trees 16,32,64 --tau chain=2.1 --out DIR (tree / chain / hierarchical steps)
 
 Prompts: the Spec-Bench question set shipped in benchmarks/data/specbench/question.jsonl unless
 --prompts-file names another. --out: a FILE.json for acceptance (and bench.ops, fidelity), a
@@ -53,9 +55,14 @@ def main(argv=None) -> int:
     a5 = sub.add_parser("quantspec", help="QuantSpec's draft / verify steps at long contexts vs bf16 AR (real shapes)")
     from quasar.bench import quantspec
     quantspec.add_args(a5)
+    a6 = sub.add_parser("specmquant", help="tree / chain / hierarchical verify steps per scheme (real shapes)")
+    from quasar.bench import specmquant
+    specmquant.add_args(a6)
     a = ap.parse_args(argv)
     if a.cmd == "quantspec":
         return cli_call(quantspec.main, a)
+    if a.cmd == "specmquant":
+        return cli_call(specmquant.main, a)
     if a.cmd == "longctx":
         return cli_call(longctx.main, a)
     if a.cmd == "acceptance":

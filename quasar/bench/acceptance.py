@@ -5,6 +5,7 @@ acceptance rate per draft position; writes everything as JSON.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -45,21 +46,25 @@ def acceptance(configs: list[Path], prompts: list[dict], overrides: dict, progre
         cfg = qcfg.override(qcfg.load(path), {"drafter.adaptive": False, **overrides})
         llm = LLM(cfg)
         per = OrderedDict()
-        k = cfg.drafter.num_tokens if cfg.drafter.method != "none" else 0
         for rec in tqdm(prompts, desc=path.stem, disable=not progress):
             r = llm.generate(rec["prompt"])
             s = r.stats
             t = task_of(rec.get("category"))
             agg = per.setdefault(t, {"prompts": 0, "steps": 0, "emitted": 0, "new_tokens": 0, "decode_s": 0.0,
-                                     "tries": [0] * k, "accepts": [0] * k})
+                                     "tries": [], "accepts": []})
             agg["prompts"] += 1
             agg["steps"] += s.steps
             agg["emitted"] += s.decode_tokens
             agg["new_tokens"] += s.new_tokens
             agg["decode_s"] += s.decode_s
-            for i in range(k):
-                agg["tries"][i] += s.pos_tries[i]
-                agg["accepts"][i] += s.pos_accepts[i]
+            for key, got in (("tries", s.pos_tries), ("accepts", s.pos_accepts)):
+                agg[key] += [0] * (len(got) - len(agg[key]))       # tree depth / chain length seen
+                for i, x in enumerate(got):
+                    agg[key][i] += x
+        k = max((len(a["tries"]) for a in per.values()), default=0)
+        for agg in per.values():
+            agg["tries"] += [0] * (k - len(agg["tries"]))
+            agg["accepts"] += [0] * (k - len(agg["accepts"]))
         total = {"prompts": 0, "steps": 0, "emitted": 0, "new_tokens": 0, "decode_s": 0.0,
                  "tries": [0] * k, "accepts": [0] * k}
         for agg in per.values():
@@ -72,7 +77,8 @@ def acceptance(configs: list[Path], prompts: list[dict], overrides: dict, progre
             agg["tau"] = agg["emitted"] / agg["steps"] if agg["steps"] else float("nan")
             agg["acceptance"] = [a / t if t else None for a, t in zip(agg["accepts"], agg["tries"])]
         results[path.stem] = {"config": str(path), "verifier": llm.model.scheme,
-                              "drafter": cfg.drafter.method, "k": k, "device": llm.device,
+                              "drafter": cfg.drafter.method, "k": llm.k,
+                              "tree": None if cfg.drafter.tree is None else dataclasses.asdict(cfg.drafter.tree), "device": llm.device,
                               "dtype": str(llm.dtype).replace("torch.", ""), "tasks": per}
         del llm
         if out is not None:

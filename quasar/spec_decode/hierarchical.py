@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from quasar.engine.context import StepContext
 from . import tree as T
 from .drafter import BatchDraft, Drafter
 from .ngram import NgramDrafter
@@ -93,6 +92,7 @@ class HierarchicalDrafter(Drafter):
     def _round(self, engine, seqs, chains, ks, cached) -> None:
         """One stage-2 tree step of the intermediate over each sequence's n-gram trie; extends
         each chain by the accepted path and the intermediate's next token."""
+        from quasar.engine.context import StepContext   # (lazy: quasar.engine imports the drafters)
         dev = engine.device
         trees, starts = [], []
         for s, ch, k, c in zip(seqs, chains, ks, cached):

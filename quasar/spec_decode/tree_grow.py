@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from quasar.engine.context import StepContext
 from .drafter import BatchDraft
 from .sampling import pick_topk
 from .tree import MAX_NODES
@@ -45,6 +44,7 @@ def grow(engine, seqs, ks: list[int], runner, mode: str, root_logits: torch.Tens
     """seqs: the step's sequences (last token at position engine.cached[b], its draft K/V already
     written at that storage index); ks: each sequence's node budget (0 = no draft);
     root_logits [B, V]: the draft's logits at the root; runner / mode: the draft's steps."""
+    from quasar.engine.context import StepContext   # (lazy: quasar.engine imports the drafters)
     B = len(seqs)
     dev = engine.device
     cached = engine.cached
