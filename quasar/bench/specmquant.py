@@ -204,6 +204,8 @@ def add_args(ap) -> None:
     ap.add_argument("--rounds", type=float, default=2.0, help="intermediate tree steps per target step (hierarchical)")
     ap.add_argument("--iters", type=positive_int, default=30)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--results", type=Path, metavar="FILE.json",
+                    help="re-project a saved run (its specmquant.json) with --tau / --rounds; times nothing")
     ap.add_argument("--out", type=Path, metavar="DIR")
 
 
@@ -223,7 +225,12 @@ def main(a) -> int:
     if any(not 2 <= n <= 64 for n in trees):
         raise ConfigError(f"--trees: sizes must lie in [2, 64], got {trees}")
     configs = a.config or [Path(f"configs/{n}.yaml") for n in ("ar-bf16-qwen3-8b", "quasar-qwen3-8b", "specmquant-qwen3-8b")]
-    res = run(a.shape, configs, a.device, a.context, [int(b) for b in a.batches.split(",")], trees, a.iters)
+    if a.results is not None:
+        if not a.results.is_file():
+            raise ConfigError(f"--results: {a.results} does not exist (a specmquant.json written by --out)")
+        res = json.loads(a.results.read_text())
+    else:
+        res = run(a.shape, configs, a.device, a.context, [int(b) for b in a.batches.split(",")], trees, a.iters)
     proj = project(res, taus, a.rounds)
     res["projection"] = {"taus": taus, "rounds": a.rounds, "rows": proj}
     md = markdown(res, proj, taus, a.rounds)

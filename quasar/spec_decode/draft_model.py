@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .drafter import Draft, Drafter
-from .tree_grow import grow, grown_slots
+from .tree_grow import grow
 from .sampling import SamplingParams, probs, sample
 
 
@@ -27,9 +27,6 @@ class DraftModelDrafter(Drafter):
         self.generator = generator
         self.cached = 0
         self.tree = tree
-
-    def storage(self, k):
-        return k if self.tree is None or k == 0 else max(k, grown_slots(self.tree))
 
     def begin(self, prompt):
         self.cached = 0

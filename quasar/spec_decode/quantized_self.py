@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .drafter import Draft, Drafter
-from .tree_grow import grow, grown_slots
+from .tree_grow import grow
 from .sampling import SamplingParams, probs, sample
 
 
@@ -30,9 +30,6 @@ class QuantizedSelfDrafter(Drafter):
         self.runner, self.sp = runner, sp
         self.generator = generator
         self.tree = tree
-
-    def storage(self, k):
-        return k if self.tree is None or k == 0 else max(k, grown_slots(self.tree))
 
     def propose(self, ctx, last, k):
         m = self.runner

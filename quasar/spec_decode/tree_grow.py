@@ -10,8 +10,9 @@ scheme (quantized_self), for every sequence of a batch at once.
 
 A growth step's chunk is [root, frontier...] per sequence: the root row comes first so that the
 tree mask's base is the root's storage index c (quasar.engine.context.StepContext), and node
-expanded e-th is written at storage c + 1 + e. At most 1 + topk * (depth - 1) slots past c are
-written (Drafter.storage); the verify step then writes its own nodes at c + m.
+expanded e-th is written at storage c + 1 + e. Expansion stops where the storage would pass the
+sequence's node budget k (the slots the engine reserved, c + k); the verify step then writes its
+own nodes at c + m.
 
 For sampled requests a node's children are the Gumbel-top-k of the draft's warped logits under the
 request's noise at that position (quasar.spec_decode.sampling.pick_topk): the child the draft
