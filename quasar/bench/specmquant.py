@@ -143,7 +143,8 @@ def run(shape: str, configs: list[Path], device: str, ctx: int, batches: list[in
 def project(res: dict, taus: dict, rounds: float) -> list[dict]:
     """Speed-ups over bf16 AR per scheme and batch: chain, each tree, hierarchical (formula above).
     taus: 'chain', 'tree' and 'hierarchical' (measured on the real model)."""
-    ar = {r["batch"]: r["decode_ms"] for r in res["rows"] if r["verifier"] == "unquantized"}
+    from quasar import quant
+    ar = {r["batch"]: r["decode_ms"] for r in res["rows"] if r["verifier"] == quant.default()}
     out = []
     for r in res["rows"]:
         base = ar.get(r["batch"])
