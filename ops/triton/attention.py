@@ -27,7 +27,8 @@ Tree steps (HAS_TREE; quasar.spec_decode.tree, ctx.tree_mask): a uniform paged s
 holds each sequence's draft tree (T <= MAX_TREE_T = 64 nodes). The positions passed are storage
 indices (ctx.attn_positions: node m of sequence b at s_b + m, s_b = its token 0's) and each row
 loads its int64 ancestor mask: slot s is visible iff s <= pos and (s < s_b or bit s - s_b of the
-mask), quasar.ops.reference.visible; only the blocks that reach s_b evaluate the mask. T * G may
+mask), quasar.ops.reference.visible; only the blocks that reach s_b evaluate the mask (a
+second loop: the context's blocks run the chain's loop). T * G may
 exceed MAX_ROWS: the rows are then tiled (TILED), RT = cdiv(T, TT) programs per (sequence, kv
 head), each owning TT = MAX_ROWS // G whole tokens (grid axis 0: (b * Hkv + hk) * RT + rt; the
 split records and the combine kernel follow it). A tile's visible length is its own rows' max
@@ -51,13 +52,11 @@ MAX_TREE_T = 64     # a tree step's chunk (quasar.spec_decode.tree.MAX_NODES): i
 
 @triton.jit
 def _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr, sm_b, sm_t, sm_s, qk_scale,
-                s0, tm, s_root, HAS_MASK: tl.constexpr, F32DOT: tl.constexpr, HAS_TREE: tl.constexpr,
-                BS: tl.constexpr):
-    """One block of BS cache slots s = s0 + [0, BS): scores, visibility, online softmax, O += P @ V.
-    HAS_TREE: the rows' ancestor bitmasks tm [BR] (int64) over the tree's nodes, which sit at
-    slots s_root + m; a slot below s_root is context (visible up to the position rule), slot
-    s_root + m is visible iff bit m of the row's mask is set. Only blocks that reach s_root pay
-    for the mask."""
+                tm, s_root, HAS_MASK: tl.constexpr, F32DOT: tl.constexpr, HAS_TREE: tl.constexpr):
+    """One block of BS cache slots s: scores, visibility, online softmax, O += P @ V.
+    HAS_TREE (a block that reaches the tree's nodes): the rows' ancestor bitmasks tm [BR] (int64)
+    over the nodes, which sit at slots s_root + m; a slot below s_root is context (visible up to
+    the position rule), slot s_root + m is visible iff bit m of the row's mask is set."""
     if F32DOT:
         scores = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision="ieee")
     else:
@@ -69,10 +68,9 @@ def _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr, s
                      mask=r_ok[:, None] & s_ok[None, :], other=0)
         allow = allow & (mk != 0)
     if HAS_TREE:
-        if s0 + BS > s_root:
-            rel = s - s_root
-            bit = (tm[:, None] >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)[None, :]) & 1
-            allow = allow & ((rel < 0)[None, :] | (bit != 0))
+        rel = s - s_root
+        bit = (tm[:, None] >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)[None, :]) & 1
+        allow = allow & ((rel < 0)[None, :] | (bit != 0))
     scores = tl.where(allow, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -182,20 +180,32 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, o_ptr, wacc_ptr, wml_pt
         kt = tl.where(new[:, None], kn, kt)
         vt = tl.where(new[:, None], vn, vt)
         m_i, l_i, acc = _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr,
-                                    sm_b, sm_t, sm_s, qk_scale, start, tm, s_root, HAS_MASK, F32DOT,
-                                    HAS_TREE, BS)
+                                    sm_b, sm_t, sm_s, qk_scale, tm, s_root, HAS_MASK, F32DOT, HAS_TREE)
         s_first = start + BS
     else:
         pos, start, end = _split_range(pos_ptr, b, t, r_ok, sp_b, sp_t, split, KV_LEN, NUM_SPLITS, BS)
         s_first = start
-    for s0 in range(s_first, end, BS):
+    if HAS_TREE:
+        # the blocks wholly below the tree's root slot read context only (no mask): the loop as a
+        # chain's; the blocks from there on (the nodes' slots) evaluate the ancestor masks
+        mid = tl.minimum(s_first + tl.maximum(s_root - s_first, 0) // BS * BS, end)
+    else:
+        mid = end
+    for s0 in range(s_first, mid, BS):
         s = s0 + tl.arange(0, BS)
         s_ok = s < end
         kt, vt = _kv_tile(k_ptr, v_ptr, bt_ptr, b, hk, s, s_ok, d, d_ok, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                           sbt, PAGED, PBS)
         m_i, l_i, acc = _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr,
-                                    sm_b, sm_t, sm_s, qk_scale, s0, tm, s_root, HAS_MASK, F32DOT,
-                                    HAS_TREE, BS)
+                                    sm_b, sm_t, sm_s, qk_scale, tm, s_root, HAS_MASK, F32DOT, False)
+    if HAS_TREE:
+        for s0 in range(mid, end, BS):
+            s = s0 + tl.arange(0, BS)
+            s_ok = s < end
+            kt, vt = _kv_tile(k_ptr, v_ptr, bt_ptr, b, hk, s, s_ok, d, d_ok, sk_b, sk_h, sk_s, sv_b, sv_h,
+                              sv_s, sbt, PAGED, PBS)
+            m_i, l_i, acc = _attn_block(qt, kt, vt, s, s_ok, pos, t, r_ok, b, m_i, l_i, acc, mask_ptr,
+                                        sm_b, sm_t, sm_s, qk_scale, tm, s_root, HAS_MASK, F32DOT, True)
     if NUM_SPLITS == 1:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         ODT: tl.constexpr = o_ptr.dtype.element_ty
@@ -239,9 +249,10 @@ def _attn_combine_kernel(wacc_ptr, wml_ptr, o_ptr, HKV, D, so_b, so_t, so_h,
     w = tl.where(l > 0.0, tl.exp2(m - m_use), 0.0)
     total = tl.sum(l * w, axis=0)
     d = tl.arange(0, BD)
-    d_ok = d < D
     if TILED:
-        d_ok = d_ok & (t < T)
+        d_ok = d < tl.where(t < T, D, 0)       # a row past the last token (a partial last tile)
+    else:
+        d_ok = d < D
     live = sp_ok & (l > 0.0)
     a = tl.load(wacc_ptr + rec[:, None] * BR * BD + r * BD + d[None, :], mask=live[:, None],
                 other=0.0)
@@ -385,14 +396,14 @@ def supports_paged(q: torch.Tensor, cache, ctx) -> bool:
     return t <= MAX_T and t * (h // hkv) <= MAX_ROWS
 
 
-def paged_meta(ctx, block_size: int):
+def paged_meta(ctx, block_size: int, positions: Optional[torch.Tensor] = None):
     """A uniform paged step's launch metadata: int64 contiguous block tables and flat positions
-    (what the attention's visibility reads: ctx.attn_positions, the storage indices of a tree
-    step), and the launch's KV_LEN (the tables' width in slots)."""
+    (ctx.positions, or `positions`: paged_attention passes ctx.attn_positions, a tree step's
+    storage indices), and the launch's KV_LEN (the tables' width in slots)."""
     bt = ctx.block_tables
     if bt.dtype != torch.int64 or bt.stride(-1) != 1:
         bt = bt.to(torch.int64).contiguous()
-    pos = getattr(ctx, "attn_positions", ctx.positions).reshape(-1)
+    pos = (ctx.positions if positions is None else positions).reshape(-1)
     if pos.dtype != torch.int64 or pos.stride(-1) != 1:
         pos = pos.to(torch.int64).contiguous()
     return bt, pos, bt.shape[1] * block_size
@@ -437,7 +448,7 @@ def paged_attention(q: torch.Tensor, cache, layer: int, ctx, num_splits: Optiona
     if n == 0:
         return out
     pbs = cache.block_size
-    bt, pos, kv_len = paged_meta(ctx, pbs)
+    bt, pos, kv_len = paged_meta(ctx, pbs, None if tmask is None else ctx.tree_positions)
     if tmask is not None:
         tmask = tmask.reshape(-1)
         if tmask.dtype != torch.int64 or tmask.stride(-1) != 1:

@@ -78,7 +78,8 @@ def acceptance(configs: list[Path], prompts: list[dict], overrides: dict, progre
             agg["acceptance"] = [a / t if t else None for a, t in zip(agg["accepts"], agg["tries"])]
         results[path.stem] = {"config": str(path), "verifier": llm.model.scheme,
                               "drafter": cfg.drafter.method, "k": llm.k,
-                              "tree": None if cfg.drafter.tree is None else dataclasses.asdict(cfg.drafter.tree), "device": llm.device,
+                              "tree": None if cfg.drafter.tree is None else dataclasses.asdict(cfg.drafter.tree),
+                              "rounds_per_step": getattr(llm.drafter, "rounds_per_step", None), "device": llm.device,
                               "dtype": str(llm.dtype).replace("torch.", ""), "tasks": per}
         del llm
         if out is not None:

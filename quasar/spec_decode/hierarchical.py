@@ -56,6 +56,12 @@ class HierarchicalDrafter(Drafter):
         self.runner, self.mode, self.tree, self.min_chain = runner, mode, tree, min_chain
         self.ngram = NgramDrafter(runner.device, n_min, n_max, tree)
         self.own_cache = own_cache
+        self.proposals = self.rounds = 0      # per sequence: target steps drafted for, intermediate tree steps
+
+    @property
+    def rounds_per_step(self) -> float:
+        """Intermediate tree steps per target step of a sequence (what a step costs the intermediate)."""
+        return self.rounds / self.proposals if self.proposals else float("nan")
 
     @classmethod
     def step_tokens(cls, cfg) -> int:
@@ -76,10 +82,12 @@ class HierarchicalDrafter(Drafter):
             ctx, ids, rows = engine.catch_up_ctx(seqs, starts)
             self.runner.run(ids, ctx, mode="prefill", rows=rows)
         goal = [min(self.min_chain, k) for k in ks]
+        self.proposals += sum(1 for k in ks if k > 0)
         while True:
             act = [b for b in range(B) if len(chains[b]) < goal[b]]
             if not act:
                 break
+            self.rounds += len(act)
             self._round(engine, [seqs[b] for b in act], [chains[b] for b in act], [ks[b] for b in act],
                         [engine.cached[b] for b in act])
         for s, c, ch in zip(seqs, engine.cached, chains):
