@@ -201,6 +201,11 @@ class HierarchicalKVCache:
         committed; give back the pool slots no query can read any more; and list the blocks that
         this step completes and also reads quantized (long prefill chunks) for its prologue. Returns
         whether the step may replay a captured graph (False when its prologue quantizes)."""
+        if getattr(ctx, "tree_mask", None) is not None:
+            from quasar.errors import UnsupportedError
+            raise UnsupportedError("the hierarchical-int4 KV cache does not take tree steps (its attention has no "
+                                   "tree mask and its buffer no path compaction); use kv_cache.representation: "
+                                   "dense with drafter.tree")
         G, R = self.block_size, self.residual
         pos, slots, tables, qs = ctx.host_positions, ctx.host_slots, ctx.host_tables, ctx.query_start
         written = {s // G for s in slots}
