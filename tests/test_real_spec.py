@@ -26,6 +26,11 @@ def ar_outputs(smollm2_dir):
     ("w4a16", {"group_size": -1}, {"method": "quantized_self", "scheme": "w4a4", "num_tokens": 3}),
     ("w8a8-int8", {}, {"method": "quantized_self", "scheme": "w4a4", "num_tokens": 3}),
     ("bf16", {}, {"method": "draft_model", "model": "smollm2-135m-instruct", "num_tokens": 4}),
+    # issue 20: tree drafts and SpecMQuant's hierarchy
+    ("w8a8-int8", {}, {"method": "ngram", "tree": {"depth": 5, "topk": 4, "max_nodes": 16}}),
+    ("w4a16", {"group_size": -1}, {"method": "quantized_self", "scheme": "w4a4", "tree": {"depth": 3, "topk": 4, "max_nodes": 16}}),
+    ("w8a8-int8", {}, {"method": "hierarchical", "scheme": "w4a16", "min_chain": 4,
+                       "tree": {"depth": 4, "topk": 4, "max_nodes": 16}}),
 ])
 def test_real_model_speculative_equals_autoregressive(ar_outputs, quant, extra, drafter):
     llm = LLM(from_dict({"device": "cpu", "dtype": "float32", "verifier": {"quant": quant, **extra},
