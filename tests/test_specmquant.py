@@ -75,8 +75,9 @@ def run(e, ps, n=24):
 
 # ------------------------------------------------------------------ greedy parity
 
-@pytest.mark.parametrize("quant,kw", [(None, {}), ("w8a8-int8", {})])
-@pytest.mark.parametrize("drafter", ["ngram", "draft_model", "quantized_self", "hier-self", "hier-model"])
+@pytest.mark.parametrize("quant,kw,drafter", [(None, {}, d) for d in ("ngram", "draft_model", "quantized_self",
+                                                                      "hier-self", "hier-model")]
+                         + [("w8a8-int8", {}, d) for d in ("ngram", "quantized_self", "hier-self")])
 def test_greedy_parity_at_batch_8_tree_and_hierarchical(paths, quant, kw, drafter):
     target, draft = paths
     ds = "w4a16" if drafter in ("quantized_self", "hier-self") else None
